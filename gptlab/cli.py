@@ -1,0 +1,80 @@
+"""The ``gptlab`` command line.
+
+Each subcommand lives next to the code it drives: a module listed in COMMANDS defines
+``register(subparsers)``, which adds its parser(s) and sets ``func`` to a callable taking the parsed
+args. This file only assembles them and turns user errors into one line and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from gptlab.errors import GptlabError
+
+# Pipeline order: data -> tokenizer -> model -> training stages -> generation -> chat/serve -> evals.
+COMMANDS = [
+    "gptlab.data.commands",        # data shakespeare | mixture | instruct | prepare
+    "gptlab.tokenizer.commands",   # tokenizer train | encode | decode
+    "gptlab.train.pretrain",       # pretrain
+    "gptlab.train.finetune",       # finetune, predict
+    "gptlab.train.sft",            # sft
+    "gptlab.train.reward",         # rm
+    "gptlab.train.ppo",            # ppo
+    "gptlab.train.dpo",            # dpo
+    "gptlab.label.commands",       # label
+    "gptlab.generate.commands",    # sample
+    "gptlab.chat.commands",        # chat
+    "gptlab.serve.commands",       # serve, feedback
+    "gptlab.evals.commands",       # eval, fill
+    "gptlab.interop.commands",     # export, import
+    "gptlab.bench",                # bench
+    "gptlab.speedrun",             # speedrun
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptlab",
+        description="Build a ChatGPT from its parts: data, tokenizer, GPT models, pre-training, "
+        "fine-tuning, few-shot evals, InstructGPT (SFT, reward model, PPO, DPO), chat and serving.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == name or name.startswith(e.name + ".")):
+                continue  # that part of gptlab is not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except GptlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # e.g. `gptlab sample ... | head`: stop quietly.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
