@@ -1,0 +1,107 @@
+"""The chat template: how system/user/assistant turns become token ids.
+
+Each turn is wrapped in its role's reserved start/end tokens:
+
+    <|system_start|>You are helpful.<|system_end|><|user_start|>Hi<|user_end|><|assistant_start|>Hello!<|assistant_end|>
+
+A prompt for generation ends with ``<|assistant_start|>``; the model answers and stops at
+``<|assistant_end|>`` (end of turn). Content is encoded as plain text, so a user typing a special-token
+string cannot forge a turn boundary. For SFT the loss mask covers assistant content and the
+assistant-end token only (the model must learn to stop, not to predict what the user says).
+
+The same template is exported as a Jinja string (``CHAT_TEMPLATE_JINJA``) for Hugging Face tokenizers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import (ASSISTANT_END, ASSISTANT_START, SYSTEM_END, SYSTEM_START, USER_END,
+                              USER_START, Tokenizer)
+
+ROLES = {
+    "system": (SYSTEM_START, SYSTEM_END),
+    "user": (USER_START, USER_END),
+    "assistant": (ASSISTANT_START, ASSISTANT_END),
+}
+
+CHAT_TEMPLATE_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role'] + '_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}"
+)
+
+
+def _role_ids(tok: Tokenizer, role: str) -> tuple[int, int]:
+    if role not in ROLES:
+        raise GptlabError(f"unknown role {role!r} (expected system, user or assistant)")
+    start, end = (tok.special_id(t) for t in ROLES[role])
+    if start is None or end is None:
+        raise GptlabError("this tokenizer has no chat tokens; train one with `gptlab tokenizer train`")
+    return start, end
+
+
+def validate_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise GptlabError("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise GptlabError(f"message {i} must be {{'role': system|user|assistant, 'content': str}}")
+        if m["role"] == "system" and i != 0:
+            raise GptlabError(f"message {i}: a system message may only come first")
+    return messages
+
+
+def render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Ids of a whole conversation and a 0/1 mask marking the tokens an SFT loss should train on."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for m in validate_messages(messages):
+        start, end = _role_ids(tok, m["role"])
+        body = tok.encode(m["content"])
+        train = 1 if m["role"] == "assistant" else 0
+        ids += [start] + body + [end]
+        mask += [0] + [train] * len(body) + [train]
+    return ids, mask
+
+
+def render_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
+    """Ids of the conversation so far plus ``<|assistant_start|>``: what generation continues."""
+    ids, _ = render(tok, messages)
+    return ids + [_role_ids(tok, "assistant")[0]]
+
+
+def end_of_turn_id(tok: Tokenizer) -> int:
+    return _role_ids(tok, "assistant")[1]
+
+
+@dataclass
+class FittedPrompt:
+    ids: list[int]
+    messages: list[dict]
+    dropped: int          # how many of the oldest non-system turns were left out
+
+
+def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int) -> FittedPrompt:
+    """Drop the oldest turns (keeping a leading system message) until the prompt fits ``max_tokens``.
+
+    Raises GptlabError when even the last message alone (with the system message) does not fit.
+    """
+    messages = validate_messages(messages)
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    for dropped in range(len(rest)):
+        kept = system + rest[dropped:]
+        ids = render_prompt(tok, kept)
+        if len(ids) <= max_tokens:
+            return FittedPrompt(ids, kept, dropped)
+    raise GptlabError(f"the last message does not fit in the context window ({max_tokens} tokens)")
+
+
+def parse_reply(tok: Tokenizer, ids: list[int]) -> str:
+    """Text of generated ids up to (not including) the end-of-turn token."""
+    end = end_of_turn_id(tok)
+    if end in ids:
+        ids = ids[: ids.index(end)]
+    return tok.decode(ids, skip_special=True)
