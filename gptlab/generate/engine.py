@@ -1,0 +1,377 @@
+"""The one generation engine: sample, eval, PPO rollouts, chat and the server all call this.
+
+* KV cache: each prompt is prefilled into its own cache row, then all live rows decode together one
+  token per step. Rows sit at different lengths, so a batch can mix prompts of any length, and a row
+  that finishes is freed and can take a new request at once (continuous batching, ``Scheduler``).
+* Sampling per row: temperature (0 = greedy), top-k, top-p, a seed of its own (the same request gives
+  the same text whatever else shares the batch), stop token ids and stop strings.
+* Text is produced incrementally: a delta is held back while it could still be the start of a stop
+  string or ends inside a multi-byte character.
+* When a row fills the context window it slides: the cache row is rebuilt from the last half window.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from gptlab.device import autocast
+from gptlab.errors import GptlabError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)     # stop strings (not included in the text)
+    stop_ids: list[int] | None = None                 # extra stop tokens (e.g. end of turn)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        if self.max_new_tokens < 0:
+            raise GptlabError("max_new_tokens must be >= 0")
+        if self.temperature < 0:
+            raise GptlabError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise GptlabError("top_p must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise GptlabError("top_k must be >= 1")
+
+
+@dataclass
+class Completion:
+    ids: list[int]          # generated ids (stop token excluded)
+    text: str
+    finish_reason: str      # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+
+
+@dataclass
+class TokenEvent:
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+def sample_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token from a row of logits [V] under ``p`` (greedy when temperature is 0)."""
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / p.temperature
+    if p.top_k is not None and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p   # smallest set reaching top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+class _Row:
+    """One sequence being generated: its context, output, text so far and what ends it."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], tok, sink=None):
+        self.context = list(prompt)
+        self.prompt_tokens = len(prompt)
+        self.params = params
+        self.stop_ids = stop_ids | set(params.stop_ids or [])
+        self.tok = tok
+        self.out: list[int] = []
+        self.emitted = ""
+        self.finish: str | None = None
+        self.sink = sink   # callable(TokenEvent) for streaming, or None
+        self.gen = None
+        if params.temperature > 0:
+            self.gen = torch.Generator()
+            self.gen.manual_seed(params.seed if params.seed is not None else
+                                 int(torch.randint(0, 2**62, (1,))))
+        if params.max_new_tokens == 0:
+            self.finish = "length"
+            self._emit(TokenEvent("", None, "length"))
+
+    def _emit(self, ev: TokenEvent):
+        if self.sink is not None:
+            self.sink(ev)
+
+    def text(self) -> str:
+        return self.tok.decode(self.out)
+
+    def push(self, token: int) -> None:
+        """Take a sampled token: end on a stop id/string or the length limit, else stream new text."""
+        if token in self.stop_ids:
+            self._finish("stop", self.text())
+            return
+        self.out.append(token)
+        self.context.append(token)
+        text = self.text()
+        for s in self.params.stop:
+            at = text.find(s, max(0, len(self.emitted) - len(s)))
+            if at != -1:
+                self._finish("stop", text[:at])
+                return
+        if len(self.out) >= self.params.max_new_tokens:
+            self._finish("length", text)
+            return
+        safe = len(text)
+        if text.endswith("\ufffd"):          # an unfinished multi-byte character
+            safe = len(text.rstrip("\ufffd"))
+        for s in self.params.stop:           # hold back a possible start of a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        if safe > len(self.emitted):
+            delta = text[len(self.emitted):safe]
+            self.emitted = text[:safe]
+            self._emit(TokenEvent(delta, token))
+
+    def _finish(self, reason: str, final_text: str) -> None:
+        self.finish = reason
+        delta = final_text[len(self.emitted):] if final_text.startswith(self.emitted) else ""
+        self.emitted = final_text
+        self._emit(TokenEvent(delta, None, reason))
+
+    def completion(self) -> Completion:
+        return Completion(self.out, self.emitted, self.finish or "cancelled", self.prompt_tokens)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, device: torch.device | str | None = None):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.block_size = model.config.block_size
+        self.lock = threading.Lock()   # one forward pass at a time, whoever calls
+
+    def default_stop_ids(self) -> set[int]:
+        from gptlab.tokenizer import ASSISTANT_END
+        ids = {self.tok.eot_id}
+        end = self.tok.special_id(ASSISTANT_END)
+        if end is not None:
+            ids.add(end)
+        return ids
+
+    # ----- low-level steps ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def _prefill(self, cache, slot: int, context: list[int]) -> torch.Tensor:
+        """Reset ``slot`` and run ``context`` (cropped to the window) into it; return its last logits."""
+        keep = context[-(self.block_size - 1):] if len(context) >= self.block_size else context
+        cache.reset([slot])
+        idx = torch.tensor([keep], dtype=torch.long, device=self.device)
+        with autocast(self.device):
+            h = self.model.hidden(idx, cache=cache, rows=torch.tensor([slot], device=self.device))
+            return self.model.lm_logits(h[:, -1]).float()[0]
+
+    @torch.inference_mode()
+    def _decode(self, cache, slots: list[int], last: list[int]) -> torch.Tensor:
+        rows = torch.tensor(slots, device=self.device)
+        idx = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
+        with autocast(self.device):
+            h = self.model.hidden(idx, cache=cache, rows=rows)
+            return self.model.lm_logits(h[:, -1]).float()
+
+    @torch.inference_mode()
+    def _full_forward(self, context: list[int]) -> torch.Tensor:
+        idx = torch.tensor([context[-self.block_size:]], dtype=torch.long, device=self.device)
+        with autocast(self.device):
+            return self.model.lm_logits(self.model.hidden(idx)[:, -1]).float()[0]
+
+    def _step_rows(self, cache, active: dict[int, _Row]) -> None:
+        """Advance every live row by one token (sliding rows whose window is full)."""
+        full = [s for s, r in active.items() if int(cache.lengths[s]) >= self.block_size]
+        for s in full:  # rebuild from the last half window, then sample from that
+            row = active[s]
+            logits = self._prefill(cache, s, row.context[-(self.block_size // 2):])
+            row.push(sample_token(logits, row.params, row.gen))
+        slots = [s for s, r in active.items() if s not in full and r.finish is None]
+        if slots:
+            logits = self._decode(cache, slots, [active[s].context[-1] for s in slots])
+            for i, s in enumerate(slots):
+                row = active[s]
+                row.push(sample_token(logits[i], row.params, row.gen))
+
+    # ----- public API ---------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 use_cache: bool = True) -> list[Completion]:
+        """Complete each prompt (ids); one batch, rows freed as they finish."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        stop = self.default_stop_ids()
+        rows = [_Row(self._check_prompt(p), sp, stop, self.tok) for p, sp in zip(prompts, plist)]
+        with self.lock:
+            if use_cache:
+                self._run_cached(rows)
+            else:
+                self._run_uncached(rows)
+        return [r.completion() for r in rows]
+
+    def stream(self, prompt: list[int], params: SamplingParams):
+        """Yield TokenEvents for one prompt as tokens are produced (last one has finish_reason)."""
+        events: list[TokenEvent] = []
+        row = _Row(self._check_prompt(prompt), params, self.default_stop_ids(), self.tok, sink=events.append)
+        yield from events
+        events.clear()
+        if row.finish:
+            return
+        with self.lock:
+            cache = self.model.new_cache(1)
+            row.push(sample_token(self._prefill(cache, 0, row.context), row.params, row.gen))
+            while True:
+                yield from events
+                events.clear()
+                if row.finish:
+                    return
+                self._step_rows(cache, {0: row})
+
+    def scheduler(self, max_batch: int = 16) -> "Scheduler":
+        return Scheduler(self, max_batch)
+
+    def _check_prompt(self, prompt: list[int]) -> list[int]:
+        if not prompt:
+            return [self.tok.eot_id]   # an empty prompt starts a fresh document
+        return list(prompt)
+
+    def _run_cached(self, rows: list[_Row]) -> None:
+        cache = self.model.new_cache(len(rows))
+        for s, row in enumerate(rows):
+            if row.finish is None:
+                row.push(sample_token(self._prefill(cache, s, row.context), row.params, row.gen))
+        while True:
+            active = {s: r for s, r in enumerate(rows) if r.finish is None}
+            if not active:
+                return
+            self._step_rows(cache, active)
+
+    def _run_uncached(self, rows: list[_Row]) -> None:
+        """Reference path: recompute the whole (cropped) context for every token."""
+        for row in rows:
+            while row.finish is None:
+                row.push(sample_token(self._full_forward(row.context), row.params, row.gen))
+
+
+class Request:
+    """A request in the scheduler: iterate (or ``aiter``) for TokenEvents; ``cancel`` frees its slot."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams):
+        self.prompt, self.params = prompt, params
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.done = False
+        self.completion: Completion | None = None
+
+    def put(self, ev: TokenEvent):
+        self.events.put(ev)
+
+    def cancel(self):
+        self.cancelled.set()
+
+    def __iter__(self):
+        while True:
+            ev = self.events.get()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    async def aiter(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            ev = await loop.run_in_executor(None, self.events.get)
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def result(self) -> Completion:
+        text, reason = "", None
+        for ev in self:
+            text += ev.text
+            reason = ev.finish_reason
+        return self.completion or Completion([], text, reason or "cancelled", len(self.prompt))
+
+
+class Scheduler:
+    """Continuous batching: a background thread admits requests into free cache slots between decode
+    steps, so concurrent callers share each forward pass instead of waiting in line."""
+
+    def __init__(self, engine: Engine, max_batch: int = 16):
+        self.engine, self.max_batch = engine, max_batch
+        self.cache = engine.model.new_cache(max_batch)
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.active: dict[int, tuple[Request, _Row]] = {}
+        self.wake = threading.Event()
+        self.closed = False
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, name="gptlab-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        if self.closed:
+            raise RuntimeError("scheduler is closed")
+        req = Request(self.engine._check_prompt(prompt), params)
+        self.waiting.put(req)
+        self.wake.set()
+        return req
+
+    def close(self):
+        self.closed = True
+        self.wake.set()
+        self.thread.join(timeout=10)
+
+    @property
+    def busy_slots(self) -> int:
+        return len(self.active)
+
+    def _admit(self):
+        stop = self.engine.default_stop_ids()
+        while len(self.active) < self.max_batch:
+            try:
+                req = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if req.cancelled.is_set():
+                req.put(TokenEvent("", None, "cancelled"))
+                continue
+            slot = next(s for s in range(self.max_batch) if s not in self.active)
+            row = _Row(req.prompt, req.params, stop, self.engine.tok, sink=req.put)
+            if row.finish is None:
+                logits = self.engine._prefill(self.cache, slot, row.context)
+                row.push(sample_token(logits, row.params, row.gen))
+            if row.finish is None:
+                self.active[slot] = (req, row)
+            else:
+                req.completion = row.completion()
+
+    def _loop(self):
+        while not self.closed:
+            try:
+                with self.engine.lock:
+                    self._admit()
+                    for slot, (req, row) in list(self.active.items()):
+                        if req.cancelled.is_set():      # client went away: free the slot now
+                            row.finish = "cancelled"
+                            req.put(TokenEvent("", None, "cancelled"))
+                            del self.active[slot]
+                    if self.active:
+                        self.engine._step_rows(self.cache, {s: r for s, (_, r) in self.active.items()})
+                        self.steps += 1
+                        for slot, (req, row) in list(self.active.items()):
+                            if row.finish is not None:
+                                req.completion = row.completion()
+                                del self.active[slot]
+            except Exception as e:  # never leave callers hanging: fail every live request
+                for slot, (req, row) in list(self.active.items()):
+                    req.put(TokenEvent("", None, "error"))
+                    del self.active[slot]
+                print(f"gptlab scheduler error: {e!r}")
+            if not self.active:
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()

@@ -1,0 +1,435 @@
+"""The GPT family in one readable module, each piece named as the papers name it.
+
+Architectures (``GPTConfig.arch``):
+
+* ``gpt1``   Radford et al. 2018: post-LayerNorm blocks ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``,
+             learned position embeddings, GELU FFN (4x), dropout, tied input/output embeddings.
+* ``gpt2``   Radford et al. 2019: LayerNorm moved to each sub-block's input (pre-LN), a final
+             LayerNorm after the last block, residual output projections initialised with std
+             0.02/sqrt(2 * n_layer).
+* ``gpt3``   Brown et al. 2020: gpt2 with attention alternating between dense (even layers) and
+             locally banded sparse (odd layers: each token sees the previous ``sparse_band`` tokens).
+* ``modern`` Llama-style: rotary position embeddings (RoPE), RMSNorm, SwiGLU FFN, grouped-query
+             attention (``n_kv_head`` < ``n_head``), no biases.
+* ``bert``   Devlin et al. 2018: the same blocks as gpt2 but bidirectional (no causal mask); trained
+             with the masked-LM objective (see gptlab.train.pretrain).
+
+Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+Generation uses a KV cache whose rows can sit at different lengths, so one batch can hold sequences
+that started at different times (continuous batching in gptlab.generate.engine).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptlab.errors import GptlabError
+
+ARCHS = ("gpt1", "gpt2", "gpt3", "modern", "bert")
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "gpt2"
+    vocab_size: int = 4096
+    block_size: int = 256          # context window (tokens)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_kv_head: int | None = None   # grouped-query attention (modern); None = n_head
+    ffn_hidden: int | None = None  # None: 4*n_embd (GELU) or ~8/3*n_embd rounded to 64 (SwiGLU)
+    dropout: float = 0.0
+    bias: bool = True
+    sparse_band: int = 32          # gpt3: window of the locally banded layers
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise GptlabError(f"unknown architecture {self.arch!r} (choose from {', '.join(ARCHS)})")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+            if int(getattr(self, name)) <= 0:
+                raise GptlabError(f"{name} must be positive")
+        if self.n_embd % self.n_head:
+            raise GptlabError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise GptlabError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.arch == "modern" and (self.n_embd // self.n_head) % 2:
+            raise GptlabError("RoPE needs an even head dimension (n_embd / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptlabError("dropout must be in [0, 1)")
+
+    # Structural switches derived from the architecture name.
+    @property
+    def pre_norm(self) -> bool:
+        return self.arch != "gpt1"
+
+    @property
+    def rmsnorm(self) -> bool:
+        return self.arch == "modern"
+
+    @property
+    def rope(self) -> bool:
+        return self.arch == "modern"
+
+    @property
+    def swiglu(self) -> bool:
+        return self.arch == "modern"
+
+    @property
+    def causal(self) -> bool:
+        return self.arch != "bert"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.swiglu:  # keep FFN parameters ~ equal to the 4x GELU FFN
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        return self.arch == "gpt3" and layer % 2 == 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise GptlabError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @classmethod
+    def for_arch(cls, arch: str, **overrides) -> "GPTConfig":
+        """Defaults of the named architecture, then any overrides."""
+        base: dict = {"arch": arch}
+        if arch == "gpt1":
+            base.update(dropout=0.1)
+        if arch == "modern":
+            base.update(bias=False)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    @classmethod
+    def preset(cls, name: str, arch: str = "gpt2", **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise GptlabError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+        shape = dict(PRESETS[name])
+        if arch == "modern" and "n_kv_head" not in overrides:
+            shape["n_kv_head"] = max(1, shape["n_head"] // 2)
+        shape.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.for_arch(arch, **shape)
+
+
+# Shapes from a CPU-sized model that trains in minutes up to the papers' models.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "gpt1": dict(n_layer=12, n_head=12, n_embd=768, block_size=512),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no mean subtraction, no bias), as in Llama."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.rmsnorm:
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [L, hd/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head by position-dependent angles.
+
+    x: [B, H, T, hd]; cos/sin: [B or 1, 1, T, hd/2]. The half-split layout matches Hugging Face Llama.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Keys and values of past tokens, one row per sequence; rows advance independently.
+
+    ``lengths[r]`` is how many tokens row r holds. A forward pass over rows R writes its new keys at
+    positions lengths[R] .. lengths[R]+T-1 and attends to everything before them.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def uniform_span(self, rows: torch.Tensor, pos: torch.Tensor):
+        """(first_row, last_row + 1, start) when ``rows`` are consecutive and share one start position."""
+        if rows.numel() == 1:
+            return int(rows[0]), int(rows[0]) + 1, int(pos[0, 0])
+        r0 = int(rows[0])
+        if not torch.equal(rows, torch.arange(r0, r0 + rows.numel(), device=rows.device)):
+            return None
+        if not bool((pos[:, 0] == pos[0, 0]).all()):
+            return None
+        return r0, r0 + rows.numel(), int(pos[0, 0])
+
+    def reset(self, rows=None):
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # Query, key and value projections in one matmul (keys/values may have fewer heads: GQA).
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_projection = True
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.band = cfg.sparse_band if cfg.is_sparse_layer(layer) else None
+
+    def forward(self, x, pos, rope, cache: KVCache | None, rows):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, is_causal = None, False
+        if cache is None:
+            if self.band is not None:
+                mask = band_mask(T, T, self.band, x.device)
+            else:
+                is_causal = self.cfg.causal
+        else:
+            # Write the new keys/values at each row's own positions, then attend over the filled part.
+            kc, vc = cache.k[self.layer], cache.v[self.layer]
+            span = cache.uniform_span(rows, pos)
+            if span is not None:
+                # Fast path (one sequence, or rows in lockstep): plain slices, no gathers.
+                r0, r1, p0 = span
+                kc[r0:r1, :, p0:p0 + T] = k.to(kc.dtype)
+                vc[r0:r1, :, p0:p0 + T] = v.to(vc.dtype)
+                k, v = kc[r0:r1, :, :p0 + T], vc[r0:r1, :, :p0 + T]
+            else:
+                kc[rows[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
+                vc[rows[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
+                k, v = kc[rows, :, :int(pos.max()) + 1], vc[rows, :, :int(pos.max()) + 1]
+            if span is not None and T == 1 and self.band is None:
+                mask = None                                     # a single new token sees every key
+            else:
+                key_pos = torch.arange(k.shape[2], device=x.device)
+                mask = key_pos[None, None, :] <= pos[:, :, None]                        # [B, T, keys]
+                if self.band is not None:
+                    mask = mask & (key_pos[None, None, :] > pos[:, :, None] - self.band)
+                mask = mask[:, None]                                                     # [B, 1, T, keys]
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.cfg.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+_BAND_MASKS: dict = {}
+
+
+def band_mask(Tq: int, Tk: int, band: int, device) -> torch.Tensor:
+    """Locally banded causal mask: query i sees keys i-band+1 .. i (GPT-3's sparse layers)."""
+    key = (Tq, Tk, band, str(device))
+    if key not in _BAND_MASKS:
+        i = torch.arange(Tq, device=device)[:, None]
+        j = torch.arange(Tk, device=device)[None, :]
+        _BAND_MASKS[key] = (j <= i) & (j > i - band)
+    return _BAND_MASKS[key]
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: GELU (GPT) or SwiGLU (modern)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.swiglu
+        hidden = cfg.hidden_dim
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = F.silu(self.gate_proj(x)) * self.c_fc(x)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, pos, rope, cache, rows):
+        if self.pre_norm:   # GPT-2 and later: normalise each sub-block's input
+            x = x + self.attn(self.ln_1(x), pos, rope, cache, rows)
+            x = x + self.mlp(self.ln_2(x))
+        else:               # GPT-1: normalise after each residual addition
+            x = self.ln_1(x + self.attn(x, pos, rope, cache, rows))
+            x = self.ln_2(x + self.mlp(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+        ))
+        if not cfg.rope:
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.pre_norm:
+            self.transformer["ln_f"] = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if cfg.rope:
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            # GPT-2: scale residual projections by 1/sqrt(N), N = 2 residual layers per block.
+            if getattr(module, "residual_projection", False) and self.config.arch != "gpt1":
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ----- forward ------------------------------------------------------------------------------
+    def hidden(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (normed) hidden states [B, T, n_embd]; heads and the LM head read these.
+
+        With a cache, ``rows`` picks the cache rows of this batch (default: the first B rows) and
+        positions continue from each row's length; the cache lengths are advanced by T.
+        """
+        B, T = idx.shape
+        cfg = self.config
+        if cache is not None:
+            if rows is None:
+                rows = torch.arange(B, device=idx.device)
+            pos = cache.lengths[rows][:, None] + torch.arange(T, device=idx.device)[None, :]
+            if int(pos.max()) >= cache.max_len:
+                raise ValueError("KV cache is full")
+        elif pos is None:
+            if T > cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the context window {cfg.block_size}")
+            pos = torch.arange(T, device=idx.device)[None, :].expand(B, T)
+        x = self.transformer.wte(idx)
+        rope = None
+        if cfg.rope:
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, pos, rope, cache, rows)
+        if cache is not None:
+            cache.lengths[rows] += T
+        if cfg.pre_norm:
+            x = self.transformer.ln_f(x)
+        return x
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
+
+    def forward(self, idx, targets=None, ignore_index: int = -100):
+        """Logits for every position, and the mean cross-entropy against ``targets`` when given."""
+        logits = self.lm_logits(self.hidden(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=ignore_index)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)
+
+    # ----- accounting ---------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the weights plus the attention score/value matmuls
+        (12 * layers * width * context, PaLM appendix B), counting only dense attention for sparse layers
+        as an upper bound."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        n = self.num_params(non_embedding=True)
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T

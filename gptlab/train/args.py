@@ -1,0 +1,63 @@
+"""Command-line flags shared by every training stage, so each one spells them the same way."""
+from __future__ import annotations
+
+import argparse
+
+from gptlab.model.gpt import ARCHS, PRESETS, GPTConfig
+from gptlab.train.loop import TrainConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default="gpt2", help="architecture (default gpt2)")
+    g.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                   help="size preset; the flags below override single fields (default tiny)")
+    for flag, typ, help_ in [("--n-layer", int, "transformer blocks"), ("--n-head", int, "attention heads"),
+                             ("--n-embd", int, "model width"), ("--n-kv-head", int, "key/value heads (GQA)"),
+                             ("--block-size", int, "context window in tokens"),
+                             ("--ffn-hidden", int, "feed-forward width"),
+                             ("--dropout", float, "dropout probability"),
+                             ("--sparse-band", int, "gpt3: window of the banded sparse layers")]:
+        g.add_argument(flag, type=typ, default=None, help=help_)
+
+
+def model_config_from_args(args, vocab_size: int) -> GPTConfig:
+    return GPTConfig.preset(args.preset, args.arch, vocab_size=vocab_size, n_layer=args.n_layer,
+                            n_head=args.n_head, n_embd=args.n_embd, n_kv_head=args.n_kv_head,
+                            block_size=args.block_size, ffn_hidden=args.ffn_hidden, dropout=args.dropout,
+                            sparse_band=args.sparse_band)
+
+
+def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """The optimiser/loop flags; ``defaults`` lets a stage choose its own defaults."""
+    d = TrainConfig(**{k: v for k, v in defaults.items() if k in TrainConfig.__dataclass_fields__})
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.schedule)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations")
+    g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches per evaluation")
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop (and save) after this much training time")
+    g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from_args(args) -> TrainConfig:
+    return TrainConfig(
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, schedule=args.schedule,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
+        compile=args.compile, time_budget_s=args.time_budget, resume=args.resume,
+        progress=not args.no_progress)

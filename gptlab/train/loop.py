@@ -1,0 +1,329 @@
+"""The one training loop every stage runs through.
+
+A stage (pre-training, fine-tuning, SFT, reward model, DPO, PPO) contributes only its data and its
+loss; this loop owns everything else: AdamW with weight decay on matrices only, warm-up + cosine (or
+linear/constant) learning rate, gradient accumulation, clipping, bf16 autocast on CUDA, optional
+torch.compile, DDP across processes (torchrun), evaluation, the progress bar, metrics.jsonl, PNG
+curves, atomic checkpoints and exact resume.
+
+Exact resume works because nothing stateful hides in the data pipeline: the batch of micro-step m of
+step s is drawn with a generator seeded from (seed, s, m), and the global RNG (dropout) is saved in the
+checkpoint. On CPU a run killed at any moment and resumed ends bit-identical to an uninterrupted run.
+
+A stage object provides:
+    name: str
+    get_batch(split, gen) -> batch             # "train" or "val"; randomness only from ``gen``
+    loss(model, batch) -> (loss, {metric: float})
+    count_tokens(batch) -> int                 # optional: tokens processed, for tokens/s and MFU
+    evaluate(model) -> {metric: float}         # optional: extra held-out metrics at eval time
+    export_state(model) -> {name: tensor}      # optional: what model.safetensors holds
+    plot_keys: list[str]                       # optional: metrics to draw in curves.png
+    on_step_end(model, step) / state() / load_state(d)  # optional hooks (EMA, PPO buffers, ...)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from gptlab.device import autocast, matmul_peak, pick_device
+from gptlab.errors import GptlabError
+from gptlab.io import append_jsonl, atomic_write_json, atomic_write_jsonl
+from gptlab.plots import plot_curves, plot_loss, read_metrics
+from gptlab.train import checkpoint as ckpt
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16            # sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1       # final lr = lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "cosine"        # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_batches: int = 20
+    log_every: int = 10
+    ckpt_every: int = 250
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False
+    time_budget_s: float | None = None   # stop early (and save) after this much training time
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise GptlabError("--max-steps must be at least 1")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise GptlabError("--batch-size and --grad-accum must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise GptlabError("--lr must be a positive number")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise GptlabError("--schedule must be cosine, linear or constant")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr``, then decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, progress)
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return floor + (cfg.lr - floor) * (1 - progress)
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (biases and norm gains are left alone)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    seen, unique = set(), []
+    for p in params:  # tied weights appear once
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    groups = [{"params": [p for p in unique if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The only source of data randomness: a function of (seed, step, global micro-batch index)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + micro)
+
+
+# ----- distributed ---------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when launched by torchrun; otherwise a single process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist(), pick_device(device_arg)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+def _mean_across(value: float, d: Dist, device) -> float:
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / d.world
+
+
+# ----- the loop ------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    elapsed_s: float
+    tokens: int
+    metrics: dict = field(default_factory=dict)
+
+
+def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
+          flops_per_token: float | None = None, summary_extra: dict | None = None) -> TrainResult:
+    """Train ``model`` on ``stage`` for ``cfg.max_steps`` optimizer steps, writing into ``run_dir``."""
+    run_dir = Path(run_dir)
+    d, device = init_distributed(cfg.device)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    start_step, elapsed0, tokens_seen = 0, 0.0, 0
+    has_ckpt = (run_dir / ckpt.CHECKPOINT_FILE).is_file()
+    if has_ckpt and not cfg.resume:
+        raise GptlabError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, "
+                          "or choose another --out")
+    if has_ckpt:
+        start_step, saved = ckpt.load_checkpoint(run_dir, model, optimizer)
+        elapsed0, tokens_seen = saved.get("elapsed_s", 0.0), saved.get("tokens", 0)
+        if hasattr(stage, "load_state") and saved.get("stage") is not None:
+            stage.load_state(saved["stage"])
+        if d.main:  # forget log lines written after the checkpoint we resume from
+            rows = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start_step]
+            atomic_write_jsonl(metrics_path, rows)
+    elif d.main and metrics_path.exists():
+        metrics_path.unlink()
+    if start_step >= cfg.max_steps:
+        if d.main:
+            print(f"{run_dir}: already trained for {start_step} steps")
+
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    peak = matmul_peak(device) if flops_per_token else None
+    count_tokens = getattr(stage, "count_tokens", None)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc=stage.name, unit="step",
+               disable=not (cfg.progress and d.main), dynamic_ncols=True, leave=True)
+
+    def evaluate() -> dict:
+        model.eval()
+        out = {}
+        with torch.no_grad(), autocast(device):
+            losses = []
+            for i in range(cfg.eval_batches):
+                gen = batch_generator(cfg.seed + 1, 0, i * d.world + d.rank)  # same val batches every time
+                batch = stage.get_batch("val", gen)
+                if batch is None:
+                    break
+                loss, _ = stage.loss(model, _to(batch, device))
+                losses.append(float(loss))
+            if losses:
+                out["val_loss"] = _mean_across(sum(losses) / len(losses), d, device)
+            if hasattr(stage, "evaluate") and d.main:
+                out.update(stage.evaluate(model))
+        model.train()
+        return out
+
+    def save(step: int, elapsed: float):
+        if not d.main:
+            return
+        export = stage.export_state(model) if hasattr(stage, "export_state") else ckpt.gpt_state(model)
+        ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, export, {"step": str(step)})
+        state = {"elapsed_s": elapsed, "tokens": tokens_seen,
+                 "stage": stage.state() if hasattr(stage, "state") else None}
+        ckpt.save_checkpoint(run_dir, model, optimizer, step, state)
+
+    model.train()
+    t_start = time.perf_counter()
+    window_t, window_tokens = time.perf_counter(), 0
+    last_train, last_val, last_eval = None, None, {}
+    step = start_step
+    while step < cfg.max_steps:
+        lr = lr_at(cfg, step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum, extra_sums = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            gen = batch_generator(cfg.seed, step, d.rank * cfg.grad_accum + micro)
+            batch = _to(stage.get_batch("train", gen), device)
+            sync = micro == cfg.grad_accum - 1 or d.world == 1
+            ctx = train_model.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
+            with ctx:
+                with autocast(device):
+                    loss, extra = stage.loss(train_model, batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+            for k, v in extra.items():
+                extra_sums[k] = extra_sums.get(k, 0.0) + float(v)
+            if count_tokens:
+                window_tokens += count_tokens(batch) * d.world
+        if not math.isfinite(loss_sum):
+            raise GptlabError(f"loss became {loss_sum} at step {step}; lower --lr or check the data")
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(stage, "on_step_end"):
+            stage.on_step_end(model, step)
+        step += 1
+        bar.update(1)
+
+        is_last = step == cfg.max_steps
+        elapsed = elapsed0 + time.perf_counter() - t_start
+        out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
+        if step % cfg.log_every == 0 or is_last or out_of_time:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            tok_s = window_tokens / max(now - window_t, 1e-9)
+            tokens_seen += window_tokens
+            window_t, window_tokens = now, 0
+            last_train = _mean_across(loss_sum / cfg.grad_accum, d, device)
+            row = {"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed, 3),
+                   "train_loss": last_train, "lr": lr}
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            row.update({k: v / cfg.grad_accum for k, v in extra_sums.items()})
+            if count_tokens:
+                row["tokens_per_s"] = round(tok_s, 1)
+                if peak:
+                    row["mfu"] = round(flops_per_token * tok_s / (peak * d.world), 4)
+            if step % cfg.eval_every == 0 or is_last or out_of_time:
+                last_eval = evaluate()
+                last_val = last_eval.get("val_loss", last_val)
+                row.update(last_eval)
+            if d.main:
+                append_jsonl(metrics_path, row, fsync=False)
+                post = {"loss": f"{last_train:.3f}"}
+                if last_val is not None:
+                    post["val"] = f"{last_val:.3f}"
+                if count_tokens:
+                    post["tok/s"] = f"{tok_s:,.0f}"
+                    if "mfu" in row:
+                        post["mfu"] = f"{100 * row['mfu']:.0f}%"
+                bar.set_postfix(post, refresh=False)
+        if d.main and (step % cfg.ckpt_every == 0 or is_last or out_of_time):
+            save(step, elapsed)
+            rows = read_metrics(metrics_path)
+            plot_loss(rows, run_dir / "loss.png", title=f"{stage.name}: {run_dir.name}")
+            if getattr(stage, "plot_keys", None):
+                plot_curves(rows, stage.plot_keys, run_dir / "curves.png", title=stage.name)
+        if out_of_time:
+            break
+    bar.close()
+
+    elapsed = elapsed0 + time.perf_counter() - t_start
+    if start_step >= cfg.max_steps and d.main:
+        last_eval = evaluate()
+        last_val = last_eval.get("val_loss")
+    result = TrainResult(step, last_train, last_val, elapsed, tokens_seen, last_eval)
+    if d.main:
+        summary = {"stage": stage.name, "step": step, "train_loss": last_train, "val_loss": last_val,
+                   "elapsed_s": round(elapsed, 2), "tokens": tokens_seen, "metrics": last_eval,
+                   "train_config": asdict(cfg), "world_size": d.world}
+        summary.update(summary_extra or {})
+        atomic_write_json(run_dir / ckpt.SUMMARY_FILE, summary)
+    if d.world > 1:
+        dist.barrier()
+    return result
+
+
+def _to(batch, device):
+    """Move a batch (tensor, tuple/list or dict of tensors) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
