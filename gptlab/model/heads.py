@@ -1,0 +1,77 @@
+"""Task heads on top of a GPT: what fine-tuning, reward models and PPO's value function read.
+
+Each wrapper keeps the transformer as ``.gpt`` so run folders store it under the usual names and the
+head under ``heads.<name>.*`` (see gptlab.train.checkpoint.gpt_state); any consumer of the run can
+still load the bare GPT.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gptlab.model.gpt import GPT
+
+
+def last_token_index(lengths: torch.Tensor) -> torch.Tensor:
+    return (lengths - 1).clamp(min=0)
+
+
+def gather_last(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Hidden state at each row's last real token (rows are right-padded): [B, T, C] -> [B, C]."""
+    idx = last_token_index(lengths).to(h.device)
+    return h[torch.arange(h.size(0), device=h.device), idx]
+
+
+class ScalarHeadModel(nn.Module):
+    """GPT + a linear scalar head. As a reward model it reads the final token (InstructGPT); as PPO's
+    value function it reads every position (``values``)."""
+
+    head_name = "score_head"
+
+    def __init__(self, gpt: GPT, init_zero: bool = True):
+        super().__init__()
+        self.gpt = gpt
+        self.score_head = nn.Linear(gpt.config.n_embd, 1)
+        if init_zero:
+            nn.init.zeros_(self.score_head.weight)
+            nn.init.zeros_(self.score_head.bias)
+
+    @property
+    def config(self):
+        return self.gpt.config
+
+    def values(self, idx: torch.Tensor) -> torch.Tensor:
+        """Scalar at every position: [B, T]."""
+        return self.score_head(self.gpt.hidden(idx)).squeeze(-1).float()
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Scalar at each row's last real token: [B]."""
+        h = self.gpt.hidden(idx)
+        return self.score_head(gather_last(h, lengths)).squeeze(-1).float()
+
+    def load_head(self, heads: dict[str, torch.Tensor]) -> None:
+        self.score_head.load_state_dict({"weight": heads["score_head.weight"], "bias": heads["score_head.bias"]})
+
+
+class ClassifierModel(nn.Module):
+    """GPT-1 fine-tuning: a linear head on the final hidden state of the extract token."""
+
+    def __init__(self, gpt: GPT, n_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.gpt = gpt
+        self.clf_dropout = nn.Dropout(dropout)
+        self.clf_head = nn.Linear(gpt.config.n_embd, n_classes)
+        nn.init.normal_(self.clf_head.weight, std=0.02)
+        nn.init.zeros_(self.clf_head.bias)
+
+    @property
+    def config(self):
+        return self.gpt.config
+
+    def features(self, idx: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(extract-token features [B, C], LM logits [B, T, V]) in one forward pass."""
+        h = self.gpt.hidden(idx)
+        return gather_last(h, lengths), self.gpt.lm_logits(h)
+
+    def classify(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.clf_head(self.clf_dropout(feats)).float()
