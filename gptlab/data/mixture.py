@@ -1,0 +1,344 @@
+"""A generated multi-task pre-training corpus: tasks learned from plain text, as GPT-2/GPT-3 did.
+
+Every example is one line, ``prompt + answer``, where the answer starts with a space (so a BPE model
+sees " 81" exactly as in training when an eval stops the prompt before it):
+
+=========  =====================================================  ===============
+family     line                                                   key (held-out)
+=========  =====================================================  ===============
+add2/3     ``23 + 58 = 81`` (2- or 3-digit operands)              sorted operands
+sub2/3     ``58 - 23 = 35`` (first >= second, answer >= 0)        operands
+mul2       ``12 * 34 = 408``                                      sorted operands
+en2zh      ``apple => 苹果``                                      English word
+zh2en      ``苹果 => apple``                                      English word
+cycle      ``rdenga = garden`` (letters rotated)                  word
+anagram1   ``gadren = garden`` (first and last letter kept)       word
+anagram2   ``gaedrn = garden`` (first two and last two kept)      word
+reverse    ``nedrag = garden``                                    word
+qa_math    ``Q: What is 12 plus 7? A: 19`` (plus, minus, times)   op + operands
+qa_capital ``Q: What is the capital of France? A: Paris``         country
+qa_opposite ``Q: What is the opposite of hot? A: cold``           the word pair
+qa_letters ``Q: How many letters are in the word cat? A: 3``      word
+qa_next    ``Q: What comes after Monday? A: Tuesday``             Monday
+=========  =====================================================  ===============
+
+A document is 4-12 examples of one family, one per line, half the time preceded by a one-line task
+description (``TASK_PROMPTS``); documents are separated by a blank line. Repeating a pattern inside
+one context window is what lets a small model learn to continue it in context (few-shot).
+
+Held-out split: ``is_heldout(family, key)`` hashes the key (blake2b, not Python's salted hash), so
+membership is the same on every machine and for every seed. Families that share a key space share
+the decision: a held-out dictionary word is absent from both en2zh and zh2en, and a held-out word
+is absent from all four unscrambling families. The corpus never contains a held-out key; the eval
+harness draws its questions from ``heldout_items``.
+
+The corpus is a pure function of (seed, n_lines): ``random.Random(seed)`` drives every choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from gptlab.data.dictionary import CAPITALS, EN_ZH, OPPOSITES, WORDS
+from gptlab.errors import GptlabError
+from gptlab.io import atomic_write_text, gptlab_home
+
+DEFAULT_SEED = 0
+DEFAULT_LINES = 150_000
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December"]
+
+
+@dataclass(frozen=True)
+class _Family:
+    description: str
+    prompts: tuple[str, ...]       # task description lines that may open a document
+    namespace: str                 # families with the same namespace share held-out decisions
+    fraction: float                # share of keys held out
+    make: Callable[[str, random.Random], dict]   # key -> item fields (may use rng, e.g. to scramble)
+    render: Callable[[dict], tuple[str, str]]    # item fields -> (prompt, answer)
+    keys: Callable[[], list[str]] | None = None  # the whole key space when small enough to list
+    sample: Callable[[random.Random], str] | None = None  # a random key, for large key spaces
+
+
+# ----- arithmetic ----------------------------------------------------------------------------------
+def _arith(op: str, digits: int, commutative: bool) -> dict:
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+
+    def sample(rng: random.Random) -> str:
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        a, b = (min(a, b), max(a, b)) if commutative else (max(a, b), min(a, b))
+        return f"{a},{b}"
+
+    def make(key: str, rng: random.Random) -> dict:
+        a, b = map(int, key.split(","))
+        if commutative and rng.random() < 0.5:
+            a, b = b, a  # the key is unordered; show both orders
+        return {"a": a, "b": b, "op": op}
+
+    return {"sample": sample, "make": make, "render": _render_arith}
+
+
+def _calc(op: str, a: int, b: int) -> int:
+    return a + b if op in ("+", "plus") else a - b if op in ("-", "minus") else a * b
+
+
+def _render_arith(it: dict) -> tuple[str, str]:
+    return f"{it['a']} {it['op']} {it['b']} =", f" {_calc(it['op'], it['a'], it['b'])}"
+
+
+# ----- translation ---------------------------------------------------------------------------------
+def _make_dict(key: str, rng: random.Random) -> dict:
+    return {"en": key, "zh": EN_ZH[key]}
+
+
+# ----- unscrambling --------------------------------------------------------------------------------
+def _scramble(kind: str) -> Callable[[str, random.Random], dict]:
+    def make(word: str, rng: random.Random) -> dict:
+        if kind == "reverse":
+            s = word[::-1]
+        elif kind == "cycle":
+            r = rng.randint(1, len(word) - 1)
+            s = word[r:] + word[:r]
+        else:
+            keep = 1 if kind == "anagram1" else 2
+            middle = list(word[keep:-keep])
+            s = word
+            while s == word:  # the word lists guarantee the middle has two different letters
+                rng.shuffle(middle)
+                s = word[:keep] + "".join(middle) + word[-keep:]
+        return {"word": word, "scrambled": s}
+    return make
+
+
+def _words_for(kind: str) -> list[str]:
+    def ok(w: str) -> bool:
+        if kind == "reverse":
+            return len(w) >= 3 and w != w[::-1]
+        if kind == "cycle":
+            return 4 <= len(w) and len(set(w)) > 1
+        keep = 1 if kind == "anagram1" else 2
+        return len(w) >= 2 * keep + 2 and len(set(w[keep:-keep])) > 1
+    return [w for w in WORDS if ok(w)]
+
+
+# ----- question / answer ---------------------------------------------------------------------------
+def _qa_math_keys() -> list[str]:
+    keys = [f"plus,{a},{b}" for a in range(51) for b in range(a, 51)]
+    keys += [f"minus,{a},{b}" for a in range(51) for b in range(a + 1)]
+    keys += [f"times,{a},{b}" for a in range(13) for b in range(a, 13)]
+    return keys
+
+
+def _make_qa_math(key: str, rng: random.Random) -> dict:
+    op, a, b = key.split(",")
+    a, b = int(a), int(b)
+    if op == "minus":
+        a, b = max(a, b), min(a, b)
+    elif rng.random() < 0.5:
+        a, b = b, a
+    return {"op": op, "a": a, "b": b}
+
+
+def _make_opposite(key: str, rng: random.Random) -> dict:
+    x, y = key.split("|")
+    if rng.random() < 0.5:
+        x, y = y, x
+    return {"word": x, "opposite": y}
+
+
+def _next_keys() -> list[str]:
+    return [str(i) for i in range(1000)] + _DAYS + _MONTHS
+
+
+def _render_next(it: dict) -> tuple[str, str]:
+    k = it["key"]
+    if k in _DAYS:
+        return f"Q: What day comes after {k}? A:", " " + _DAYS[(_DAYS.index(k) + 1) % 7]
+    if k in _MONTHS:
+        return f"Q: What month comes after {k}? A:", " " + _MONTHS[(_MONTHS.index(k) + 1) % 12]
+    return f"Q: What number comes after {k}? A:", f" {int(k) + 1}"
+
+
+_ADD = ("Add the numbers.", "Addition:", "Compute each sum.")
+_SUB = ("Subtract the second number from the first.", "Subtraction:")
+_UNSCRAMBLE = "Unscramble the letters into a word:"
+_QA = ("Answer each question.", "Questions and answers:")
+
+_SPECS: dict[str, _Family] = {
+    "add2": _Family("2-digit addition: 23 + 58 = 81", _ADD, "add2", 0.1, **_arith("+", 2, True)),
+    "add3": _Family("3-digit addition: 123 + 458 = 581", _ADD, "add3", 0.1, **_arith("+", 3, True)),
+    "sub2": _Family("2-digit subtraction: 58 - 23 = 35", _SUB, "sub2", 0.1, **_arith("-", 2, False)),
+    "sub3": _Family("3-digit subtraction: 458 - 123 = 335", _SUB, "sub3", 0.1,
+                    **_arith("-", 3, False)),
+    "mul2": _Family("2-digit multiplication: 12 * 34 = 408", ("Multiply the numbers.",
+                    "Multiplication:"), "mul2", 0.1, **_arith("*", 2, True)),
+    "en2zh": _Family("English to Chinese word translation: apple => 苹果",
+                     ("Translate English to Chinese:", "English => Chinese"), "dict", 0.2,
+                     _make_dict, lambda it: (f"{it['en']} =>", f" {it['zh']}"),
+                     keys=lambda: sorted(EN_ZH)),
+    "zh2en": _Family("Chinese to English word translation: 苹果 => apple",
+                     ("Translate Chinese to English:", "Chinese => English"), "dict", 0.2,
+                     _make_dict, lambda it: (f"{it['zh']} =>", f" {it['en']}"),
+                     keys=lambda: sorted(EN_ZH)),
+    "cycle": _Family("cycled letters: rdenga = garden",
+                     (_UNSCRAMBLE, "The letters of each word were rotated. Write the word:"),
+                     "word", 0.2, _scramble("cycle"), lambda it: (f"{it['scrambled']} =",
+                     f" {it['word']}"), keys=lambda: _words_for("cycle")),
+    "anagram1": _Family("anagram keeping the first and last letter: gadren = garden",
+                        (_UNSCRAMBLE, "Unscramble each word; its first and last letters are in place:"),
+                        "word", 0.2, _scramble("anagram1"), lambda it: (f"{it['scrambled']} =",
+                        f" {it['word']}"), keys=lambda: _words_for("anagram1")),
+    "anagram2": _Family("anagram keeping the first two and last two letters: gaedrn = garden",
+                        (_UNSCRAMBLE, "Unscramble each word; its first two and last two letters "
+                         "are in place:"), "word", 0.2, _scramble("anagram2"),
+                        lambda it: (f"{it['scrambled']} =", f" {it['word']}"),
+                        keys=lambda: _words_for("anagram2")),
+    "reverse": _Family("reversed words: nedrag = garden",
+                       ("Each word is spelled backwards. Write the word:", "Reverse the letters:"),
+                       "word", 0.2, _scramble("reverse"), lambda it: (f"{it['scrambled']} =",
+                       f" {it['word']}"), keys=lambda: _words_for("reverse")),
+    "qa_math": _Family("arithmetic questions: Q: What is 12 plus 7? A: 19", _QA, "qa_math", 0.1,
+                       _make_qa_math, lambda it: (f"Q: What is {it['a']} {it['op']} {it['b']}? A:",
+                       f" {_calc(it['op'], it['a'], it['b'])}"), keys=_qa_math_keys),
+    "qa_capital": _Family("capital cities: Q: What is the capital of France? A: Paris", _QA,
+                          "capital", 0.2, lambda k, rng: {"country": k, "capital": CAPITALS[k]},
+                          lambda it: (f"Q: What is the capital of {it['country']}? A:",
+                                      f" {it['capital']}"), keys=lambda: sorted(CAPITALS)),
+    "qa_opposite": _Family("opposites: Q: What is the opposite of hot? A: cold", _QA, "opposite",
+                           0.2, _make_opposite, lambda it: (f"Q: What is the opposite of "
+                           f"{it['word']}? A:", f" {it['opposite']}"),
+                           keys=lambda: sorted("|".join(sorted(p)) for p in OPPOSITES)),
+    "qa_letters": _Family("word length: Q: How many letters are in the word cat? A: 3", _QA,
+                          "letters", 0.2, lambda k, rng: {"word": k},
+                          lambda it: (f"Q: How many letters are in the word {it['word']}? A:",
+                                      f" {len(it['word'])}"), keys=lambda: list(WORDS)),
+    "qa_next": _Family("successors: Q: What comes after Monday? A: Tuesday", _QA, "next", 0.1,
+                       lambda k, rng: {}, _render_next, keys=_next_keys),
+}
+
+FAMILIES: dict[str, str] = {name: spec.description for name, spec in _SPECS.items()}
+TASK_PROMPTS: dict[str, tuple[str, ...]] = {name: spec.prompts for name, spec in _SPECS.items()}
+
+
+def _spec(family: str) -> _Family:
+    if family not in _SPECS:
+        raise GptlabError(f"unknown mixture family {family!r} (choose from {', '.join(_SPECS)})")
+    return _SPECS[family]
+
+
+_KEY_CACHE: dict[str, list[str]] = {}
+
+
+def _keys(family: str) -> list[str] | None:
+    spec = _spec(family)
+    if spec.keys is None:
+        return None
+    if family not in _KEY_CACHE:
+        _KEY_CACHE[family] = spec.keys()
+    return _KEY_CACHE[family]
+
+
+def is_heldout(family: str, key: str) -> bool:
+    """Whether ``key`` belongs to the held-out split of ``family`` (same answer everywhere)."""
+    spec = _spec(family)
+    h = hashlib.blake2b(f"{spec.namespace}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") < spec.fraction * 2 ** 64
+
+
+def format_example(family: str, item: dict) -> tuple[str, str]:
+    """(prompt, answer) of an item; the corpus line is ``prompt + answer``."""
+    return _spec(family).render(item)
+
+
+def _item(family: str, key: str, rng: random.Random) -> dict:
+    item = {"family": family, "key": key, **_spec(family).make(key, rng)}
+    item["prompt"], item["answer"] = format_example(family, item)
+    return item
+
+
+def _items(family: str, n: int, seed: int, heldout: bool) -> list[dict]:
+    """Up to ``n`` items with distinct keys on one side of the split (fewer if the side is small)."""
+    rng = random.Random(f"{family}:{seed}:{heldout}")
+    keys = _keys(family)
+    if keys is not None:
+        chosen = [k for k in keys if is_heldout(family, k) == heldout]
+        rng.shuffle(chosen)
+        chosen = chosen[:n]
+    else:
+        seen: set[str] = set()
+        chosen = []
+        for _ in range(200 * n + 10_000):  # bounded: a side may hold fewer than n keys
+            if len(chosen) >= n:
+                break
+            k = _spec(family).sample(rng)
+            if k not in seen and is_heldout(family, k) == heldout:
+                seen.add(k)
+                chosen.append(k)
+    return [_item(family, k, rng) for k in chosen]
+
+
+def heldout_items(family: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` held-out items (fewer when the held-out side is smaller), deterministic in ``seed``.
+
+    Each item has 'family', 'key', 'prompt', 'answer' and the family's raw fields ('a', 'b', 'op';
+    'en', 'zh'; 'word', 'scrambled'; 'country', 'capital'; ...).
+    """
+    return _items(family, n, seed, heldout=True)
+
+
+def train_items(family: str, n: int, seed: int = 0) -> list[dict]:
+    """Like ``heldout_items`` but from the training side (e.g. for few-shot demonstrations)."""
+    return _items(family, n, seed, heldout=False)
+
+
+def _sample_train_key(family: str, rng: random.Random) -> str:
+    keys, spec = _keys(family), _spec(family)
+    while True:
+        k = rng.choice(keys) if keys is not None else spec.sample(rng)
+        if not is_heldout(family, k):
+            return k
+
+
+def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES):
+    """Yield documents (str, lines joined by newlines) until ``n_lines`` example lines are out."""
+    rng = random.Random(seed)
+    names = list(_SPECS)
+    done = 0
+    while done < n_lines:
+        family = rng.choice(names)
+        k = min(rng.randint(4, 12), n_lines - done)
+        lines = [rng.choice(_SPECS[family].prompts)] if rng.random() < 0.5 else []
+        for _ in range(k):
+            it = _item(family, _sample_train_key(family, rng), rng)
+            lines.append(it["prompt"] + it["answer"])
+        done += k
+        yield "\n".join(lines)
+
+
+def mixture_path(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES,
+                 out_dir: str | Path | None = None) -> Path:
+    """Where ``write_mixture`` puts a corpus; the name encodes everything its content depends on."""
+    folder = Path(out_dir) if out_dir else gptlab_home() / "mixture"
+    suffix = "" if n_lines == DEFAULT_LINES else f"_lines{n_lines}"
+    return folder / f"mixture_seed{seed}{suffix}.txt"
+
+
+def write_mixture(out_dir: str | Path | None = None, seed: int = DEFAULT_SEED,
+                  n_lines: int = DEFAULT_LINES) -> Path:
+    """Generate the corpus and write it atomically; returns its path."""
+    if n_lines < 1:
+        raise GptlabError(f"--lines must be at least 1, got {n_lines}")
+    path = mixture_path(seed, n_lines, out_dir)
+    atomic_write_text(path, "\n\n".join(generate_documents(seed, n_lines)) + "\n")
+    return path
+
+
+def ensure_mixture(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES) -> Path:
+    """The default corpus path, generated first if missing (used by ``--data mixture``)."""
+    path = mixture_path(seed, n_lines)
+    return path if path.is_file() else write_mixture(None, seed, n_lines)
