@@ -1,0 +1,444 @@
+"""A generated chat curriculum whose answers a program can check (``gptlab data instruct``).
+
+InstructGPT's three stages need three disjoint prompt sets: demonstrations for SFT, prompts for the
+reward model's rankings and PPO, and a held-out set to judge the result. Human labelers are replaced by
+task families whose right answer is known, so `gptlab label --auto` can rank samples and evals can
+score a policy without a person:
+
+* arithmetic   "What is 23 + 58?" -> "23 + 58 = 81."
+* strings      reverse a word, uppercase, count a letter, sort words alphabetically
+* translate    English <-> Chinese through gptlab.data.dictionary
+* shakespeare  who speaks a line, which play it is from, complete the line (only when the corpus is there)
+* multiturn    a follow-up that needs the previous turn ("And double that?")
+* decline      nonsense or impossible requests, answered with a polite refusal
+
+Splits are decided by hashing each item's underlying problem (not its wording, not the seed), so a
+held-out problem never shows up in training under another phrasing, another family's follow-up, or
+another seed's curriculum.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptlab.errors import GptlabError
+
+FAMILIES = ("arithmetic", "strings", "translate", "shakespeare", "multiturn", "decline")
+SPLITS = ("sft", "prompts", "heldout")
+HELDOUT_FRACTION, SFT_FRACTION = 0.10, 0.40      # the rest (0.50) are prompts for the RM and PPO
+DECLINE_ANSWER = "I'm sorry, I can't answer that."
+SYSTEMS = ("You are a helpful assistant.", "You are a concise assistant. Answer briefly.")
+
+# Used only while gptlab.data.dictionary is missing (it is written in parallel with this module).
+_FALLBACK_EN_ZH = {
+    "water": "水", "fire": "火", "tree": "树", "moon": "月亮", "sun": "太阳", "book": "书", "cat": "猫",
+    "dog": "狗", "bird": "鸟", "fish": "鱼", "horse": "马", "apple": "苹果", "tea": "茶", "milk": "牛奶",
+    "door": "门", "mountain": "山", "river": "河", "rain": "雨", "snow": "雪", "flower": "花",
+    "king": "国王", "friend": "朋友", "heart": "心", "hand": "手", "star": "星星", "sea": "海",
+    "city": "城市", "school": "学校", "teacher": "老师", "bread": "面包", "egg": "鸡蛋", "music": "音乐",
+}
+
+
+@dataclass
+class _Gen:
+    key: str          # the item's identity within its family (dedup, id)
+    split_key: str    # the underlying problem: decides the split, shared across families
+    messages: list[dict]
+    answer: str
+
+
+class _Context:
+    """Word lists and Shakespeare lines the generators draw from."""
+
+    def __init__(self, works: dict[str, str] | None):
+        try:
+            from gptlab.data.dictionary import EN_ZH, WORDS
+        except ImportError:
+            EN_ZH, WORDS = _FALLBACK_EN_ZH, sorted(_FALLBACK_EN_ZH)
+        self.en_zh = dict(sorted(EN_ZH.items()))
+        zh_count: dict[str, int] = {}
+        for zh in self.en_zh.values():
+            zh_count[zh] = zh_count.get(zh, 0) + 1
+        # Only Chinese words with one English source have a single right answer going back.
+        self.zh_en = {zh: en for en, zh in self.en_zh.items() if zh_count[zh] == 1}
+        self.words = sorted({w for w in WORDS if w.isalpha() and w.islower() and 3 <= len(w) <= 10})
+        self.lines = _shakespeare_lines(works) if works else []
+
+
+# ----- Shakespeare -----------------------------------------------------------------------------------
+def _speaker_name(raw: str) -> str | None:
+    """'KING LEAR' -> 'King Lear'; short mixed-case forms are abbreviations ('Ber') and are skipped."""
+    if raw.isupper():
+        return " ".join(w.capitalize() if w not in ("OF", "AND", "THE") else w.lower() for w in raw.split())
+    return raw if len(raw) >= 5 else None
+
+
+def _shakespeare_lines(works: dict[str, str]) -> list[tuple[str, str | None, str]]:
+    """(title, speaker or None, line) for distinctive lines that occur exactly once in all the works."""
+    from gptlab.data.shakespeare import iter_speeches
+    found, count = [], {}
+    for title in sorted(works):
+        for speaker, lines in iter_speeches(works[title]):
+            for line in lines:
+                line = " ".join(line.split())
+                norm = line.lower()
+                count[norm] = count.get(norm, 0) + 1
+                if 6 <= len(line.split()) <= 14 and len(line) <= 90 and line[0].isupper() and '"' not in line:
+                    found.append((title, _speaker_name(speaker), line))
+    return [f for f in found if count[f[2].lower()] == 1]
+
+
+# ----- generators: each returns one _Gen (or None to try again) ---------------------------------------
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _arith(rng: random.Random, small: bool = False) -> tuple[str, int]:
+    op = rng.choices("+-*", weights=(4, 3, 3))[0]
+    hi = 50 if small else 99
+    if op == "*":
+        a, b = rng.randint(2, 12 if small else 30), rng.randint(2, 12)
+    else:
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        if op == "-" and a < b:
+            a, b = b, a       # keep results non-negative: simpler for a small model, still checkable
+    return f"{a} {op} {b}", eval(f"{a}{op}{b}")  # noqa: S307 (our own digits and operator)
+
+
+_ARITH_ASK = ("What is {q}?", "Compute {q}.", "Calculate {q}.", "{q} = ?", "What does {q} equal?",
+              "Please work out {q}.")
+
+
+def gen_arithmetic(rng, ctx) -> _Gen:
+    q, r = _arith(rng)
+    return _Gen(q, f"arith:{q}", [_user(rng.choice(_ARITH_ASK).format(q=q)), _assistant(f"{q} = {r}.")], str(r))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def gen_strings(rng, ctx) -> _Gen:
+    kind = rng.choice(("reverse", "upper", "count", "sort"))
+    if kind == "reverse":
+        w = rng.choice(ctx.words)
+        ask = rng.choice(("Reverse the word '{w}'.", "What is '{w}' spelled backwards?", "Spell '{w}' backwards."))
+        return _Gen(f"rev:{w}", f"rev:{w}", [_user(ask.format(w=w)), _assistant(f"'{w}' reversed is '{w[::-1]}'.")],
+                    w[::-1])
+    if kind == "upper":
+        p = " ".join(rng.sample(ctx.words, rng.randint(1, 3)))
+        ask = rng.choice(("Write '{p}' in uppercase.", "Convert '{p}' to capital letters.", "Make '{p}' all caps."))
+        return _Gen(f"up:{p}", f"up:{p}", [_user(ask.format(p=p)), _assistant(f"'{p}' in uppercase is '{p.upper()}'.")],
+                    p.upper())
+    if kind == "count":
+        w = rng.choice(ctx.words)
+        # Mostly a letter that occurs; sometimes one that does not, so "0" is a learnable answer too.
+        c = rng.choice(w) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        n = w.count(c)
+        ask = rng.choice(("How many times does the letter '{c}' appear in '{w}'?", "Count the letter '{c}' in '{w}'.",
+                          "How many '{c}'s are in '{w}'?"))
+        return _Gen(f"count:{c}:{w}", f"count:{c}:{w}",
+                    [_user(ask.format(c=c, w=w)), _assistant(f"'{w}' contains the letter '{c}' {_plural(n, 'time')}.")],
+                    str(n))
+    words = rng.sample(ctx.words, rng.randint(3, 5))
+    answer = ", ".join(sorted(words))
+    ask = rng.choice(("Sort these words alphabetically: {l}.", "Put these words in alphabetical order: {l}."))
+    return _Gen(f"sort:{','.join(words)}", f"sort:{answer}",
+                [_user(ask.format(l=", ".join(words))), _assistant(f"In alphabetical order: {answer}.")], answer)
+
+
+def _to_chinese(rng, ctx, en: str) -> tuple[str, str]:
+    ask = rng.choice(("Translate '{en}' into Chinese.", "What is '{en}' in Chinese?", "How do you say '{en}' in Chinese?"))
+    return ask.format(en=en), f"'{en}' in Chinese is {ctx.en_zh[en]}."
+
+
+def gen_translate(rng, ctx) -> _Gen:
+    if rng.random() < 0.5:
+        en = rng.choice(list(ctx.en_zh))
+        ask, reply = _to_chinese(rng, ctx, en)
+        return _Gen(f"en-zh:{en}", f"word:{en}", [_user(ask), _assistant(reply)], ctx.en_zh[en])
+    zh = rng.choice(list(ctx.zh_en))
+    en = ctx.zh_en[zh]
+    ask = rng.choice(("Translate {zh} into English.", "What does {zh} mean in English?", "What is {zh} in English?"))
+    return _Gen(f"zh-en:{zh}", f"word:{en}", [_user(ask.format(zh=zh)), _assistant(f"{zh} in English is '{en}'.")], en)
+
+
+def gen_shakespeare(rng, ctx) -> _Gen | None:
+    title, speaker, line = rng.choice(ctx.lines)
+    kind = rng.choice(("speaker", "play", "complete"))
+    if kind == "speaker" and speaker:
+        return _Gen(f"speaker:{line}", f"line:{line}",
+                    [_user(f'Who says this line in {title}: "{line}"?'), _assistant(f"That line is spoken by {speaker}.")],
+                    speaker)
+    if kind == "complete":
+        words = line.split()
+        cut = len(words) // 2
+        head, tail = " ".join(words[:cut]), " ".join(words[cut:])
+        return _Gen(f"complete:{line}", f"line:{line}",
+                    [_user(f'Complete this line from {title}: "{head} ..."'), _assistant(f'The full line is: "{line}"')],
+                    tail.rstrip(".,;:!?-'"))
+    return _Gen(f"play:{line}", f"line:{line}",
+                [_user(f'Which Shakespeare play has this line: "{line}"?'), _assistant(f"That line is from {title}.")], title)
+
+
+def _followup_arith(rng) -> tuple[str, str, str, str, str, str]:
+    """(base key, first question, first reply, follow-up, follow-up reply, answer) for arithmetic."""
+    q, r = _arith(rng, small=True)
+    kind = rng.choice(("double", "add", "sub", "half", "mul"))
+    if kind == "half" and r % 2:
+        kind = "double"
+    c = rng.randint(2, 5) if kind == "mul" else rng.randint(1, 20)
+    if kind == "sub" and c > r:
+        kind = "add"
+    follow, reply, value = {
+        "double": ("And double that?", "Double {r} is {v}.", 2 * r),
+        "add": (f"Now add {c} to that.", "{r} + " + str(c) + " = {v}.", r + c),
+        "sub": (f"And subtract {c} from that?", "{r} - " + str(c) + " = {v}.", r - c),
+        "half": ("What is half of that?", "Half of {r} is {v}.", r // 2),
+        "mul": (f"Multiply that by {c}.", "{r} * " + str(c) + " = {v}.", r * c),
+    }[kind]
+    return (f"arith:{q}", rng.choice(_ARITH_ASK).format(q=q), f"{q} = {r}.", follow,
+            reply.format(r=r, v=value), str(value))
+
+
+def gen_multiturn(rng, ctx) -> _Gen:
+    roll = rng.random()
+    if roll < 0.7:
+        base, q1, a1, q2, a2, answer = _followup_arith(rng)
+    elif roll < 0.85:
+        w = rng.choice(ctx.words)
+        rev = w[::-1]
+        base, q1, a1 = f"rev:{w}", f"Reverse the word '{w}'.", f"'{w}' reversed is '{rev}'."
+        q2, a2, answer = "Now write that in uppercase.", f"'{rev}' in uppercase is '{rev.upper()}'.", rev.upper()
+    else:
+        en, other = rng.sample(list(ctx.en_zh), 2)
+        base = f"word:{en}"
+        q1, a1 = _to_chinese(rng, ctx, en)
+        q2, a2, answer = f"And '{other}'?", f"'{other}' in Chinese is {ctx.en_zh[other]}.", ctx.en_zh[other]
+    return _Gen(f"{q1}|{q2}", base, [_user(q1), _assistant(a1), _user(q2), _assistant(a2)], answer)
+
+
+_PLACES = ("Mars", "Atlantis", "the Moon", "the Sun", "Jupiter", "the bottom of the sea", "Saturn's rings")
+_RULERS = ("king", "queen", "president", "mayor", "emperor")
+_ATTRS = ("phone number", "home address", "shoe size", "middle name", "favourite colour", "email address")
+_CITIES = ("Paris", "London", "Beijing", "Lagos", "Lima", "Sydney", "Tokyo", "Cairo", "Oslo", "Delhi")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December")
+
+
+def _nonsense(rng, ctx) -> str:
+    while True:
+        w = "".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice(("", "", "y", "x", "q")) for _ in range(rng.randint(3, 5)))
+        if w not in ctx.en_zh and len(w) >= 4:
+            return w
+
+
+def gen_decline(rng, ctx) -> _Gen:
+    kind = rng.randrange(6)
+    if kind == 0:
+        attr, ruler, place = rng.choice(_ATTRS), rng.choice(_RULERS), rng.choice(_PLACES)
+        ask, why = f"What is the {attr} of the {ruler} of {place}?", f"there is no {ruler} of {place}."
+    elif kind == 1:
+        a = rng.randint(1, 999)
+        ask, why = rng.choice(("What is {a} divided by zero?", "Compute {a} / 0.")).format(a=a), "dividing by zero is undefined."
+    elif kind == 2:
+        date = f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(2100, 2999)}"
+        ask = f"What will the weather be in {rng.choice(_CITIES)} on {date}?"
+        why = "nobody can know the weather that far in the future."
+    elif kind == 3:
+        w = _nonsense(rng, ctx)
+        ask, why = f"Translate '{w}' into Chinese.", f"'{w}' is not an English word."
+    elif kind == 4:
+        n = rng.randint(1, 9999)
+        ask, why = f"What colour is the number {n}?", "numbers do not have colours."
+    else:
+        w = rng.choice(ctx.words)
+        ask, why = f"How much does the word '{w}' weigh in kilograms?", "words do not have a weight."
+    return _Gen(ask, f"decline:{ask}", [_user(ask), _assistant(f"I'm sorry, I can't answer that: {why}")], DECLINE_ANSWER)
+
+
+GENERATORS = {"arithmetic": gen_arithmetic, "strings": gen_strings, "translate": gen_translate,
+              "shakespeare": gen_shakespeare, "multiturn": gen_multiturn, "decline": gen_decline}
+
+
+# ----- assembling the splits --------------------------------------------------------------------------
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _bucket(split_key: str) -> float:
+    """A number in [0, 1) fixed by the problem alone: the same problem lands in the same split forever."""
+    return int(_hash("split:" + split_key)[:12], 16) / 16 ** 12
+
+
+def _split_of(b: float) -> str:
+    return "heldout" if b < HELDOUT_FRACTION else "sft" if b < HELDOUT_FRACTION + SFT_FRACTION else "prompts"
+
+
+def _assign(gens: list[_Gen]) -> dict[str, list[_Gen]]:
+    """Split one family's items by hash; with 3+ items every split gets at least one (tiny curricula)."""
+    b = {g.key: _bucket(g.split_key) for g in gens}
+    out = {s: [] for s in SPLITS}
+    for g in gens:
+        out[_split_of(b[g.key])].append(g)
+    if len(gens) >= 3:
+        # Nearest item to each empty split's hash range, taken from a split that can spare one.
+        targets = {"heldout": 0.0, "sft": HELDOUT_FRACTION + SFT_FRACTION / 2, "prompts": 1.0}
+        for split, target in targets.items():
+            if not out[split]:
+                donors = [g for s in SPLITS if len(out[s]) > 1 for g in out[s]]
+                g = min(donors, key=lambda g: (abs(b[g.key] - target), g.key))
+                next(items for items in out.values() if g in items).remove(g)
+                out[split].append(g)
+    return out
+
+
+def _item(family: str, g: _Gen, split: str, rng: random.Random) -> dict:
+    messages = list(g.messages)
+    if rng.random() < 0.1:   # a few system prompts, so the chat template's system turn is seen in training
+        messages = [{"role": "system", "content": rng.choice(SYSTEMS)}] + messages
+    item = {"family": family, "id": f"{family}-{_hash(g.key)[:10]}", "answer": g.answer}
+    if split == "sft":
+        return {**item, "messages": messages}
+    # Prompts end with the user's turn; the demonstration stays along as the reference answer.
+    return {**item, "messages": messages[:-1], "reference": messages[-1]["content"]}
+
+
+def _default_works() -> dict[str, str] | None:
+    """The downloaded corpus, or None when it is not there (never downloads from here)."""
+    try:
+        from gptlab.data.shakespeare import shakespeare_works
+        return shakespeare_works(ensure=False)
+    except (ImportError, GptlabError):
+        return None
+
+
+def build_curriculum(seed: int, n_per_family: int, works: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """{split: [item]} with up to ``n_per_family`` distinct problems per family.
+
+    ``works`` ({title: text}) feeds the Shakespeare family; None uses the downloaded corpus if present,
+    and ``{}`` leaves the family out.
+    """
+    if n_per_family < 1:
+        raise GptlabError("--n-per-family must be at least 1")
+    ctx = _Context(_default_works() if works is None else works)
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for family in FAMILIES:
+        if family == "shakespeare" and not ctx.lines:
+            continue
+        rng = random.Random(f"{seed}:{family}")
+        gen, found, tries = GENERATORS[family], {}, 0
+        while len(found) < n_per_family and tries < 50 * n_per_family + 100:
+            tries += 1
+            g = gen(rng, ctx)
+            if g is not None and g.key not in found:
+                found[g.key] = g
+        for split, gens in _assign(list(found.values())).items():
+            splits[split] += [_item(family, g, split, rng) for g in gens]
+    shuffle = random.Random(f"{seed}:shuffle")
+    for items in splits.values():
+        shuffle.shuffle(items)   # families interleaved, so any prefix of a file is a fair sample
+    return splits
+
+
+# ----- checking answers -------------------------------------------------------------------------------
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_REFUSAL = re.compile(r"\b(?:can't|cannot|can not|unable to|not able to|don't know|do not know|no way to know|"
+                      r"there is no|there are no|does not exist|doesn't exist|is undefined|is not an? \w+ word|"
+                      r"do not have|don't have)\b", re.I)
+_RUDE = re.compile(r"\b(?:stupid|dumb|idiot\w*|shut up|ridiculous|silly question)\b", re.I)
+_TRAILING = " \t\r\n.,;:!?\"'`)]}»”’」』。！？，"
+
+
+def _clean(text: str) -> str:
+    return (text or "").replace("\u2019", "'").replace("\u2018", "'").strip()
+
+
+def is_refusal(text: str) -> bool:
+    return bool(_REFUSAL.search(_clean(text)))
+
+
+def is_polite_refusal(text: str) -> bool:
+    text = _clean(text)
+    return is_refusal(text) and not _RUDE.search(text)
+
+
+def ends_with_answer(text: str, answer: str) -> bool:
+    """The response's final words are the answer (trailing punctuation/quotes ignored; whole words)."""
+    text, answer = _clean(text).rstrip(_TRAILING), _clean(answer).rstrip(_TRAILING)
+    if not answer:
+        return False
+    if not any(c.isupper() for c in answer) or answer != answer.upper():
+        text, answer = text.lower(), answer.lower()   # case matters only when the task was uppercasing
+    if not text.endswith(answer):
+        return False
+    before = text[: len(text) - len(answer)]
+    return not before or not (before[-1].isalnum() or before[-1] == "_")
+
+
+def final_number(text: str) -> float | None:
+    nums = _NUMBER.findall(_clean(text).replace(",", ""))
+    return float(nums[-1]) if nums else None
+
+
+def check_answer(item: dict, response_text: str) -> bool:
+    """True when the response's final answer is the item's checkable answer.
+
+    Numbers: the last number in the response. Text: the response ends with the answer. Declines: a
+    polite refusal. A refusal is never a right answer to a question that has one.
+    """
+    if "answer" not in item or "family" not in item:
+        raise GptlabError("check_answer needs an item with \"family\" and \"answer\" (from `gptlab data instruct`)")
+    text = _clean(response_text)
+    if not text:
+        return False
+    if item["family"] == "decline":
+        return is_polite_refusal(text)
+    if is_refusal(text):
+        return False
+    answer = str(item["answer"])
+    if _NUMBER.fullmatch(answer):
+        value = final_number(text)
+        return value is not None and value == float(answer)
+    return ends_with_answer(text, answer)
+
+
+# ----- the command --------------------------------------------------------------------------------------
+def add_instruct_parser(data_sub) -> None:
+    p = data_sub.add_parser(
+        "instruct", help="generate the chat curriculum (SFT demos, RM/PPO prompts, held-out eval)",
+        description="Write sft.jsonl (conversations), prompts.jsonl (prompts for the reward model and PPO) "
+        "and heldout.jsonl (evaluation only) of generated tasks with checkable answers: " + ", ".join(FAMILIES)
+        + ". The Shakespeare family is included when the corpus is downloaded (`gptlab data shakespeare`).")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same files)")
+    p.add_argument("--out", default=None, help="output folder (default GPTLAB_HOME/instruct)")
+    p.add_argument("--n-per-family", type=int, default=2000, help="distinct problems per family (default 2000)")
+    p.add_argument("--no-shakespeare", action="store_true", help="leave the Shakespeare family out")
+    p.set_defaults(func=run_instruct)
+
+
+def run_instruct(args) -> int:
+    from gptlab.io import atomic_write_json, atomic_write_jsonl, gptlab_home
+    out = Path(args.out) if args.out else gptlab_home() / "instruct"
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"--out {out}: exists and is not a folder")
+    splits = build_curriculum(args.seed, args.n_per_family, works={} if args.no_shakespeare else None)
+    for split, items in splits.items():
+        atomic_write_jsonl(out / f"{split}.jsonl", items)
+    counts = {s: {f: sum(i["family"] == f for i in items) for f in FAMILIES} for s, items in splits.items()}
+    atomic_write_json(out / "curriculum.json", {"seed": args.seed, "n_per_family": args.n_per_family,
+                                               "families": list(FAMILIES), "counts": counts})
+    print(f"{'family':<12}" + "".join(f"{s:>9}" for s in SPLITS))
+    for f in FAMILIES:
+        print(f"{f:<12}" + "".join(f"{counts[s][f]:>9}" for s in SPLITS))
+    if not any(counts[s]["shakespeare"] for s in SPLITS) and not args.no_shakespeare:
+        print("(no Shakespeare family: run `gptlab data shakespeare` first to include it)")
+    print(f"wrote {out}/sft.jsonl, prompts.jsonl, heldout.jsonl")
+    return 0
