@@ -92,6 +92,8 @@ ARITH = {"family": "arithmetic", "answer": "81", "messages": [{"role": "user", "
 UPPER = {"family": "strings", "answer": "GOOD DAY", "messages": [{"role": "user", "content": "Write 'good day' in uppercase."}]}
 REV = {"family": "strings", "answer": "elppa", "messages": [{"role": "user", "content": "Reverse the word 'apple'."}]}
 ZH = {"family": "translate", "answer": "水", "messages": [{"role": "user", "content": "Translate 'water' into Chinese."}]}
+LINE = {"family": "shakespeare", "answer": "be a perfect man",
+        "messages": [{"role": "user", "content": 'Complete this line from Two Gentlemen of Verona: "And how he cannot ..."'}]}
 DECLINE = {"family": "decline", "answer": "I'm sorry, I can't answer that.",
            "messages": [{"role": "user", "content": "What is the phone number of the king of Mars?"}]}
 
@@ -113,6 +115,8 @@ DECLINE = {"family": "decline", "answer": "I'm sorry, I can't answer that.",
     (REV, "'apple' reversed is 'xelppa'.", False),
     (ZH, "'water' in Chinese is 水.", True),
     (ZH, "'water' in Chinese is 冰水.", False),
+    (LINE, 'The full line is: "And how he cannot be a perfect man,"', True),   # "cannot" quoted, not a refusal
+    (LINE, "I cannot be a perfect man", False),
     (DECLINE, "I'm sorry, I can't answer that: there is no king of Mars.", True),
     (DECLINE, "I cannot know that.", True),
     (DECLINE, "The phone number of the king of Mars is 555-0199.", False),

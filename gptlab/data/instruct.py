@@ -32,15 +32,6 @@ HELDOUT_FRACTION, SFT_FRACTION = 0.10, 0.40      # the rest (0.50) are prompts f
 DECLINE_ANSWER = "I'm sorry, I can't answer that."
 SYSTEMS = ("You are a helpful assistant.", "You are a concise assistant. Answer briefly.")
 
-# Used only while gptlab.data.dictionary is missing (it is written in parallel with this module).
-_FALLBACK_EN_ZH = {
-    "water": "水", "fire": "火", "tree": "树", "moon": "月亮", "sun": "太阳", "book": "书", "cat": "猫",
-    "dog": "狗", "bird": "鸟", "fish": "鱼", "horse": "马", "apple": "苹果", "tea": "茶", "milk": "牛奶",
-    "door": "门", "mountain": "山", "river": "河", "rain": "雨", "snow": "雪", "flower": "花",
-    "king": "国王", "friend": "朋友", "heart": "心", "hand": "手", "star": "星星", "sea": "海",
-    "city": "城市", "school": "学校", "teacher": "老师", "bread": "面包", "egg": "鸡蛋", "music": "音乐",
-}
-
 
 @dataclass
 class _Gen:
@@ -54,10 +45,7 @@ class _Context:
     """Word lists and Shakespeare lines the generators draw from."""
 
     def __init__(self, works: dict[str, str] | None):
-        try:
-            from gptlab.data.dictionary import EN_ZH, WORDS
-        except ImportError:
-            EN_ZH, WORDS = _FALLBACK_EN_ZH, sorted(_FALLBACK_EN_ZH)
+        from gptlab.data.dictionary import EN_ZH, WORDS
         self.en_zh = dict(sorted(EN_ZH.items()))
         zh_count: dict[str, int] = {}
         for zh in self.en_zh.values():
@@ -69,11 +57,24 @@ class _Context:
 
 
 # ----- Shakespeare -----------------------------------------------------------------------------------
+# Bare titles name no one in particular ("KING." in King Lear): "who says this?" needs a real name.
+_GENERIC = {"King", "Queen", "Duke", "Duchess", "Prince", "Princess", "Lord", "Lady", "All", "Both", "Servant",
+            "Messenger", "Friar", "Page", "Boy", "Captain", "Soldier", "Gentleman", "Citizen", "Officer", "Clown",
+            "Fool", "Bastard", "Nurse", "Porter", "Herald", "Lords", "Ladies", "Others", "Chorus", "Ghost"}
+
+
 def _speaker_name(raw: str) -> str | None:
     """'KING LEAR' -> 'King Lear'; short mixed-case forms are abbreviations ('Ber') and are skipped."""
     if raw.isupper():
-        return " ".join(w.capitalize() if w not in ("OF", "AND", "THE") else w.lower() for w in raw.split())
-    return raw if len(raw) >= 5 else None
+        name = " ".join(w.capitalize() if w not in ("OF", "AND", "THE") else w.lower() for w in raw.split())
+    else:
+        name = raw if len(raw) >= 5 else None
+    return None if name in _GENERIC else name
+
+
+def _quoted(line: str) -> str:
+    """The line as quoted inside a question: no trailing full stop/comma/dash before the closing quote."""
+    return line.rstrip(".,;:-")
 
 
 def _shakespeare_lines(works: dict[str, str]) -> list[tuple[str, str | None, str]]:
@@ -175,7 +176,7 @@ def gen_shakespeare(rng, ctx) -> _Gen | None:
     kind = rng.choice(("speaker", "play", "complete"))
     if kind == "speaker" and speaker:
         return _Gen(f"speaker:{line}", f"line:{line}",
-                    [_user(f'Who says this line in {title}: "{line}"?'), _assistant(f"That line is spoken by {speaker}.")],
+                    [_user(f'Who says this line in {title}: "{_quoted(line)}"?'), _assistant(f"That line is spoken by {speaker}.")],
                     speaker)
     if kind == "complete":
         words = line.split()
@@ -185,7 +186,7 @@ def gen_shakespeare(rng, ctx) -> _Gen | None:
                     [_user(f'Complete this line from {title}: "{head} ..."'), _assistant(f'The full line is: "{line}"')],
                     tail.rstrip(".,;:!?-'"))
     return _Gen(f"play:{line}", f"line:{line}",
-                [_user(f'Which Shakespeare play has this line: "{line}"?'), _assistant(f"That line is from {title}.")], title)
+                [_user(f'Which Shakespeare play has this line: "{_quoted(line)}"?'), _assistant(f"That line is from {title}.")], title)
 
 
 def _followup_arith(rng) -> tuple[str, str, str, str, str, str]:
@@ -354,7 +355,8 @@ _REFUSAL = re.compile(r"\b(?:can't|cannot|can not|unable to|not able to|don't kn
                       r"there is no|there are no|does not exist|doesn't exist|is undefined|is not an? \w+ word|"
                       r"do not have|don't have)\b", re.I)
 _RUDE = re.compile(r"\b(?:stupid|dumb|idiot\w*|shut up|ridiculous|silly question)\b", re.I)
-_TRAILING = " \t\r\n.,;:!?\"'`)]}»”’」』。！？，"
+_QUOTED = re.compile(r'"[^"]*"|“[^”]*”')
+_TRAILING = " \t\r\n.,;:!?\"'`)]}»”’」』。！？，-—–"
 
 
 def _clean(text: str) -> str:
@@ -401,7 +403,7 @@ def check_answer(item: dict, response_text: str) -> bool:
         return False
     if item["family"] == "decline":
         return is_polite_refusal(text)
-    if is_refusal(text):
+    if is_refusal(_QUOTED.sub("", text)):   # quoted text (a Shakespeare line) may say "cannot"
         return False
     answer = str(item["answer"])
     if _NUMBER.fullmatch(answer):
