@@ -15,6 +15,11 @@ comparisons disagree with the noiseless labeler. The noisy ranking is drawn from
 centred on the noiseless one, its dispersion solved so that the expected fraction of flipped pairs is
 exactly ``noise``; for K=2 that is "flip the pair with probability noise". Unlike flipping pairs
 independently it always yields a consistent order (no A>B>C>A cycles to resolve).
+
+Note what 73% measured: agreement *between* two labelers, each with their own errors. Two independent
+labelers with noise q agree on a pair with probability (1-q)^2 + q^2, so two simulated labelers that
+agree 73% of the time each need ``noise`` ~0.16; ``--noise 0.27`` is the simpler reading (one labeler
+that agrees 73% with the rules).
 """
 from __future__ import annotations
 
