@@ -1,0 +1,582 @@
+"""PPO against a reward model with a per-token KL penalty and the pre-training mix (InstructGPT's PPO-ptx).
+
+    gptlab ppo --init SFT_RUN --reward-model RM_RUN --prompts prompts.jsonl --out runs/ppo
+
+Four models: the policy (initialised from SFT, trained), the value model (initialised from the reward
+model, trained), the reference policy (SFT, frozen) and the reward model (frozen). One optimizer step of
+the shared training loop is one PPO minibatch; when the rollout buffer's ``ppo_epochs x minibatches``
+are used up, ``get_batch`` samples a fresh buffer of ``rollout_batch`` prompts with the generation
+engine (KV cache) on the current policy, scores it, and computes advantages:
+
+    reward_t = -beta * (log pi(a_t) - log pi_ref(a_t)) + [t is last] * RM(prompt, response)
+    A = GAE(gamma=1, lambda=0.95), whitened over the buffer; returns = A + V_old
+    loss = clipped policy loss + vf_coef * clipped value loss + ptx_coef * LM loss on pre-training text
+
+Dropout is switched off in all four models (it would make log pi differ between rollout and update).
+The output folder is an ordinary GPT run (config stage "ppo") holding the policy, or its EMA.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from gptlab.errors import GptlabError
+from gptlab.io import atomic_write_json, read_json
+from gptlab.model.gpt import GPT
+from gptlab.model.heads import ScalarHeadModel
+from gptlab.train import checkpoint as ckpt
+from gptlab.train import rl
+from gptlab.train.args import add_train_args, train_config_from_args
+from gptlab.train.loop import train
+
+PLOT_KEYS = ["reward", "kl", "beta", "entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss",
+             "ptx_loss", "response_len", "eos_rate", "heldout_accuracy", "heldout_label_score"]
+
+
+@dataclass
+class PPOOptions:
+    rollout_batch: int = 32
+    ppo_epochs: int = 2
+    minibatch: int = 8
+    clip: float = 0.2
+    vf_clip: float | None = 0.2
+    vf_coef: float = 0.1
+    gae_lambda: float = 0.95
+    gamma: float = 1.0
+    beta: float = 0.02
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    ptx_coef: float = 1.0
+    ptx_batch: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    missing_eos_penalty: float | None = -1.0
+    ema: float | None = None
+    normalize_reward: bool = False
+    eval_n: int = 100
+
+    def check(self) -> None:
+        for name in ("rollout_batch", "ppo_epochs", "minibatch", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.minibatch > self.rollout_batch:
+            raise GptlabError(f"--minibatch ({self.minibatch}) is larger than --rollout-batch ({self.rollout_batch})")
+        if not self.temperature > 0:
+            raise GptlabError("--temperature must be > 0 (PPO needs a stochastic policy)")
+        if not 0 < self.clip < 1:
+            raise GptlabError("--clip must be in (0, 1)")
+        if not 0 <= self.gae_lambda <= 1:
+            raise GptlabError("--gae-lambda must be in [0, 1]")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise GptlabError("--ema must be in (0, 1)")
+        if self.ptx_coef < 0 or self.vf_coef < 0:
+            raise GptlabError("--ptx-coef and --vf-coef must be >= 0")
+
+
+# ----- models ---------------------------------------------------------------------------------------------
+def disable_dropout(module: nn.Module) -> None:
+    """Dropout off for good, whatever train()/eval() the loop calls later: every nn.Dropout gets p=0 and
+    every GPT config dropout=0 (attention dropout reads the config while training)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, GPT):
+            m.config.dropout = 0.0
+
+
+def load_scalar_model(run_dir: str | Path, flag: str) -> tuple[ScalarHeadModel, object, dict]:
+    """A reward-model run as a ScalarHeadModel (GPT + the head stored as heads.score_head.*)."""
+    gpt, tok, cfg, heads = ckpt.load_run(run_dir, with_heads=True)
+    if "score_head.weight" not in heads:
+        raise GptlabError(f"{flag} {run_dir}: not a reward-model run (no score head in model.safetensors; "
+                          f"train one with `gptlab rm`)")
+    model = ScalarHeadModel(gpt)
+    model.load_head(heads)
+    return model.eval(), tok, cfg
+
+
+class PPOModel(nn.Module):
+    """What the training loop trains: the policy as ``.gpt`` (so run folders export it under the usual
+    names), the value model, and optionally an EMA copy of the policy (not trained: no gradients)."""
+
+    def __init__(self, policy: GPT, value: ScalarHeadModel, ema_decay: float | None = None):
+        super().__init__()
+        self.gpt = policy
+        self.value = value
+        self.ema = copy.deepcopy(policy).requires_grad_(False) if ema_decay else None
+
+    def forward(self, idx, ptx_x=None, ptx_y=None):
+        """(policy logits [B,T,V], values [B,T], pre-training LM loss or None): one call, so DDP and
+        torch.compile see every parameter that gets a gradient."""
+        logits = self.gpt.lm_logits(self.gpt.hidden(idx))
+        values = self.value.values(idx)
+        ptx = None
+        if ptx_x is not None:
+            _, ptx = self.gpt(ptx_x, ptx_y)
+        return logits, values, ptx
+
+    def exported(self) -> GPT:
+        return self.ema if self.ema is not None else self.gpt
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)        # DDP
+    return getattr(model, "_orig_mod", model)      # torch.compile
+
+
+# ----- generation helpers -------------------------------------------------------------------------------
+def encode_prompts(tok, items: list[dict], max_prompt_tokens: int) -> tuple[list[dict], list[list[int]]]:
+    """Render each prompt with the chat template, dropping its oldest turns to fit; prompts whose last
+    message alone does not fit are skipped. Returns the kept items and their ids."""
+    from gptlab.chat.template import fit_prompt
+    kept, ids = [], []
+    for it in items:
+        try:
+            fitted = fit_prompt(tok, it["messages"], max_prompt_tokens)
+        except GptlabError:
+            continue
+        kept.append(it)
+        ids.append(fitted.ids)
+    return kept, ids
+
+
+def generate(policy: GPT, tok, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+             seeds: list[int] | None = None):
+    """Completions from the shared engine (KV cache, stops at end of turn); restores train/eval mode."""
+    from gptlab.generate.engine import Engine, SamplingParams
+    was_training = policy.training
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                             seed=(seeds[i] if seeds else 0)) for i in range(len(prompt_ids))]
+    try:
+        return Engine(policy, tok).generate(prompt_ids, params)
+    finally:
+        policy.train(was_training)
+
+
+def reply_text(tok, completion) -> str:
+    return tok.decode(completion.ids, skip_special=True)
+
+
+@torch.no_grad()
+def score_sequences(rm: ScalarHeadModel, seqs: list[list[int]], pad_id: int, chunk: int = 32) -> torch.Tensor:
+    """Reward-model score of each (prompt + response + end-of-turn) sequence, read at its last token."""
+    from gptlab.train.sequences import pad_batch
+    device = next(rm.parameters()).device
+    out = []
+    for i in range(0, len(seqs), chunk):
+        ids, lengths = pad_batch(seqs[i:i + chunk], pad_id)
+        out.append(rm(ids.to(device), lengths.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def heldout_metrics(policy: GPT, tok, items: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
+                    rm: ScalarHeadModel | None = None, pad_id: int = 0) -> tuple[dict, list[str]]:
+    """Greedy answers to held-out prompts: task accuracy (check_answer), labeler score, mean response
+    length in tokens, the fraction that ended, and the reward model's mean score."""
+    from gptlab.data.instruct import check_answer
+    from gptlab.label.labeler import score as label_score
+    from gptlab.chat.template import end_of_turn_id
+    comps = generate(policy, tok, prompt_ids, max_new_tokens, temperature=0.0)
+    texts = [reply_text(tok, c) for c in comps]
+    checkable = [(it, t) for it, t in zip(items, texts) if "answer" in it and "family" in it]
+    out = {"heldout_len": sum(len(c.ids) for c in comps) / max(1, len(comps)),
+           "heldout_ended": sum(c.finish_reason == "stop" for c in comps) / max(1, len(comps))}
+    if checkable:
+        out["heldout_accuracy"] = sum(check_answer(it, t) for it, t in checkable) / len(checkable)
+        out["heldout_label_score"] = sum(label_score(it, t) for it, t in checkable) / len(checkable)
+    if rm is not None:
+        end = end_of_turn_id(tok)
+        seqs = [p + c.ids + [end] for p, c in zip(prompt_ids, comps)]
+        out["heldout_rm_score"] = float(score_sequences(rm, seqs, pad_id).mean())
+    return out, texts
+
+
+# ----- the stage ----------------------------------------------------------------------------------------
+class PPOStage:
+    """Rollouts + PPO minibatches for the shared loop (see the module docstring)."""
+
+    name = "ppo"
+    plot_keys = PLOT_KEYS
+
+    def __init__(self, model: PPOModel, ref: GPT, rm: ScalarHeadModel, tok, prompt_ids: list[list[int]],
+                 opts: PPOOptions, ptx_data=None, eval_items: list[dict] | None = None,
+                 eval_ids: list[list[int]] | None = None):
+        from gptlab.chat.template import end_of_turn_id
+        from gptlab.tokenizer import PAD
+        if not prompt_ids:
+            raise GptlabError("no usable prompts (every prompt is longer than the context allows)")
+        self.model, self.ref, self.rm, self.tok = model, ref, rm, tok
+        self.prompt_ids, self.opts = prompt_ids, opts
+        self.ptx_data = ptx_data if opts.ptx_coef > 0 else None
+        self.eval_items, self.eval_ids = eval_items or [], eval_ids or []
+        self.end_id = end_of_turn_id(tok)
+        pad = tok.special_id(PAD)
+        self.pad_id = pad if pad is not None else tok.eot_id
+        if opts.kl_target is not None:
+            self.kl_ctl = rl.AdaptiveKLController(opts.beta, opts.kl_target, opts.kl_horizon)
+        else:
+            self.kl_ctl = rl.FixedKLController(opts.beta)
+        self.reward_mean, self.reward_std = 0.0, 1.0
+        self.buffer: dict | None = None
+        self.queue: list[list[int]] = []
+        self.rollouts = 0
+        self.episodes = 0
+        self.last_stats: dict = {}
+        for m in (model, ref, rm):
+            disable_dropout(m)
+        ref.requires_grad_(False).eval()
+        rm.requires_grad_(False).eval()
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.opts.ppo_epochs * math.ceil(self.opts.rollout_batch / self.opts.minibatch)
+
+    def _device(self):
+        device = next(self.model.gpt.parameters()).device
+        self.ref.to(device)
+        self.rm.to(device)
+        return device
+
+    # ----- rollouts ---------------------------------------------------------------------------------
+    def _generate(self, policy: GPT, which: torch.Tensor, gen: torch.Generator):
+        seeds = torch.randint(0, 2 ** 31 - 1, (len(which),), generator=gen).tolist()
+        prompts = [self.prompt_ids[i] for i in which.tolist()]
+        comps = generate(policy, self.tok, prompts, self.opts.max_new_tokens, self.opts.temperature, seeds)
+        return prompts, comps
+
+    def _pick(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        if n <= len(self.prompt_ids):
+            return torch.randperm(len(self.prompt_ids), generator=gen)[:n]
+        return torch.randint(0, len(self.prompt_ids), (n,), generator=gen)
+
+    @torch.no_grad()
+    def calibrate_reward(self, n: int, seed: int) -> tuple[float, float]:
+        """Mean and std of RM scores on the reference (SFT) policy's samples: what --normalize-reward
+        subtracts and divides by, so the RL reward starts at mean 0, std 1."""
+        self._device()
+        gen = torch.Generator().manual_seed(seed)
+        prompts, comps = self._generate(self.ref, self._pick(n, gen), gen)
+        scores = score_sequences(self.rm, [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)], self.pad_id)
+        std = float(scores.std()) if len(scores) > 1 else 1.0
+        self.reward_mean, self.reward_std = float(scores.mean()), max(std, 1e-3)
+        return self.reward_mean, self.reward_std
+
+    @torch.no_grad()
+    def rollout(self, gen: torch.Generator) -> None:
+        """Sample rollout_batch responses with the current policy; fill the buffer and the minibatch queue."""
+        from gptlab.train.sequences import pad_batch
+        o = self.opts
+        device = self._device()
+        model = self.model
+        prompts, comps = self._generate(model.gpt, self._pick(o.rollout_batch, gen), gen)
+        ended = torch.tensor([c.finish_reason == "stop" for c in comps])
+        # The end-of-turn token is an action the policy took, so it is part of the trained sequence.
+        seqs = [p + c.ids + ([self.end_id] if c.finish_reason == "stop" else []) for p, c in zip(prompts, comps)]
+        idx, lengths = pad_batch(seqs, self.pad_id)
+        T = idx.shape[1]
+        pos = torch.arange(T - 1)[None, :]
+        plen = torch.tensor([len(p) for p in prompts])[:, None]
+        # mask[t] = 1 when token t+1 is a response token: logits at t chose it.
+        mask = ((pos >= plen - 1) & (pos < lengths[:, None] - 1)).float()
+
+        old_lp, ref_lp, values = [], [], []
+        for i in range(0, len(seqs), o.minibatch):
+            x = idx[i:i + o.minibatch].to(device)
+            logits, v, _ = model(x)
+            old_lp.append(rl.token_logprobs(logits[:, :-1], x[:, 1:], o.temperature).cpu())
+            values.append(v[:, :-1].float().cpu())
+            ref_logits = self.ref.lm_logits(self.ref.hidden(x))
+            ref_lp.append(rl.token_logprobs(ref_logits[:, :-1], x[:, 1:], o.temperature).cpu())
+        old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values) * mask
+        raw = score_sequences(self.rm, [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)],
+                              self.pad_id, chunk=o.minibatch)
+        scores = (raw - self.reward_mean) / self.reward_std
+        scores = rl.apply_missing_eos_penalty(scores, ended, o.missing_eos_penalty)
+        beta = self.kl_ctl.beta
+        rewards, kl = rl.kl_penalty_rewards(scores, old_lp, ref_lp, mask, beta)
+        adv, returns = rl.gae(rewards, values, mask, o.gamma, o.gae_lambda)
+        adv = rl.whiten(adv, mask)
+        kl_seq = kl.sum(1)
+        self.kl_ctl.update(float(kl_seq.mean()), len(seqs))
+        self.buffer = {"idx": idx, "lengths": lengths, "mask": mask, "old_logprobs": old_lp,
+                       "old_values": values, "advantages": adv, "returns": returns}
+        self.last_stats = {
+            "reward": float(raw.mean()), "score": float(scores.mean()), "kl": float(kl_seq.mean()),
+            "nonscore_reward": float((-beta * kl_seq).mean()), "beta": beta,
+            "response_len": float(mask.sum(1).mean()), "eos_rate": float(ended.float().mean()),
+            "episodes": float(self.episodes + len(seqs)),
+        }
+        self.rollouts += 1
+        self.episodes += len(seqs)
+        n = len(seqs)
+        self.queue = []
+        for _ in range(o.ppo_epochs):
+            perm = torch.randperm(n, generator=gen).tolist()
+            self.queue += [perm[j:j + o.minibatch] for j in range(0, n, o.minibatch)]
+
+    # ----- the loop's interface ----------------------------------------------------------------------
+    def get_batch(self, split, gen):
+        if split != "train":
+            return None      # no validation loss: PPO is judged by evaluate() on held-out prompts
+        if not self.queue:
+            self.rollout(gen)
+        rows = torch.tensor(self.queue.pop(0))
+        b = self.buffer
+        T = int(b["lengths"][rows].max())
+        batch = {"idx": b["idx"][rows, :T]}
+        for k in ("mask", "old_logprobs", "old_values", "advantages", "returns"):
+            batch[k] = b[k][rows, :T - 1]
+        if self.ptx_data is not None:
+            block = self.model.gpt.config.block_size
+            batch["ptx_x"], batch["ptx_y"] = self.ptx_data.get_batch("train", self.opts.ptx_batch, block, gen)
+        batch["stats"] = {k: torch.tensor(v) for k, v in self.last_stats.items()}
+        return batch
+
+    def loss(self, model, batch):
+        o = self.opts
+        idx, mask = batch["idx"], batch["mask"]
+        logits, values, ptx = model(idx, batch.get("ptx_x"), batch.get("ptx_y"))
+        logits, values = logits[:, :-1], values[:, :-1].float()
+        logprobs = rl.token_logprobs(logits, idx[:, 1:], o.temperature)
+        pg_loss, pg_stats = rl.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, o.clip)
+        vf_loss, vf_stats = rl.value_loss(values, batch["old_values"], batch["returns"], mask, o.vf_clip)
+        loss = pg_loss + o.vf_coef * vf_loss
+        with torch.no_grad():
+            entropy = rl.masked_mean(rl.entropy_from_logits(logits.detach(), o.temperature), mask)
+        metrics = {"policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach()), "entropy": float(entropy),
+                   **{k: float(v) for k, v in pg_stats.items()}, **{k: float(v) for k, v in vf_stats.items()}}
+        if ptx is not None:
+            loss = loss + o.ptx_coef * ptx
+            metrics["ptx_loss"] = float(ptx.detach())
+        metrics.update({k: float(v) for k, v in batch["stats"].items()})
+        return loss, metrics
+
+    def count_tokens(self, batch) -> int:
+        n = batch["idx"].numel()
+        return n + (batch["ptx_x"].numel() if "ptx_x" in batch else 0)
+
+    def on_step_end(self, model, step):
+        m = _unwrap(model)
+        if m.ema is not None:
+            rl.ema_update(m.ema, m.gpt, self.opts.ema)
+
+    def evaluate(self, model) -> dict:
+        if not self.eval_ids:
+            return {}
+        self._device()
+        out, _ = heldout_metrics(_unwrap(model).exported(), self.tok, self.eval_items, self.eval_ids,
+                                 self.opts.max_new_tokens, self.rm, self.pad_id)
+        return out
+
+    def export_state(self, model) -> dict:
+        """model.safetensors holds the policy (its EMA when enabled) as a plain GPT: chat/sample/serve
+        load it like any other run; the value model lives only in the resume checkpoint."""
+        return _unwrap(model).exported().state_dict()
+
+    # Resume: the KL coefficient, reward normalisation and counters travel in the checkpoint. The rollout
+    # buffer does not (it is large); a resumed run starts a fresh buffer, which is exactly what an
+    # uninterrupted run does when checkpoints fall on buffer boundaries (run() arranges that).
+    def state(self) -> dict:
+        return {"beta": self.kl_ctl.beta, "reward_mean": self.reward_mean, "reward_std": self.reward_std,
+                "rollouts": self.rollouts, "episodes": self.episodes}
+
+    def load_state(self, d: dict) -> None:
+        self.kl_ctl.beta = float(d.get("beta", self.kl_ctl.beta))
+        self.reward_mean = float(d.get("reward_mean", 0.0))
+        self.reward_std = float(d.get("reward_std", 1.0))
+        self.rollouts, self.episodes = int(d.get("rollouts", 0)), int(d.get("episodes", 0))
+        self.queue = []
+
+
+# ----- the command ----------------------------------------------------------------------------------------
+def _same_tokenizer(a, b) -> bool:
+    return a.hf.to_str() == b.hf.to_str()
+
+
+def _default_eval_file(prompts: Path) -> Path | None:
+    cand = prompts.parent / "heldout.jsonl"
+    return cand if cand.is_file() and cand.resolve() != prompts.resolve() else None
+
+
+def options_from_args(args) -> PPOOptions:
+    return PPOOptions(
+        rollout_batch=args.rollout_batch, ppo_epochs=args.ppo_epochs,
+        minibatch=args.minibatch or args.batch_size, clip=args.clip, vf_clip=args.vf_clip,
+        vf_coef=args.vf_coef, gae_lambda=args.gae_lambda, beta=args.beta, kl_target=args.kl_target,
+        kl_horizon=args.kl_horizon, ptx_coef=args.ptx_coef, ptx_batch=args.ptx_batch or args.batch_size,
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        missing_eos_penalty=args.missing_eos_penalty, ema=args.ema, normalize_reward=args.normalize_reward,
+        eval_n=args.eval_n)
+
+
+def run(args) -> int:
+    from gptlab.data.formats import load_prompt_items
+    from gptlab.device import pick_device
+
+    out = Path(args.out)
+    opts = options_from_args(args)
+    opts.check()
+    cfg = train_config_from_args(args)
+    cfg.log_every = 1          # every step is a PPO update worth seeing (reward, KL, clip fraction)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+
+    policy, tok, sft_cfg = ckpt.load_run(args.init)
+    ref, _, _ = ckpt.load_run(args.init)
+    rm, rm_tok, _ = load_scalar_model(args.reward_model, "--reward-model")
+    value, _, _ = load_scalar_model(args.reward_model, "--reward-model")
+    if not _same_tokenizer(tok, rm_tok):
+        raise GptlabError(f"--reward-model {args.reward_model} uses a different tokenizer than --init {args.init}")
+    if policy.config.arch == "bert":
+        raise GptlabError(f"--init {args.init}: a BERT run cannot generate; PPO needs a GPT policy")
+    model_cfg_dict = policy.config.to_dict()
+
+    block = min(policy.config.block_size, rm.config.block_size)
+    max_prompt = block - opts.max_new_tokens - 1     # prompt + response + end-of-turn fit every model
+    if max_prompt < 8:
+        raise GptlabError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for prompts in a "
+                          f"{block}-token context")
+    items, prompt_ids = encode_prompts(tok, load_prompt_items(args.prompts), max_prompt)
+    eval_file = Path(args.eval_prompts) if args.eval_prompts else _default_eval_file(Path(args.prompts))
+    eval_items, eval_ids = [], []
+    if eval_file is not None and opts.eval_n > 0:
+        eval_items, eval_ids = encode_prompts(tok, load_prompt_items(eval_file)[:opts.eval_n], max_prompt)
+
+    ptx_data = None
+    if opts.ptx_coef > 0:
+        from gptlab.data.tokens import TokenDataset
+        ptx_data = TokenDataset.prepare(args.ptx_data, tok, val_fraction=0.1, progress=not args.no_progress)
+        ptx_data.check_fits(policy.config.block_size)
+
+    model = PPOModel(policy, value, opts.ema).to(device)
+    ref.to(device)
+    rm.to(device)
+    stage = PPOStage(model, ref, rm, tok, prompt_ids, opts, ptx_data, eval_items, eval_ids)
+    # Checkpoints on rollout boundaries make --resume exact (the buffer is not saved).
+    spr = stage.steps_per_rollout
+    cfg.ckpt_every = max(spr, (cfg.ckpt_every // spr) * spr)
+
+    resuming = cfg.resume and (out / ckpt.CHECKPOINT_FILE).is_file()
+    t0 = time.time()
+    initial = {}
+    if not resuming:
+        if opts.normalize_reward:
+            mean, std = stage.calibrate_reward(max(opts.rollout_batch, 64), cfg.seed + 7)
+            # The value model starts as the RM; put it on the normalised scale too.
+            with torch.no_grad():
+                value.score_head.weight /= std
+                value.score_head.bias.sub_(mean).div_(std)
+            print(f"reward normalisation on {max(opts.rollout_batch, 64)} SFT samples: mean {mean:.3f}, std {std:.3f}")
+        if eval_ids:
+            initial = stage.evaluate(model)
+    ckpt.write_run_config(out, policy.config, tok, stage="ppo", extra={
+        "init": str(args.init), "reward_model": str(args.reward_model), "prompts": str(args.prompts),
+        "ppo": asdict(opts), "ptx_data": args.ptx_data, "train": asdict(cfg)})
+    # write_run_config stored the dropout-free config; keep the SFT run's value for later fine-tuning.
+    saved = ckpt.read_run_config(out)
+    saved["model"] = model_cfg_dict
+    atomic_write_json(out / ckpt.CONFIG_FILE, saved)
+
+    n = policy.num_params()
+    print(f"policy {policy.config.arch} {policy.config.n_layer}x{policy.config.n_embd} ({n / 1e6:.2f}M), "
+          f"value/RM {rm.config.n_layer}x{rm.config.n_embd}; {len(prompt_ids)} prompts, "
+          f"{len(eval_ids)} held-out; {spr} steps per rollout of {opts.rollout_batch}; "
+          + (f"KL target {opts.kl_target}" if opts.kl_target else f"beta {opts.beta}")
+          + (f"; ptx {opts.ptx_coef} x {args.ptx_data}" if ptx_data else "; no ptx"))
+    if initial:
+        print("before PPO (SFT policy, greedy): " + _fmt(initial))
+    result = train(model, stage, cfg, out, summary_extra={"initial": initial, "params": n})
+    summary_path = out / ckpt.SUMMARY_FILE
+    if summary_path.is_file():   # what is only known after training
+        summary = read_json(summary_path)
+        summary.update({"episodes": stage.episodes, "rollouts": stage.rollouts, "beta": stage.kl_ctl.beta,
+                        "wall_s": round(time.time() - t0, 1)})
+        atomic_write_json(summary_path, summary)
+    rows = [r for r in _read(out) if "reward" in r]
+    print(f"\ndone: {result.step} steps, {stage.episodes} episodes in {result.elapsed_s:.0f}s "
+          f"({time.time() - t0:.0f}s wall)")
+    if rows:
+        a, b = rows[0], rows[-1]
+        print(f"rollouts: reward {a['reward']:+.3f} -> {b['reward']:+.3f}, KL {a['kl']:.3f} -> {b['kl']:.3f}, "
+              f"length {a['response_len']:.1f} -> {b['response_len']:.1f} tokens, beta {b['beta']:.4f}")
+    if initial:
+        print("held-out before: " + _fmt(initial))
+    if result.metrics:
+        print("held-out after:  " + _fmt(result.metrics))
+    print(f"run folder: {out} (model.safetensors = {'EMA of the ' if opts.ema else ''}policy; "
+          f"metrics.jsonl, curves.png)")
+    return 0
+
+
+def _read(out: Path) -> list[dict]:
+    from gptlab.plots import read_metrics
+    return read_metrics(out / "metrics.jsonl")
+
+
+def _fmt(m: dict) -> str:
+    keys = [("heldout_accuracy", "accuracy {:.1%}"), ("heldout_label_score", "labeler {:.2f}"),
+            ("heldout_rm_score", "RM {:+.3f}"), ("heldout_len", "length {:.1f}"), ("heldout_ended", "ended {:.0%}")]
+    return ", ".join(f.format(m[k]) for k, f in keys if k in m)
+
+
+def _float_or_off(s: str):
+    if s.lower() in ("off", "none"):
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {s!r}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "ppo", help="RLHF: PPO against a reward model with a KL penalty and the pre-training mix (PPO-ptx)",
+        description="InstructGPT's third step. The policy starts from --init (an SFT run) and is trained "
+        "with PPO to maximise the --reward-model score of its answers to --prompts, minus beta x the "
+        "per-token KL to the frozen SFT policy, plus --ptx-coef x the language-modelling loss on "
+        "--ptx-data. The value model starts from the reward model. Writes a GPT run (stage 'ppo') that "
+        "sample, chat and serve load. Held-out evaluation (greedy: task accuracy, labeler score, RM "
+        "score, length) uses --eval-prompts, by default heldout.jsonl next to --prompts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--init", required=True, help="SFT run: the initial policy and the frozen reference")
+    p.add_argument("--reward-model", required=True, help="reward-model run (gptlab rm): reward and value init")
+    p.add_argument("--prompts", required=True, help="prompts JSONL ({'prompt': ...} or messages ending with a user turn)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--eval-prompts", default=None, help="held-out prompts JSONL (default: heldout.jsonl beside --prompts)")
+    p.add_argument("--eval-n", type=int, default=100, help="held-out prompts per evaluation (0 = none)")
+    g = p.add_argument_group("PPO")
+    g.add_argument("--rollout-batch", type=int, default=32, help="prompts (episodes) per rollout buffer")
+    g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout buffer")
+    g.add_argument("--minibatch", type=int, default=None,
+                   help="episodes per PPO minibatch = per optimizer step (default: --batch-size)")
+    g.add_argument("--clip", type=float, default=0.2, help="policy ratio clip epsilon")
+    g.add_argument("--vf-clip", type=_float_or_off, default=0.2, help="value clip range around the old value ('off' = none)")
+    g.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+    g.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda (discount gamma is 1)")
+    g.add_argument("--beta", type=float, default=0.02, help="KL penalty coefficient (initial value with --kl-target)")
+    g.add_argument("--kl-target", type=float, default=None,
+                   help="adapt beta towards this per-sequence KL (nats); default: fixed --beta")
+    g.add_argument("--kl-horizon", type=int, default=10000, help="adaptive controller horizon in episodes")
+    g.add_argument("--ptx-coef", type=float, default=1.0,
+                   help="gamma: weight of the pre-training LM loss (InstructGPT: 27.8; 0 = plain PPO)")
+    g.add_argument("--ptx-data", nargs="+", default=["shakespeare"], metavar="SOURCE[:WEIGHT]",
+                   help="pre-training corpora for the ptx loss (as pretrain --data)")
+    g.add_argument("--ptx-batch", type=int, default=None, help="pre-training windows per step (default: --batch-size)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (log-probs use it too)")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="longest response in tokens")
+    g.add_argument("--missing-eos-penalty", type=_float_or_off, default=-1.0,
+                   help="score of a response that never ends its turn, replacing the RM score ('off' = none)")
+    g.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an EMA of the policy weights (InstructGPT: 0.992) and save it as the model")
+    g.add_argument("--normalize-reward", action="store_true",
+                   help="normalise RM scores to mean 0, std 1 on SFT samples before RL")
+    add_train_args(p, max_steps=200, batch_size=8, lr=2e-5, warmup_steps=10, eval_every=50, ckpt_every=50,
+                   weight_decay=0.0, schedule="constant")
+    p.set_defaults(func=run)

@@ -1,0 +1,191 @@
+"""PPO-ptx: the RL arithmetic on hand-computed tensors, and a short end-to-end run through the CLI."""
+import json
+import math
+
+import pytest
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.train import rl
+
+
+# ----- arithmetic ---------------------------------------------------------------------------------------
+def test_kl_penalty_rewards_hand_computed():
+    lp = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, 0.0], [-2.0, -2.0, -2.0, -2.0]])
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])
+    scores = torch.tensor([2.0, -1.0])
+    rewards, kl = rl.kl_penalty_rewards(scores, lp, ref, mask, beta=0.1)
+    # row 0: kl only at actions 1, 2 -> [0, -1, 0, 0]; -0.1 * kl, score 2 at the last action (t=2)
+    assert torch.allclose(kl[0], torch.tensor([0.0, -1.0, 0.0, 0.0]))
+    assert torch.allclose(rewards[0], torch.tensor([0.0, 0.1, 2.0, 0.0]))
+    # row 1: kl 1 everywhere -> -0.1 per token, score -1 added at t=3
+    assert torch.allclose(rewards[1], torch.tensor([-0.1, -0.1, -0.1, -1.1]))
+
+
+def test_gae_gamma1_lambda095_hand_computed():
+    rewards = torch.tensor([[0.0, 0.1, 2.0, 0.0], [1.0, 0.0, 2.0, 0.0]])
+    values = torch.tensor([[9.0, 0.5, 1.0, 7.0], [0.5, 1.0, 1.5, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 0]])
+    adv, ret = rl.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # row 0: t=2: delta = 2 + 0 - 1 = 1; t=1: delta = 0.1 + 1 - 0.5 = 0.6, A = 0.6 + 0.95 * 1 = 1.55
+    assert torch.allclose(adv[0], torch.tensor([0.0, 1.55, 1.0, 0.0]))
+    assert torch.allclose(ret[0], torch.tensor([0.0, 2.05, 2.0, 0.0]))
+    # row 1: t=2: 2 - 1.5 = 0.5; t=1: 0 + 1.5 - 1 = 0.5 -> 0.975; t=0: 1 + 1 - 0.5 = 1.5 -> 2.42625
+    assert torch.allclose(adv[1], torch.tensor([2.42625, 0.975, 0.5, 0.0]))
+    # lambda = 1: the advantage is the Monte-Carlo return minus the value
+    adv1, _ = rl.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv1[1, 0], torch.tensor(3.0 - 0.5))
+
+
+def test_whiten_masked():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w = rl.whiten(x, mask)          # mean 2, unbiased var 1; the masked-out 100 plays no part
+    assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6)
+    w2 = rl.whiten(x, mask, shift_mean=False)
+    assert torch.allclose(w2, torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-6)
+
+
+def test_clipped_policy_loss_and_clipfrac():
+    ratio = torch.tensor([[1.5, 0.5, 1.0, 0.5]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    loss, stats = rl.policy_loss(ratio.log(), torch.zeros(1, 4), adv, mask, clip=0.2)
+    # per token max(-A r, -A clip(r)): -1.2 (clipped), -0.5, 1.0, 0.8 (clipped) -> mean 0.025
+    assert math.isclose(float(loss), 0.025, abs_tol=1e-6)
+    assert math.isclose(float(stats["clipfrac"]), 0.5)
+    expected_kl = float((0.5 * ratio.log() ** 2).mean())
+    assert math.isclose(float(stats["approx_kl"]), expected_kl, rel_tol=1e-6)
+    # padding does not count
+    loss_m, stats_m = rl.policy_loss(ratio.log(), torch.zeros(1, 4), adv, torch.tensor([[1, 1, 0, 0]]), 0.2)
+    assert math.isclose(float(loss_m), (-1.2 - 0.5) / 2, abs_tol=1e-6)
+    assert math.isclose(float(stats_m["clipfrac"]), 0.5)
+
+
+def test_clipped_value_loss():
+    values, old = torch.tensor([[1.0, 2.5]]), torch.tensor([[0.5, 2.0]])
+    returns, mask = torch.tensor([[2.0, 3.0]]), torch.ones(1, 2)
+    loss, stats = rl.value_loss(values, old, returns, mask, clip=0.2)
+    # t0: (1-2)^2 = 1 vs (0.7-2)^2 = 1.69; t1: 0.25 vs (2.2-3)^2 = 0.64 -> 0.5 * mean(1.69, 0.64)
+    assert math.isclose(float(loss), 0.5825, abs_tol=1e-6)
+    assert math.isclose(float(stats["vf_clipfrac"]), 1.0)
+    plain, _ = rl.value_loss(values, old, returns, mask, clip=None)
+    assert math.isclose(float(plain), 0.5 * (1.0 + 0.25) / 2, abs_tol=1e-6)
+
+
+def test_adaptive_kl_controller():
+    ctl = rl.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(12.0, 100)                 # error 1.0 clipped to 0.2 -> x (1 + 0.2 * 100 / 10000)
+    assert math.isclose(ctl.beta, 0.1 * 1.002)
+    ctl.update(5.4, 1000)                 # error -0.1 -> x 0.99
+    assert math.isclose(ctl.beta, 0.1 * 1.002 * 0.99)
+    fixed = rl.FixedKLController(0.02)
+    fixed.update(100.0, 100)
+    assert fixed.beta == 0.02
+    with pytest.raises(GptlabError):
+        rl.AdaptiveKLController(0.1, target=0.0)
+
+
+def test_missing_eos_penalty():
+    scores, ended = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False, True])
+    assert rl.apply_missing_eos_penalty(scores, ended, -1.0).tolist() == [1.0, -1.0, 3.0]
+    assert rl.apply_missing_eos_penalty(scores, ended, None).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_ema_update():
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.nn.init.zeros_(ema.weight), torch.nn.init.zeros_(ema.bias)
+    torch.nn.init.ones_(model.weight), torch.nn.init.ones_(model.bias)
+    rl.ema_update(ema, model, 0.9)
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.1))
+    rl.ema_update(ema, model, 0.9)
+    assert torch.allclose(ema.bias, torch.full((2,), 0.19))
+
+
+def test_token_logprobs_use_temperature():
+    logits = torch.tensor([[[0.0, math.log(2.0)]]])
+    labels = torch.tensor([[1]])
+    assert math.isclose(float(rl.token_logprobs(logits, labels).exp()), 2 / 3, rel_tol=1e-6)
+    assert math.isclose(float(rl.token_logprobs(logits, labels, temperature=0.5).exp()), 4 / 5, rel_tol=1e-6)
+    ent = rl.entropy_from_logits(torch.zeros(1, 1, 4))
+    assert math.isclose(float(ent), math.log(4), rel_tol=1e-6)
+
+
+# ----- end to end ---------------------------------------------------------------------------------------
+def _save_run(path, module, tok, stage):
+    from gptlab.train import checkpoint as ckpt
+    ckpt.write_run_config(path, module.config, tok, stage=stage)
+    ckpt.save_tensors(path / ckpt.MODEL_FILE, ckpt.gpt_state(module))
+
+
+@pytest.fixture
+def tiny_runs(tmp_path, small_tokenizer):
+    """A random tiny 'SFT' policy, a random tiny reward model and curriculum prompt files."""
+    from gptlab.data.instruct import build_curriculum
+    from gptlab.io import atomic_write_jsonl
+    from gptlab.model.gpt import GPT, GPTConfig
+    from gptlab.model.heads import ScalarHeadModel
+    torch.manual_seed(0)
+    vocab = ((small_tokenizer.vocab_size + 63) // 64) * 64
+    sft = GPT(GPTConfig.preset("tiny", "gpt2", vocab_size=vocab, block_size=96, n_layer=2, n_embd=64,
+                               n_head=2, dropout=0.1))
+    _save_run(tmp_path / "sft", sft, small_tokenizer, "sft")
+    rm = ScalarHeadModel(GPT(GPTConfig.preset("tiny", "gpt2", vocab_size=vocab, block_size=96, n_layer=1,
+                                              n_embd=64, n_head=2)), init_zero=False)
+    _save_run(tmp_path / "rm", rm, small_tokenizer, "reward")
+    splits = build_curriculum(0, 8, works={})
+    atomic_write_jsonl(tmp_path / "prompts.jsonl", splits["prompts"])
+    atomic_write_jsonl(tmp_path / "heldout.jsonl", splits["heldout"])
+    return tmp_path
+
+
+def _ppo_args(d, corpus_file, out, steps, *extra):
+    return ["ppo", "--init", str(d / "sft"), "--reward-model", str(d / "rm"), "--prompts",
+            str(d / "prompts.jsonl"), "--out", str(out), "--max-steps", str(steps), "--rollout-batch", "4",
+            "--minibatch", "2", "--ppo-epochs", "1", "--max-new-tokens", "8", "--ptx-data", str(corpus_file),
+            "--eval-n", "3", "--eval-every", "2", "--warmup-steps", "1", "--lr", "1e-4", "--no-progress",
+            *extra]
+
+
+def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
+    from gptlab.cli import main
+    from gptlab.generate.engine import Engine, SamplingParams
+    from gptlab.plots import read_metrics
+    from gptlab.train import checkpoint as ckpt
+    from gptlab.train.ppo import PLOT_KEYS
+    out = tiny_runs / "ppo"
+    rc = main(_ppo_args(tiny_runs, corpus_file, out, 4, "--ema", "0.9", "--normalize-reward",
+                        "--kl-target", "2.0"))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "held-out after" in printed and "rollouts: reward" in printed
+    model, tok, cfg = ckpt.load_run(out)           # a plain GPT run
+    assert cfg["stage"] == "ppo" and cfg["ppo"]["ema"] == 0.9 and cfg["model"]["dropout"] == 0.1
+    assert Engine(model, tok).generate([[tok.eot_id]], SamplingParams(max_new_tokens=3, temperature=0))[0]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) >= 4
+    for key in PLOT_KEYS + ["vf_clipfrac", "approx_kl", "train_loss"]:
+        assert any(key in r for r in rows), key
+    assert all(math.isfinite(r["kl"]) and r["response_len"] > 0 for r in rows if "kl" in r)
+    assert (out / "curves.png").is_file() and (out / "summary.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "heldout_accuracy" in summary["initial"] and summary["episodes"] >= 8
+    # the exported weights are the EMA, not the raw policy
+    tensors = ckpt.load_tensors(out / ckpt.CHECKPOINT_FILE)
+    raw = tensors["module.gpt.transformer.wte.weight"]
+    ema = tensors["module.ema.transformer.wte.weight"]
+    assert torch.equal(model.transformer.wte.weight, ema) and not torch.equal(raw, ema)
+    # --resume continues from the checkpoint (beta and counters restored)
+    assert main(_ppo_args(tiny_runs, corpus_file, out, 6, "--ema", "0.9", "--kl-target", "2.0",
+                          "--resume")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["step"] == 6 and rows[-1]["episodes"] >= 12
+
+
+def test_ppo_rejects_non_reward_run(tiny_runs, corpus_file, capsys):
+    from gptlab.cli import main
+    args = _ppo_args(tiny_runs, corpus_file, tiny_runs / "bad", 2)
+    args[args.index("--reward-model") + 1] = str(tiny_runs / "sft")
+    assert main(args) == 2
+    assert "not a reward-model run" in capsys.readouterr().err
