@@ -79,7 +79,8 @@ def register(sub) -> None:
                         description="Write a deterministic (for a seed) plain-text corpus of small "
                         "tasks: arithmetic, English<->Chinese words, unscrambling, questions and "
                         "answers; held-out items are kept out for few-shot evals. Default output: "
-                        "GPTLAB_HOME/mixture/mixture_seed{SEED}.txt.")
+                        "GPTLAB_HOME/mixture/mixture_seed{SEED}.txt (a non-default --lines adds "
+                        "_lines{N} to the name). `--data mixture` uses seed 0 and the default size.")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     m.add_argument("--out", metavar="DIR", help="output folder (default GPTLAB_HOME/mixture)")
     m.add_argument("--lines", type=int, default=DEFAULT_LINES, metavar="N",
@@ -93,7 +94,7 @@ def register(sub) -> None:
     add_data_argument(r)
     r.add_argument("--tokenizer", required=True, metavar="DIR",
                    help="folder with tokenizer.json (from `gptlab tokenizer train`)")
-    r.add_argument("--val-fraction", type=float, default=0.1,
+    r.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="share of each source held out for validation (default 0.1)")
     r.set_defaults(func=_run_prepare)
 

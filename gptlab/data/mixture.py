@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -341,4 +342,7 @@ def write_mixture(out_dir: str | Path | None = None, seed: int = DEFAULT_SEED,
 def ensure_mixture(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES) -> Path:
     """The default corpus path, generated first if missing (used by ``--data mixture``)."""
     path = mixture_path(seed, n_lines)
-    return path if path.is_file() else write_mixture(None, seed, n_lines)
+    if not path.is_file():
+        print(f"generating the task mixture (seed {seed}) into {path}...", file=sys.stderr)
+        write_mixture(None, seed, n_lines)
+    return path

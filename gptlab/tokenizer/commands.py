@@ -22,6 +22,7 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
+_MEASURE_CHARS = 16 << 20  # compression is measured on at most this much text
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -71,6 +72,8 @@ def _run_train(args) -> int:
     for chunk in _chunks(iter_texts(iter_documents(sources), chunk_chars=1 << 16)):
         n_chars += sum(len(c) for c in chunk)
         n_tokens += sum(len(ids) for ids in tok.encode_batch(chunk))
+        if n_chars >= _MEASURE_CHARS:  # a big corpus: its first part tells the ratio well enough
+            break
     print(f"compression: {n_chars:,} chars -> {n_tokens:,} tokens = "
           f"{n_chars / max(n_tokens, 1):.2f} chars/token (measured in {time.time() - t1:.1f} s)")
     print(f"saved {path}")
