@@ -1,0 +1,250 @@
+"""Reward model (InstructGPT step 2): a scalar score of (prompt, response) learnt from rankings.
+
+    gptlab rm --init runs/sft --data rankings.jsonl --out runs/rm
+
+The model is the SFT GPT plus a linear head read at the final token of prompt + response (the
+assistant's end-of-turn token). For a prompt with K ranked responses, InstructGPT's loss is
+
+    loss = -1/C(K,2) * sum over (winner w, loser l) of log sigmoid(r(x, y_w) - r(x, y_l))
+
+with all C(K,2) pairs of one prompt in ONE batch element: each response is scored once and reused by
+every pair it is in (shuffling the pairs as separate examples made InstructGPT's RM overfit). One epoch
+by default. A pairs file ({prompt, chosen, rejected}) is the K=2 case. After training a bias is added
+so demonstrations (the top-ranked responses, or --demos) score 0 on average: rewards are then
+"better or worse than a demonstration", which is what PPO wants to see.
+
+``load_reward_model`` and ``score_responses`` are the API PPO and evaluations use.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gptlab.errors import GptlabError
+from gptlab.model.heads import ScalarHeadModel
+from gptlab.train import checkpoint as ckpt
+from gptlab.train.args import add_train_args, train_config_from_args
+from gptlab.train.loop import train
+from gptlab.train.sequences import (EpochSampler, collate_rankings, dist_rank_world, encode_rankings, group_mean,
+                                    heldout_by_hash, pad_batch, response_ids)
+from gptlab.train.sft import add_epoch_args, pad_id_of, resolve_data, resolve_steps, update_summary
+
+
+def ranking_loss(scores: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor, n_groups) -> tuple[torch.Tensor, dict]:
+    """InstructGPT's loss: -log sigmoid(r_w - r_l) averaged over each prompt's pairs, then over prompts.
+
+    scores: [R] one per response row; pairs: [P, 2] (winner row, loser row); group: [P] prompt of each pair.
+    """
+    diff = scores[pairs[:, 0]] - scores[pairs[:, 1]]
+    loss = group_mean(-F.logsigmoid(diff.float()), group, n_groups)
+    acc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
+    return loss, {"accuracy": float(acc.detach()), "margin": float(diff.detach().mean())}
+
+
+class RewardStage:
+    """Batches of prompts, each with all its responses and pairs; held-out pairwise accuracy."""
+
+    name = "reward"
+    plot_keys = ["train_loss", "val_loss", "accuracy", "pairwise_accuracy", "margin"]
+
+    def __init__(self, train_items, val_items, batch_size: int, seed: int, pad_id: int):
+        self.items, self.val_items = train_items, val_items
+        self.batch_size, self.pad_id = batch_size, pad_id
+        self.sampler = EpochSampler(len(train_items), seed)
+        self.counter = 0
+
+    def get_batch(self, split, gen):
+        if split != "train":
+            return None   # evaluate() goes over the whole held-out set
+        rank, world = dist_rank_world()
+        idx = self.sampler.batch(self.counter * world + rank, self.batch_size)
+        self.counter += 1
+        return collate_rankings([self.items[i] for i in idx], self.pad_id)
+
+    def loss(self, model, batch):
+        scores = model(batch["ids"], batch["lengths"])
+        return ranking_loss(scores, batch["pairs"], batch["group"], batch["n_groups"])
+
+    def count_tokens(self, batch) -> int:
+        return int(batch["lengths"].sum())
+
+    def state(self):
+        return {"counter": self.counter}
+
+    def load_state(self, d):
+        self.counter = int(d.get("counter", 0))
+
+    def evaluate(self, model) -> dict:
+        return evaluate_rankings(model, self.val_items, self.pad_id, self.batch_size) if self.val_items else {}
+
+
+@torch.no_grad()
+def evaluate_rankings(model, items, pad_id: int, batch_size: int = 16) -> dict:
+    """Held-out loss (per-prompt mean) and pairwise accuracy over every pair (ties count half)."""
+    device = next(model.parameters()).device
+    losses, right, pairs = [], 0.0, 0
+    for i in range(0, len(items), batch_size):
+        b = collate_rankings(items[i:i + batch_size], pad_id)
+        scores = model(b["ids"].to(device), b["lengths"].to(device)).cpu()
+        diff = scores[b["pairs"][:, 0]] - scores[b["pairs"][:, 1]]
+        per = -F.logsigmoid(diff)
+        n = int(b["n_groups"])
+        sums = torch.zeros(n).index_add(0, b["group"], per)
+        counts = torch.zeros(n).index_add(0, b["group"], torch.ones_like(per))
+        losses += (sums / counts).tolist()
+        right += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+        pairs += len(diff)
+    return {"val_loss": sum(losses) / len(losses), "pairwise_accuracy": right / max(1, pairs), "val_pairs": pairs}
+
+
+# ----- the API for PPO and evaluations ---------------------------------------------------------------
+def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(ScalarHeadModel in eval mode, tokenizer, run config) of a `gptlab rm` run."""
+    gpt, tok, cfg, heads = ckpt.load_run(run_dir, device, with_heads=True)
+    if "score_head.weight" not in heads or "score_head.bias" not in heads:
+        raise GptlabError(f"{run_dir}: not a reward model run (no score head in "
+                          f"{ckpt.MODEL_FILE}); train one with `gptlab rm`")
+    rm = ScalarHeadModel(gpt)
+    rm.load_head(heads)
+    return rm.to(device).eval(), tok, cfg
+
+
+@torch.no_grad()
+def score_responses(rm, tok, prompt_messages, responses: list[str], batch_size: int = 32) -> list[float]:
+    """Reward of each response. ``prompt_messages`` is one prompt (a messages list ending with a user
+    turn) shared by all responses, or a list of prompts, one per response."""
+    if prompt_messages and isinstance(prompt_messages[0], dict):
+        prompts = [prompt_messages] * len(responses)
+    else:
+        prompts = list(prompt_messages)
+    if len(prompts) != len(responses):
+        raise GptlabError(f"score_responses: {len(prompts)} prompts for {len(responses)} responses")
+    device = next(rm.parameters()).device
+    block = rm.config.block_size
+    out: list[float] = []
+    for i in range(0, len(responses), batch_size):
+        seqs = [response_ids(tok, p, r, block)[0] for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        ids, lengths = pad_batch(seqs, pad_id_of(tok))
+        out += rm(ids.to(device), lengths.to(device)).cpu().tolist()
+    return out
+
+
+def demonstration_pairs(path: str | Path | None, rankings) -> tuple[list, list[str], str]:
+    """(prompts, responses, what) whose mean score the bias sets to 0: --demos conversations (the last
+    assistant turn of each, after the messages before it), else each ranking's best response."""
+    if path:
+        from gptlab.data.formats import load_conversations
+        prompts, responses = [], []
+        for c in load_conversations(path):
+            msgs = c["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            if last == 0 or msgs[last - 1]["role"] != "user":
+                continue   # an assistant turn with no user turn before it is no demonstration of an answer
+            prompts.append(msgs[:last])
+            responses.append(msgs[last]["content"])
+        if not prompts:
+            raise GptlabError(f"--demos {path}: no conversation ends a user turn with an assistant answer")
+        return prompts, responses, f"{len(prompts)} demonstrations from {path}"
+    return ([r.prompt for r in rankings], [r.responses[r.ranking[0]] for r in rankings],
+            f"the top-ranked responses of {len(rankings)} training prompts")
+
+
+def normalise_to_demonstrations(rm, tok, prompts, responses) -> float:
+    """Shift the head's bias so the demonstrations' mean score is 0; return the mean before."""
+    was = rm.training
+    rm.eval()
+    mean = sum(score_responses(rm, tok, prompts, responses)) / len(responses)
+    with torch.no_grad():
+        rm.score_head.bias -= mean
+    rm.train(was)
+    return mean
+
+
+def _describe(rankings) -> str:
+    ks: dict[int, int] = {}
+    for r in rankings:
+        ks[r.k] = ks.get(r.k, 0) + 1
+    pairs = sum(r.k * (r.k - 1) // 2 for r in rankings)
+    return f"{len(rankings)} prompts (K: {', '.join(f'{k}x{n}' for k, n in sorted(ks.items()))}; {pairs} pairs)"
+
+
+def run(args) -> int:
+    from gptlab.data.formats import load_preferences
+    out = Path(args.out)
+    data = resolve_data(args.data, "rankings.jsonl")
+    rankings = load_preferences(data)
+    if args.demos:
+        demonstration_pairs(args.demos, [])     # check the file before training
+    torch.manual_seed(args.seed)
+    gpt, tok, init_cfg = ckpt.load_run(args.init)
+    model = ScalarHeadModel(gpt)
+    block = gpt.config.block_size
+    train_r, val_r = heldout_by_hash(rankings, lambda r: r.prompt, args.val_fraction, salt="rm")
+    pad = pad_id_of(tok)
+    train_items = encode_rankings(tok, train_r, block)
+    val_items = encode_rankings(tok, val_r, block)
+    stage = RewardStage(train_items, val_items, args.batch_size, args.seed, pad)
+    derived = resolve_steps(args, len(train_items), args.batch_size)
+    cfg = train_config_from_args(args)
+    heads = {"score_head": {"kind": "scalar", "reads": "last_token", "init": "zeros"}}
+    ckpt.write_run_config(out, gpt.config, tok, stage="reward", extra={
+        "init": str(args.init), "init_stage": init_cfg.get("stage"), "data": str(data), "heads": heads,
+        "train": asdict(cfg), "reward": {"val_fraction": args.val_fraction, "epochs": args.epochs,
+                                         "demos": args.demos}})
+    print(f"init: {args.init} ({gpt.config.arch} {gpt.config.n_layer}x{gpt.config.n_embd}) + scalar head at the last token")
+    print(f"data: {data}: train {_describe(train_r)}; held out {_describe(val_r) if val_r else 'nothing'}")
+    print(f"training: {cfg.max_steps} steps of {args.batch_size} prompts (all pairs of a prompt in one batch element)"
+          + (f" = {args.epochs:g} epoch(s)" if derived else ""))
+    before = evaluate_rankings(model, val_items, pad, args.batch_size) if val_items else {}
+
+    t0 = time.time()
+    result = train(model, stage, cfg, out, summary_extra={"params": model.gpt.num_params(), "init": str(args.init)})
+    # Bias so demonstrations score mean 0, then rewrite the exported weights with it.
+    d_prompts, d_responses, what = demonstration_pairs(args.demos, train_r)
+    mean = normalise_to_demonstrations(model, tok, d_prompts, d_responses)
+    ckpt.save_tensors(out / ckpt.MODEL_FILE, ckpt.gpt_state(model), {"step": str(result.step)})
+    heads["score_head"].update(demo_mean_before=mean, bias_shift=-mean, demonstrations=what)
+    cfg_json = ckpt.read_run_config(out)
+    cfg_json["heads"] = heads
+    from gptlab.io import atomic_write_json
+    atomic_write_json(out / ckpt.CONFIG_FILE, cfg_json)
+
+    after = evaluate_rankings(model, val_items, pad, args.batch_size) if val_items else {}
+    extra = {"demo_mean_before_bias": mean}
+    print(f"\ndone: {result.step} steps in {result.elapsed_s:.0f}s ({time.time() - t0:.0f}s wall); "
+          f"train loss {result.train_loss:.3f}")
+    if after:
+        extra.update(pairwise_accuracy=after["pairwise_accuracy"], val_loss=after["val_loss"],
+                     val_pairs=after["val_pairs"], pairwise_accuracy_before=before["pairwise_accuracy"])
+        print(f"held-out pairwise accuracy: {100 * after['pairwise_accuracy']:.1f}% on {after['val_pairs']} pairs "
+              f"(untrained head: {100 * before['pairwise_accuracy']:.1f}%); held-out loss {after['val_loss']:.3f}")
+    print(f"bias: demonstrations ({what}) scored {mean:+.3f} on average; shifted to mean 0")
+    update_summary(out, extra)
+    print(f"run folder: {out} (model.safetensors with heads.score_head.*, config.json stage 'reward', "
+          "metrics.jsonl, loss.png, curves.png)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "rm", help="train a reward model from rankings or pairs (InstructGPT step 2)",
+        description="Train a reward model (the SFT run plus a scalar head at the final token) on rankings "
+        "({prompt, responses, ranking}) or pairs ({prompt, chosen, rejected}) with InstructGPT's loss: all "
+        "C(K,2) pairs of a prompt in one batch element, -mean log sigmoid(r_w - r_l). One epoch by default; "
+        "afterwards the bias is set so demonstrations score 0 on average. Reports held-out pairwise accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--init", required=True, help="SFT run folder to start from")
+    p.add_argument("--data", required=True, help="rankings and/or pairs JSONL (e.g. from `gptlab label`)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--demos", default=None,
+                   help="conversations whose final assistant answers should score 0 on average "
+                   "(default: the top-ranked responses of the training data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out (by hash)")
+    add_train_args(p, batch_size=8, lr=1e-4, warmup_steps=10, eval_every=100, ckpt_every=100, weight_decay=0.0)
+    add_epoch_args(p, epochs=1.0)
+    p.set_defaults(func=run)
