@@ -34,7 +34,7 @@ from gptlab.data.corpus import Source, parse_sources
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_json, gptlab_home
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pieces cut only at lone newlines (exactly the ids of whole-text encoding)
 _PIECE_CHARS = 1 << 16          # cut documents into ~64K-char pieces so encode_batch runs in parallel
 _BATCH_CHARS = 1 << 22          # ...and encode ~4M chars per call to bound memory
 _PROGRESS_MIN_BYTES = 16 << 20  # no progress bar for small corpora
