@@ -80,9 +80,9 @@ class ChatSession:
         try:
             for ev in stream:
                 if ev.text:
-                    parts.append(ev.text)
                     self.out.write(ev.text)
                     self.out.flush()
+                    parts.append(ev.text)   # after the write: keep exactly what the user saw
         except KeyboardInterrupt:
             self.out.write(" [stopped]")
         finally:
