@@ -408,3 +408,16 @@ def test_builtin_names_resolve(home, monkeypatch):
     assert path.parent == home / "mixture" and path.is_file()
     with pytest.raises(AssertionError, match="must not download"):
         parse_source("shakespeare").resolve()  # would download: proves the name is special
+
+
+def test_long_documents_are_cut_without_changing_ids(tmp_path, monkeypatch):
+    import gptlab.data.tokens as tokens
+    text = "".join(f"SPEAKER.\nLine {i} of verse,\n  indented {i}\n\n\n" for i in range(300))
+    # Texts ending in whitespace teach merges like "\n\n\n" that a careless cut would expose.
+    bpe = Tokenizer.train([text] + ["end\n\n\n", "so  \n  "] * 100, vocab_size=320)
+    monkeypatch.setattr(tokens, "_PIECE_CHARS", 50)  # many pieces, cut at every kind of boundary
+    assert len(list(tokens._pieces(text))) > 100 and "".join(tokens._pieces(text)) == text
+    f = tmp_path / "long.txt"
+    f.write_text(text)
+    ds = TokenDataset.prepare([str(f)], bpe)
+    assert ds.parts[0].tokens.tolist() == bpe.encode(text) + [bpe.eot_id]
