@@ -181,7 +181,8 @@ class SFTStage:
             return sft_loss, {}
         _, ptx_loss = model(batch["px"], batch["py"])
         f = self.n_ptx / (self.n_ptx + self.rows)   # rows' share of the batch weighs each part
-        return (1 - f) * sft_loss + f * ptx_loss, {"sft_loss": float(sft_loss), "ptx_loss": float(ptx_loss)}
+        return (1 - f) * sft_loss + f * ptx_loss, {"sft_loss": float(sft_loss.detach()),
+                                                            "ptx_loss": float(ptx_loss.detach())}
 
     def count_tokens(self, batch) -> int:
         return int(batch["x"].numel() + (batch["px"].numel() if "px" in batch else 0))

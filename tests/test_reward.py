@@ -1,0 +1,137 @@
+"""Reward model: InstructGPT's ranking loss, pair batching, the demonstrations-mean-zero bias, the API."""
+import json
+import math
+
+import pytest
+import torch
+
+from gptlab.cli import main
+from gptlab.data.formats import Ranking
+from gptlab.errors import GptlabError
+from gptlab.model.gpt import GPT, GPTConfig
+from gptlab.model.heads import ScalarHeadModel
+from gptlab.train import checkpoint as ckpt
+from gptlab.train.reward import (load_reward_model, normalise_to_demonstrations, ranking_loss, score_responses)
+from gptlab.train.sequences import collate_rankings, encode_rankings
+
+
+def _nll(d):
+    return math.log1p(math.exp(-d))   # -log sigmoid(d)
+
+
+def test_ranking_loss_hand_computed_k3():
+    # One prompt, K=3 responses ranked [2, 0, 1] -> pairs (2,0), (2,1), (0,1).
+    scores = torch.tensor([0.5, -1.0, 2.0])
+    pairs = torch.tensor([[2, 0], [2, 1], [0, 1]])
+    loss, m = ranking_loss(scores, pairs, torch.zeros(3, dtype=torch.long), 1)
+    expected = (_nll(1.5) + _nll(3.0) + _nll(1.5)) / 3
+    assert math.isclose(float(loss), expected, rel_tol=1e-6)
+    assert m["accuracy"] == 1.0
+    # A second prompt with K=2 that the model gets wrong: each prompt weighs the same (1/C(K,2) each).
+    scores = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0])
+    pairs = torch.tensor([[2, 0], [2, 1], [0, 1], [3, 4]])
+    loss, m = ranking_loss(scores, pairs, torch.tensor([0, 0, 0, 1]), 2)
+    assert math.isclose(float(loss), (expected + _nll(-1.0)) / 2, rel_tol=1e-6)
+    assert m["accuracy"] == 0.75
+
+
+def test_all_pairs_of_a_prompt_in_one_batch_element(small_tokenizer):
+    tok = small_tokenizer
+    prompt = [{"role": "user", "content": "To be?"}]
+    r4 = Ranking(prompt, ["a", "bb", "ccc", "dddd"], [2, 0, 3, 1])
+    r2 = Ranking(prompt, ["yes", "no"], [0, 1])
+    items = encode_rankings(tok, [r4, r2], block_size=64)
+    assert items[0].pairs == [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)]   # C(4,2) from the order
+    b = collate_rankings(items, pad_id=1)
+    assert b["ids"].shape[0] == 6                      # each response is one row, scored once
+    assert b["pairs"].tolist()[:6] == [list(p) for p in items[0].pairs]   # first prompt's rows 0..3
+    assert b["pairs"].tolist()[6:] == [[4, 5]]         # second prompt's rows, offset by 4
+    assert b["group"].tolist() == [0] * 6 + [1] and int(b["n_groups"]) == 2
+    # Row i holds response i of its prompt, and lengths point at the end-of-turn token.
+    end = tok.special_id("<|assistant_end|>")
+    for row, length in zip(b["ids"], b["lengths"]):
+        assert int(row[length - 1]) == end
+
+
+def _tiny_rm(tok, seed=0):
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig.preset("tiny", "gpt2", vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                               n_embd=32))
+    rm = ScalarHeadModel(gpt, init_zero=False)
+    return rm.eval()
+
+
+def test_demonstrations_score_mean_zero_after_bias(small_tokenizer):
+    tok = small_tokenizer
+    rm = _tiny_rm(tok)
+    with torch.no_grad():
+        rm.score_head.bias.fill_(0.7)
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
+    demos = ["To be.", "Or not to be.", "81", "apple", "The slings and arrows."]
+    before = score_responses(rm, tok, prompts, demos)
+    mean = normalise_to_demonstrations(rm, tok, prompts, demos)
+    after = score_responses(rm, tok, prompts, demos)
+    assert math.isclose(mean, sum(before) / 5, rel_tol=1e-5)
+    assert abs(sum(after) / 5) < 1e-5
+    assert all(math.isclose(a, b - mean, abs_tol=1e-5) for a, b in zip(after, before))   # a pure shift
+
+
+def test_score_responses_one_prompt_or_many(small_tokenizer):
+    tok = small_tokenizer
+    rm = _tiny_rm(tok)
+    p = [{"role": "user", "content": "To be?"}]
+    shared = score_responses(rm, tok, p, ["yes", "no"])
+    each = score_responses(rm, tok, [p, p], ["yes", "no"])
+    assert len(shared) == 2 and all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(shared, each))
+    with pytest.raises(GptlabError):
+        score_responses(rm, tok, [p], ["yes", "no"])
+
+
+def _rankings_file(path, n=16):
+    rows = []
+    for i in range(n):
+        a, b = i % 9, (i * 3) % 7
+        right = f"{a} + {b} = {a + b}."
+        rows.append({"prompt": f"What is {a} + {b}?", "responses": [f"{a} + {b} = {a + b + 3}.", right, "banana"],
+                     "ranking": [1, 0, 2]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rm_command_saves_a_loadable_reward_run(tmp_path, small_tokenizer):
+    from test_sft import make_run
+    init = make_run(tmp_path / "sft", small_tokenizer)
+    data = _rankings_file(tmp_path / "rank.jsonl")
+    out = tmp_path / "rm"
+    assert main(["rm", "--init", str(init), "--data", str(data), "--out", str(out), "--batch-size", "4",
+                 "--no-progress", "--val-fraction", "0.25"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["stage"] == "reward" and "score_head" in cfg["heads"]
+    tensors = ckpt.load_tensors(out / ckpt.MODEL_FILE)
+    assert "heads.score_head.weight" in tensors and "heads.score_head.bias" in tensors
+    from gptlab.data.formats import load_preferences
+    from gptlab.train.sequences import heldout_by_hash
+    train_r, val_r = heldout_by_hash(load_preferences(data), lambda r: r.prompt, 0.25, salt="rm")
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["pairwise_accuracy"] <= 1 and summary["val_pairs"] == 3 * len(val_r)
+    assert summary["train_config"]["max_steps"] == math.ceil(len(train_r) / 4)   # one epoch
+    rm, tok, _ = load_reward_model(out)
+    # The chosen responses of the training data score mean 0 (the bias).
+    s = score_responses(rm, tok, [r.prompt for r in train_r], [r.responses[r.ranking[0]] for r in train_r])
+    assert abs(sum(s) / len(s)) < 1e-4
+    with pytest.raises(GptlabError, match="not a reward model"):
+        load_reward_model(init)
+
+
+def test_rm_bad_input_names_file_and_line(tmp_path, small_tokenizer, capsys):
+    from test_sft import make_run
+    init = make_run(tmp_path / "sft", small_tokenizer)
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "hi", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}) + "\n")
+    assert main(["rm", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2" in err and "Traceback" not in err
+    data.write_text("{not json\n")
+    assert main(["rm", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert f"{data}:1" in capsys.readouterr().err
