@@ -176,6 +176,15 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     raw = tensors["module.gpt.transformer.wte.weight"]
     ema = tensors["module.ema.transformer.wte.weight"]
     assert torch.equal(model.transformer.wte.weight, ema) and not torch.equal(raw, ema)
+    # head-to-head against the SFT start: a win rate with its interval, and both sides' figures
+    capsys.readouterr()
+    assert main(["compare", str(out), str(tiny_runs / "sft"), "--prompts", str(tiny_runs / "heldout.jsonl"),
+                 "--n", "3", "--max-new-tokens", "8", "--reward-model", str(tiny_runs / "rm"),
+                 "--out", str(tiny_runs / "cmp.json")]) == 0
+    assert "labeler win rate of A over B" in capsys.readouterr().out
+    res = json.loads((tiny_runs / "cmp.json").read_text())
+    assert res["n"] == 3 and 0 <= res["win_rate_ci95"][0] <= res["win_rate_a"] <= res["win_rate_ci95"][1] <= 1
+    assert "heldout_rm_score" in res["a"] and "heldout_accuracy" in res["b"]
     # --resume continues from the checkpoint (beta and counters restored)
     assert main(_ppo_args(tiny_runs, corpus_file, out, 6, "--ema", "0.9", "--kl-target", "2.0",
                           "--resume")) == 0

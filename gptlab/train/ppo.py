@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gptlab.device import autocast
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_json, read_json
 from gptlab.model.gpt import GPT
@@ -289,10 +290,11 @@ class PPOStage:
         old_lp, ref_lp, values = [], [], []
         for i in range(0, len(seqs), o.minibatch):
             x = idx[i:i + o.minibatch].to(device)
-            logits, v, _ = model(x)
+            with autocast(device):      # the same precision as the update, so the first ratio is 1
+                logits, v, _ = model(x)
+                ref_logits = self.ref.lm_logits(self.ref.hidden(x))
             old_lp.append(rl.token_logprobs(logits[:, :-1], x[:, 1:], o.temperature).cpu())
             values.append(v[:, :-1].float().cpu())
-            ref_logits = self.ref.lm_logits(self.ref.hidden(x))
             ref_lp.append(rl.token_logprobs(ref_logits[:, :-1], x[:, 1:], o.temperature).cpu())
         old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values) * mask
         raw = score_sequences(self.rm, [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)],
@@ -526,6 +528,74 @@ def _fmt(m: dict) -> str:
     return ", ".join(f.format(m[k]) for k, f in keys if k in m)
 
 
+# ----- head-to-head comparison ----------------------------------------------------------------------------
+def compare_runs(run_a: str, run_b: str, prompts_path: str, n: int, max_new_tokens: int,
+                 reward_model: str | None = None) -> dict:
+    """Greedy answers of two runs to the same held-out prompts: each side's accuracy, labeler score,
+    RM score and length, and the labeler's win rate of A over B (ties count half) with a 95% interval."""
+    from gptlab.data.formats import load_prompt_items
+    from gptlab.label.labeler import win_rate
+    items = load_prompt_items(prompts_path)[:n] if n > 0 else load_prompt_items(prompts_path)
+    items = [it for it in items if "answer" in it and "family" in it]
+    if not items:
+        raise GptlabError(f"{prompts_path}: no curriculum items with 'family' and 'answer' (gptlab data instruct)")
+    rm = None
+    if reward_model:
+        rm, rm_tok, _ = load_scalar_model(reward_model, "--reward-model")
+    sides, texts = {}, {}
+    for name, run_dir in (("a", run_a), ("b", run_b)):
+        model, tok, cfg = ckpt.load_run(run_dir)
+        room = model.config.block_size - max_new_tokens - 1
+        kept, ids = encode_prompts(tok, items, room)
+        if len(kept) != len(items):
+            raise GptlabError(f"{run_dir}: {len(items) - len(kept)} prompts do not fit its context with "
+                              f"--max-new-tokens {max_new_tokens}; lower it")
+        use_rm = rm if rm is not None and _same_tokenizer(tok, rm_tok) else None
+        m, texts[name] = heldout_metrics(model, tok, items, ids, max_new_tokens, use_rm, _pad_id(tok))
+        m.update({"run": str(run_dir), "stage": cfg.get("stage"), "params": model.num_params()})
+        sides[name] = m
+    rate, lo, hi = win_rate(items, texts["a"], texts["b"])
+    families = sorted({it["family"] for it in items})
+    from gptlab.data.instruct import check_answer
+    per_family = {f: {s: sum(check_answer(it, t) for it, t in zip(items, texts[s]) if it["family"] == f)
+                      / sum(it["family"] == f for it in items) for s in ("a", "b")} for f in families}
+    return {"n": len(items), "a": sides["a"], "b": sides["b"], "win_rate_a": rate, "win_rate_ci95": [lo, hi],
+            "per_family_accuracy": per_family, "prompts": str(prompts_path), "max_new_tokens": max_new_tokens}
+
+
+def _pad_id(tok) -> int:
+    from gptlab.tokenizer import PAD
+    pad = tok.special_id(PAD)
+    return pad if pad is not None else tok.eot_id
+
+
+def run_compare(args) -> int:
+    res = compare_runs(args.a, args.b, args.prompts, args.n, args.max_new_tokens, args.reward_model)
+    a, b = res["a"], res["b"]
+    print(f"{res['n']} held-out prompts from {res['prompts']}, greedy, up to {res['max_new_tokens']} tokens")
+    print(f"{'':<22}{'A':>12}{'B':>12}")
+    print(f"{'run':<22}{Path(a['run']).name:>12}{Path(b['run']).name:>12}")
+    desc = {k: f"{v['stage'] or '?'} {v['params'] / 1e6:.2f}M" for k, v in (("a", a), ("b", b))}
+    print(f"{'stage, params':<22}{desc['a']:>12}{desc['b']:>12}")
+    for key, label, fmt in [("heldout_accuracy", "task accuracy", "{:.1%}"),
+                            ("heldout_label_score", "labeler score", "{:.3f}"),
+                            ("heldout_rm_score", "RM score", "{:+.3f}"),
+                            ("heldout_len", "response tokens", "{:.1f}"),
+                            ("heldout_ended", "ended turn", "{:.0%}")]:
+        if key in a or key in b:
+            va = fmt.format(a[key]) if key in a else "-"
+            vb = fmt.format(b[key]) if key in b else "-"
+            print(f"{label:<22}{va:>12}{vb:>12}")
+    for f, acc in res["per_family_accuracy"].items():
+        print(f"{'  ' + f:<22}{acc['a']:>12.1%}{acc['b']:>12.1%}")
+    lo, hi = res["win_rate_ci95"]
+    print(f"labeler win rate of A over B: {res['win_rate_a']:.1%} (95% interval {lo:.1%} - {hi:.1%})")
+    if args.out:
+        atomic_write_json(args.out, res)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _float_or_off(s: str):
     if s.lower() in ("off", "none"):
         return None
@@ -580,3 +650,19 @@ def register(sub) -> None:
     add_train_args(p, max_steps=200, batch_size=8, lr=2e-5, warmup_steps=10, eval_every=50, ckpt_every=50,
                    weight_decay=0.0, schedule="constant")
     p.set_defaults(func=run)
+
+    c = sub.add_parser(
+        "compare", help="head-to-head: labeler win rate of run A over run B on held-out prompts",
+        description="Greedy answers of two GPT runs (e.g. PPO vs its SFT start, DPO vs SFT, a small PPO vs "
+        "a large SFT model) to the same held-out curriculum prompts. Prints each side's task accuracy "
+        "(per family too), labeler score, reward-model score (with --reward-model), response length and "
+        "how often the programmatic labeler prefers A's answer (ties count half), with a 95% Wilson interval.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("a", help="run folder A")
+    c.add_argument("b", help="run folder B")
+    c.add_argument("--prompts", required=True, help="held-out curriculum prompts (heldout.jsonl)")
+    c.add_argument("--n", type=int, default=500, help="first N prompts (0 = all)")
+    c.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens")
+    c.add_argument("--reward-model", default=None, help="also report this reward model's mean score")
+    c.add_argument("--out", default=None, help="write the figures as JSON here")
+    c.set_defaults(func=run_compare)
