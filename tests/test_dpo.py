@@ -106,6 +106,8 @@ def test_sft_rm_dpo_chain_produces_loadable_runs(tmp_path, small_tokenizer):
     dpo_rows = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} <= set(dpo_rows[-1])
     assert "val_reward_accuracy" in dpo_rows[-1] and (dpo / "curves.png").is_file()
+    win = json.loads((dpo / "summary.json").read_text())["win_rate_vs_init"]
+    assert 0 <= win["lo95"] <= win["rate"] <= win["hi95"] <= 1 and win["n"] == 2
 
 
 def test_dpo_bad_input_names_file_and_line(tmp_path, small_tokenizer, capsys):

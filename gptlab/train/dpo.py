@@ -121,7 +121,7 @@ class DPOStage:
             out.update(val_loss=sum(losses) / len(self.val_items), val_reward_accuracy=right / n,
                        val_reward_margin=sum(margins) / n)
         if self.eval_items:
-            acc = task_accuracy(model, self.tok, self.eval_items, self.eval_max_new_tokens)
+            acc = task_accuracy(model, self.tok, self.eval_items, self.eval_max_new_tokens, return_responses=True)
             self.last_accuracy = acc
             out["accuracy"] = acc["accuracy"]
             out["response_tokens"] = acc["mean_response_tokens"]
@@ -150,6 +150,11 @@ def run(args) -> int:
     device = pick_device(args.device)
     policy.to(device)
     attach_reference_logprobs(policy, train_items + val_items, pad, args.batch_size, not args.no_progress)
+
+    before = None
+    if eval_items:   # the reference's own answers: what the win rate compares against
+        before = task_accuracy(policy, tok, eval_items, args.eval_max_new_tokens, return_responses=True)
+        print(f"reference task accuracy: {format_accuracy(before)}")
 
     stage = DPOStage(train_items, val_items, args.batch_size, args.seed, pad, args.beta, tok, eval_items,
                      args.eval_max_new_tokens)
@@ -181,6 +186,15 @@ def run(args) -> int:
         extra.update(task_accuracy=acc["accuracy"], per_family=acc["per_family"],
                      mean_response_tokens=acc["mean_response_tokens"])
         print(f"held-out task accuracy: {format_accuracy(acc)}")
+        from gptlab.label.labeler import win_rate
+        rate, lo, hi = win_rate(eval_items, acc["responses"], before["responses"])
+        extra.update(win_rate_vs_init={"rate": rate, "lo95": lo, "hi95": hi, "n": len(eval_items),
+                                       "judge": "gptlab.label.labeler.score, ties count half"},
+                     init_task_accuracy=before["accuracy"], init_per_family=before["per_family"],
+                     init_mean_response_tokens=before["mean_response_tokens"])
+        print(f"labeler win rate vs {args.init}: {100 * rate:.1f}% (95% interval {100 * lo:.1f}-{100 * hi:.1f}%, "
+              f"{len(eval_items)} held-out prompts, greedy answers); mean answer length "
+              f"{before['mean_response_tokens']:.1f} -> {acc['mean_response_tokens']:.1f} tokens")
     update_summary(out, extra)
     print(f"run folder: {out} (a GPT run: model.safetensors, config.json stage 'dpo', metrics.jsonl, curves.png)")
     return 0
