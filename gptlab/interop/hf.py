@@ -11,6 +11,10 @@ and without importing transformers (we write config.json and safetensors ourselv
   permutation: gptlab rotates (first half, second half) pairs, which is HF Llama's rotate_half layout.
 * gpt1 (post-LN), gpt3 (banded sparse layers) and bert (bidirectional) have no identical HF class.
 
+The tokenizer goes as tokenizer.json with the chat template in tokenizer_config.json. One difference
+remains by design: a transformers tokenizer turns special-token strings typed in text into control
+tokens, while gptlab's ``encode`` keeps them literal (see gptlab.tokenizer).
+
 Import reads a local GPT-2-format (or Llama-format) folder into a gptlab run folder. Weights are only
 read from safetensors (never pickle). GPT-2's tokenizer lacks gptlab's chat tokens;
 ``add_chat_tokens=True`` appends them and grows the embedding, new rows set to the mean embedding
@@ -178,7 +182,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     atomic_write_json(out / "generation_config.json", {
         "bos_token_id": tok.eot_id, "eos_token_id": stops if len(stops) > 1 else stops[0],
         "pad_token_id": tok.special_id(PAD) if tok.special_id(PAD) is not None else tok.eot_id,
-        "max_length": cfg.block_size,
     })
     _write_tokenizer(out, tok, cfg.block_size)
     return {"arch": cfg.arch, "hf_class": EXPORTABLE[cfg.arch], "params": model.num_params(),
