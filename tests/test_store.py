@@ -162,3 +162,16 @@ def test_export_empty(store, tmp_path):
     assert feedback_datasets(store) == ([], [])
     counts = export_feedback(store, str(tmp_path / "none"))
     assert counts["pairs"] == 0 and (tmp_path / "none.sft.jsonl").read_text() == ""
+
+
+def test_feedback_export_command(tmp_path, capsys):
+    from gptlab.cli import main
+    db = tmp_path / "chat.sqlite3"
+    with Store(db) as s:
+        c, u, a = _chat(s)
+        s.set_feedback(a["id"], 1)
+    assert main(["feedback", "export", "--out", str(tmp_path / "out" / "fb"), "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "0 preference pairs" in out and "1 liked conversations" in out
+    assert (tmp_path / "out" / "fb.sft.jsonl").read_text().count("\n") == 1
+    assert main(["feedback", "export", "--out", str(tmp_path / "x"), "--db", str(tmp_path / "missing.db")]) == 2

@@ -375,8 +375,11 @@ async function sendCompare(id, text) {
   for (const s of ["a", "b"]) panel.sides[s].msg.classList.add("streaming");
   const stopped = await withStop((signal) => stream(`/api/conversations/${id}/compare`,
     { content: text, ...settings() }, (ev) => {
-      if (ev.type === "start") { showTruncation(ev.truncated_turns); loadConvs(); }
-      else if (ev.type === "delta") { panel.sides[ev.side].msg.textContent += ev.text; scrollDown(); }
+      if (ev.type === "start") {
+        showTruncation(ev.truncated_turns);
+        if (ev.temperature !== settings().temperature) notice(`Compare samples at temperature ${ev.temperature} (two greedy answers would be identical).`);
+        loadConvs();
+      } else if (ev.type === "delta") { panel.sides[ev.side].msg.textContent += ev.text; scrollDown(); }
       else if (ev.type === "done") comparison = ev.comparison;
     }, signal));
   for (const s of ["a", "b"]) panel.sides[s].msg.classList.remove("streaming");
