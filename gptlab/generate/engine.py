@@ -105,7 +105,7 @@ class _Row:
             self.sink(ev)
 
     def text(self) -> str:
-        return self.tok.decode(self.out)
+        return self.tok.decode(self.out, skip_special=True)
 
     def push(self, token: int) -> None:
         """Take a sampled token: end on a stop id/string or the length limit, else stream new text."""

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -117,7 +118,7 @@ def run(args) -> int:
           f"{result.tokens:,} tokens; train loss {result.train_loss:.3f}"
           + (f", val loss {result.val_loss:.3f}" if result.val_loss is not None else ""))
     print(f"run folder: {out} (model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss.png)")
-    if model_cfg.arch != "bert" and not args.no_sample:
+    if model_cfg.arch != "bert" and not args.no_sample and int(os.environ.get("RANK", "0")) == 0:
         _print_sample(out)
     return 0
 
