@@ -144,6 +144,8 @@ def run(args) -> int:
     train_r, val_r = heldout_by_hash(rankings, lambda r: r.prompt, args.val_fraction, salt="dpo")
     train_items = encode_rankings(tok, train_r, block)
     val_items = encode_rankings(tok, val_r, block)
+    from gptlab.train.reward import check_items
+    check_items(train_items, data)
 
     # The reference is the SFT model itself before any update: score everything with it once.
     from gptlab.device import pick_device
@@ -166,7 +168,8 @@ def run(args) -> int:
         "dpo": {"beta": args.beta, "val_fraction": args.val_fraction, "epochs": args.epochs}})
     n_pairs = sum(len(it.pairs) for it in train_items)
     print(f"init and reference: {args.init} ({policy.config.arch} {policy.config.n_layer}x{policy.config.n_embd})")
-    print(f"data: {data}: {len(train_items)} train prompts ({n_pairs} pairs), {len(val_items)} held out; beta {args.beta:g}")
+    print(f"data: {data}: {len(train_items)} train prompts ({n_pairs} pairs of different responses), "
+          f"{len(val_items)} held out; beta {args.beta:g}")
     print(f"training: {cfg.max_steps} steps of {args.batch_size} prompts" + (f" = {args.epochs:g} epoch(s)" if derived else ""))
     if eval_items:
         print(f"task eval: {len(eval_items)} items from {args.eval_items}")

@@ -165,12 +165,20 @@ def normalise_to_demonstrations(rm, tok, prompts, responses) -> float:
     return mean
 
 
-def _describe(rankings) -> str:
+def _describe(rankings, items) -> str:
     ks: dict[int, int] = {}
     for r in rankings:
         ks[r.k] = ks.get(r.k, 0) + 1
-    pairs = sum(r.k * (r.k - 1) // 2 for r in rankings)
-    return f"{len(rankings)} prompts (K: {', '.join(f'{k}x{n}' for k, n in sorted(ks.items()))}; {pairs} pairs)"
+    pairs = sum(len(it.pairs) for it in items)
+    skipped = len(rankings) - len(items)
+    return (f"{len(rankings)} prompts (K: {', '.join(f'{k}x{n}' for k, n in sorted(ks.items()))}; {pairs} pairs of "
+            f"different responses" + (f"; {skipped} prompts with identical responses only, skipped" if skipped else "")
+            + ")")
+
+
+def check_items(items, data) -> None:
+    if not items:
+        raise GptlabError(f"--data {data}: no training prompt has two different responses to compare")
 
 
 def run(args) -> int:
@@ -188,6 +196,7 @@ def run(args) -> int:
     pad = pad_id_of(tok)
     train_items = encode_rankings(tok, train_r, block)
     val_items = encode_rankings(tok, val_r, block)
+    check_items(train_items, data)
     stage = RewardStage(train_items, val_items, args.batch_size, args.seed, pad)
     derived = resolve_steps(args, len(train_items), args.batch_size)
     cfg = train_config_from_args(args)
@@ -197,7 +206,8 @@ def run(args) -> int:
         "train": asdict(cfg), "reward": {"val_fraction": args.val_fraction, "epochs": args.epochs,
                                          "demos": args.demos}})
     print(f"init: {args.init} ({gpt.config.arch} {gpt.config.n_layer}x{gpt.config.n_embd}) + scalar head at the last token")
-    print(f"data: {data}: train {_describe(train_r)}; held out {_describe(val_r) if val_r else 'nothing'}")
+    print(f"data: {data}: train {_describe(train_r, train_items)}; held out "
+          f"{_describe(val_r, val_items) if val_r else 'nothing'}")
     print(f"training: {cfg.max_steps} steps of {args.batch_size} prompts (all pairs of a prompt in one batch element)"
           + (f" = {args.epochs:g} epoch(s)" if derived else ""))
     before = evaluate_rankings(model, val_items, pad, args.batch_size) if val_items else {}

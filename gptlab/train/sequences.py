@@ -139,12 +139,19 @@ class EncodedRanking:
 
 
 def encode_rankings(tok, rankings, block_size: int) -> list[EncodedRanking]:
-    """gptlab.data.formats.Ranking records -> EncodedRanking (pairs from formats.expand_pairs)."""
+    """gptlab.data.formats.Ranking records -> EncodedRanking (pairs from formats.expand_pairs).
+
+    A pair of two identical responses says nothing about preference (sampled responses often repeat),
+    so it is left out; a prompt whose responses are all the same is left out altogether.
+    """
     from gptlab.data.formats import expand_pairs
     out = []
     for r in rankings:
+        pairs = [(w, l) for w, l in expand_pairs(r) if r.responses[w] != r.responses[l]]
+        if not pairs:
+            continue
         enc = [response_ids(tok, r.prompt, resp, block_size) for resp in r.responses]
-        out.append(EncodedRanking([e[0] for e in enc], [e[1] for e in enc], expand_pairs(r), best=r.ranking[0]))
+        out.append(EncodedRanking([e[0] for e in enc], [e[1] for e in enc], pairs, best=r.ranking[0]))
     return out
 
 
