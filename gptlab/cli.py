@@ -14,34 +14,39 @@ import sys
 from gptlab.errors import GptlabError
 
 # Pipeline order: data -> tokenizer -> model -> training stages -> generation -> chat/serve -> evals.
+# Each entry: the module that registers the commands, and the command names it adds. Only the chosen
+# command's module is imported (start-up stays fast); `gptlab --help` imports them all.
 COMMANDS = [
-    "gptlab.data.commands",        # data shakespeare | mixture | instruct | prepare
-    "gptlab.tokenizer.commands",   # tokenizer train | encode | decode
-    "gptlab.train.pretrain",       # pretrain
-    "gptlab.train.finetune",       # finetune, predict
-    "gptlab.train.sft",            # sft
-    "gptlab.train.reward",         # rm
-    "gptlab.train.ppo",            # ppo
-    "gptlab.train.dpo",            # dpo
-    "gptlab.label.commands",       # label
-    "gptlab.generate.commands",    # sample
-    "gptlab.chat.commands",        # chat
-    "gptlab.serve.commands",       # serve, feedback
-    "gptlab.evals.commands",       # eval, fill
-    "gptlab.interop.commands",     # export, import
-    "gptlab.bench",                # bench
-    "gptlab.speedrun",             # speedrun
+    ("gptlab.data.commands", ["data"]),
+    ("gptlab.tokenizer.commands", ["tokenizer"]),
+    ("gptlab.train.pretrain", ["pretrain"]),
+    ("gptlab.train.finetune", ["finetune", "predict"]),
+    ("gptlab.train.sft", ["sft"]),
+    ("gptlab.train.reward", ["rm"]),
+    ("gptlab.train.ppo", ["ppo", "compare"]),
+    ("gptlab.train.dpo", ["dpo"]),
+    ("gptlab.label.commands", ["label"]),
+    ("gptlab.generate.commands", ["sample"]),
+    ("gptlab.chat.commands", ["chat"]),
+    ("gptlab.serve.commands", ["serve", "feedback"]),
+    ("gptlab.evals.commands", ["eval", "fill"]),
+    ("gptlab.interop.commands", ["export", "import"]),
+    ("gptlab.bench", ["bench"]),
+    ("gptlab.speedrun", ["speedrun"]),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (with ``command``) one holding only the module that defines it."""
     parser = argparse.ArgumentParser(
         prog="gptlab",
         description="Build a ChatGPT from its parts: data, tokenizer, GPT models, pre-training, "
         "fine-tuning, few-shot evals, InstructGPT (SFT, reward model, PPO, DPO), chat and serving.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name, names in COMMANDS:
+        if command is not None and command not in names:
+            continue
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -53,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = {n for _, names in COMMANDS for n in names}
+    parser = build_parser(argv[0] if argv and argv[0] in known else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -114,6 +114,11 @@ class _Row:
             return
         self.out.append(token)
         self.context.append(token)
+        if self.sink is None and not self.params.stop:
+            # Nobody streams and no stop string to find: decode once at the end.
+            if len(self.out) >= self.params.max_new_tokens:
+                self._finish("length", self.text())
+            return
         text = self.text()
         for s in self.params.stop:
             at = text.find(s, max(0, len(self.emitted) - len(s)))
@@ -283,9 +288,16 @@ class Request:
                 return
 
     async def aiter(self):
-        loop = asyncio.get_running_loop()
+        """Events for asyncio callers; polls with a short back-off instead of parking a thread."""
+        delay = 0.001
         while True:
-            ev = await loop.run_in_executor(None, self.events.get)
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+                continue
+            delay = 0.001
             yield ev
             if ev.finish_reason is not None:
                 return
@@ -341,7 +353,15 @@ class Scheduler:
                 req.put(TokenEvent("", None, "cancelled"))
                 continue
             slot = next(s for s in range(self.max_batch) if s not in self.active)
-            row = _Row(req.prompt, req.params, stop, self.engine.tok, sink=req.put)
+            row = _Row(req.prompt, req.params, stop, self.engine.tok)
+
+            def sink(ev, req=req, row=row):
+                if ev.finish_reason is not None:   # the result is ready before the last event is seen
+                    req.completion = row.completion()
+                req.put(ev)
+            row.sink = sink
+            if row.finish is not None:             # e.g. max_new_tokens == 0
+                sink(TokenEvent("", None, row.finish))
             if row.finish is None:
                 logits = self.engine._prefill(self.cache, slot, row.context)
                 row.push(sample_token(logits, row.params, row.gen))
@@ -358,6 +378,7 @@ class Scheduler:
                     for slot, (req, row) in list(self.active.items()):
                         if req.cancelled.is_set():      # client went away: free the slot now
                             row.finish = "cancelled"
+                            req.completion = row.completion()
                             req.put(TokenEvent("", None, "cancelled"))
                             del self.active[slot]
                     if self.active:

@@ -1,0 +1,34 @@
+"""Shared fixtures: an isolated GPTLAB_HOME per test and a small tokenizer trained in-process."""
+import os
+
+import pytest
+
+SAMPLE_TEXT = (
+    "To be, or not to be, that is the question:\n"
+    "Whether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\n"
+    "Or to take arms against a sea of troubles\n"
+    "And by opposing end them. To die—to sleep,\n"
+    "No more; and by a sleep to say we end\n"
+    "23 + 58 = 81\n苹果 => apple\n香蕉 => banana\n"
+) * 20
+
+
+@pytest.fixture(autouse=True)
+def gptlab_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("gptlab_home")
+    monkeypatch.setenv("GPTLAB_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    from gptlab.tokenizer import Tokenizer
+    return Tokenizer.train([SAMPLE_TEXT], vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(SAMPLE_TEXT * 5, encoding="utf-8")
+    return path

@@ -1,0 +1,146 @@
+"""The GPT family: structure of each architecture, causality, sparse bands, KV cache, accounting."""
+import math
+
+import pytest
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.model.gpt import GPT, GPTConfig, band_mask
+
+CAUSAL = ["gpt1", "gpt2", "gpt3", "modern"]
+
+
+def tiny(arch, **kw):
+    base = dict(vocab_size=300, block_size=48, sparse_band=8)
+    base.update(kw)
+    return GPTConfig.preset("tiny", arch, **base)
+
+
+@pytest.mark.parametrize("arch", CAUSAL + ["bert"])
+def test_forward_shapes_and_loss(arch):
+    torch.manual_seed(0)
+    model = GPT(tiny(arch))
+    x = torch.randint(0, 300, (2, 20))
+    logits, loss = model(x, torch.randint(0, 300, (2, 20)))
+    assert logits.shape == (2, 20, 300)
+    # An untrained model is close to uniform: loss near ln(vocab).
+    assert abs(loss.item() - math.log(300)) < 1.5
+
+
+def test_architecture_structure():
+    g1, g2, mod = GPT(tiny("gpt1")), GPT(tiny("gpt2")), GPT(tiny("modern"))
+    assert "ln_f" not in g1.transformer and "ln_f" in g2.transformer     # final LN only pre-LN
+    assert g1.config.dropout == 0.1 and g1.lm_head.weight is g1.transformer.wte.weight
+    assert "wpe" in g2.transformer and "wpe" not in mod.transformer      # learned positions vs RoPE
+    assert all(p.dim() > 1 or "weight" in n for n, p in mod.named_parameters())  # no biases
+    assert not any(n.endswith(".bias") for n, _ in mod.named_parameters())
+    assert mod.config.n_kv_head == 2 and mod.config.n_head == 4          # grouped-query attention
+    assert mod.transformer.h[0].attn.c_attn.out_features == (4 + 2 * 2) * 32
+    assert hasattr(mod.transformer.h[0].mlp, "gate_proj")                 # SwiGLU
+
+
+def test_residual_projection_init_is_scaled():
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("tiny", "gpt2", vocab_size=300, n_layer=8, n_embd=256)
+    model = GPT(cfg)
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(2 * 8)) < 0.001
+    other = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(other - 0.02) < 0.002
+    g1 = GPT(GPTConfig.preset("tiny", "gpt1", vocab_size=300, n_layer=8, n_embd=256))
+    assert abs(g1.transformer.h[0].attn.c_proj.weight.std().item() - 0.02) < 0.002
+
+
+def test_gpt1_is_post_ln():
+    """GPT-1: the block output is a LayerNorm output (unit variance per token), pre-LN's is not."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 128) * 5
+    for arch, expect_normed in [("gpt1", True), ("gpt2", False)]:
+        block = GPT(tiny(arch, dropout=0.0)).transformer.h[0].eval()
+        pos = torch.arange(10)[None].expand(2, 10)
+        y = block(x, pos, None, None, None)
+        normed = torch.allclose(y.std(-1, unbiased=False), torch.ones(2, 10), atol=1e-3)
+        assert normed == expect_normed
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_causal(arch):
+    torch.manual_seed(0)
+    model = GPT(tiny(arch)).eval()
+    x = torch.randint(0, 300, (1, 20))
+    y = x.clone()
+    y[0, 15] = (y[0, 15] + 1) % 300
+    a, b = model.hidden(x), model.hidden(y)
+    assert torch.allclose(a[:, :15], b[:, :15], atol=1e-6)
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+def test_bert_is_bidirectional():
+    torch.manual_seed(0)
+    model = GPT(tiny("bert")).eval()
+    x = torch.randint(0, 300, (1, 20))
+    y = x.clone()
+    y[0, 15] = (y[0, 15] + 1) % 300
+    assert not torch.allclose(model.hidden(x)[:, :15], model.hidden(y)[:, :15])
+
+
+def test_gpt3_alternates_dense_and_banded_layers():
+    cfg = tiny("gpt3", n_layer=4, sparse_band=4)
+    assert [cfg.is_sparse_layer(i) for i in range(4)] == [False, True, False, True]
+    m = band_mask(6, 6, 3, "cpu")
+    assert m[5].tolist() == [False, False, False, True, True, True]
+    # A banded layer ignores tokens further back than the band.
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    attn = model.transformer.h[1].attn
+    x = torch.randn(1, 12, 128)
+    y = x.clone()
+    y[0, 2] += 1.0
+    pos = torch.arange(12)[None]
+    out_x, out_y = attn(x, pos, None, None, None), attn(y, pos, None, None, None)
+    assert torch.allclose(out_x[0, 6:], out_y[0, 6:], atol=1e-6)   # position 2 is > 4 back
+    assert not torch.allclose(out_x[0, 2:6], out_y[0, 2:6])
+    dense = model.transformer.h[0].attn
+    assert not torch.allclose(dense(x, pos, None, None, None)[0, 6:], dense(y, pos, None, None, None)[0, 6:])
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_kv_cache_matches_full_forward(arch):
+    torch.manual_seed(0)
+    model = GPT(tiny(arch)).eval()
+    x = torch.randint(0, 300, (3, 40))
+    full = model.hidden(x)
+    cache = model.new_cache(3)
+    parts = [model.hidden(x[:, :17], cache=cache), model.hidden(x[:, 17:18], cache=cache),
+             model.hidden(x[:, 18:], cache=cache)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    # Rows at different lengths decode together.
+    cache = model.new_cache(4)
+    model.hidden(x[1:2, :10], cache=cache, rows=torch.tensor([3]))
+    model.hidden(x[0:1, :30], cache=cache, rows=torch.tensor([0]))
+    step = model.hidden(torch.stack([x[0, 30], x[1, 10]])[:, None], cache=cache, rows=torch.tensor([0, 3]))
+    assert torch.allclose(step[0, 0], full[0, 30], atol=1e-5)
+    assert torch.allclose(step[1, 0], full[1, 10], atol=1e-5)
+    assert cache.lengths.tolist() == [31, 0, 0, 11]
+
+
+def test_accounting_and_config_errors():
+    model = GPT(tiny("gpt2"))
+    n = model.num_params()
+    assert n == sum(p.numel() for p in set(model.parameters()))
+    cfg = model.config
+    assert model.flops_per_token() == 6 * model.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    with pytest.raises(GptlabError):
+        GPTConfig(arch="gpt5")
+    with pytest.raises(GptlabError):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(GptlabError):
+        GPTConfig.preset("huge")
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_presets_reach_paper_shapes():
+    g = GPTConfig.preset("gpt2-124m", "gpt2", vocab_size=50257)
+    assert (g.n_layer, g.n_embd, g.n_head, g.block_size) == (12, 768, 12, 1024)
+    one = GPTConfig.preset("gpt1", "gpt1", vocab_size=40478)
+    assert (one.n_layer, one.n_embd, one.block_size, one.hidden_dim) == (12, 768, 512, 3072)

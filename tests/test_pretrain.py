@@ -1,0 +1,154 @@
+"""Pre-training end to end through the CLI: metrics, plots, exact kill-and-resume, DDP, bad checkpoints."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.cli import main
+from gptlab.errors import GptlabError
+from gptlab.train import checkpoint as ckpt
+from gptlab.train.loop import TrainConfig, lr_at
+
+SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32",
+         "--no-progress", "--no-sample"]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, small_tokenizer):
+    d = tmp_path_factory.mktemp("tok")
+    small_tokenizer.save(d)
+    return d
+
+
+def pretrain_args(corpus, tok_dir, out, *extra):
+    return ["pretrain", "--data", str(corpus), "--tokenizer", str(tok_dir), "--out", str(out), *SMALL, *extra]
+
+
+def rows(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_learns_and_writes_run_folder(tmp_path, corpus_file, tok_dir):
+    out = tmp_path / "run"
+    assert main(pretrain_args(corpus_file, tok_dir, out, "--max-steps", "120", "--eval-every", "40",
+                              "--eval-batches", "4", "--batch-size", "8", "--lr", "3e-3")) == 0
+    for name in ["model.safetensors", "config.json", "tokenizer.json", "checkpoint.safetensors",
+                 "metrics.jsonl", "loss.png", "summary.json"]:
+        assert (out / name).is_file(), name
+    evals = [r for r in rows(out) if "val_loss" in r]
+    for key in ["step", "tokens", "elapsed_s", "train_loss", "val_loss"]:
+        assert all(key in r for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5   # it really learns the corpus
+    model, tok, cfg = ckpt.load_run(out)
+    assert cfg["stage"] == "pretrain" and model.config.n_layer == 2
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(max_steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 100) == pytest.approx(0.1)
+    assert 0.1 < lr_at(cfg, 55) < 1.0
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "gptlab", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path, corpus_file, tok_dir):
+    common = ["--max-steps", "300", "--ckpt-every", "20", "--eval-every", "100", "--eval-batches", "2",
+              "--batch-size", "4", "--dropout", "0.1", "--seed", "7"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(pretrain_args(corpus_file, tok_dir, full, *common)) == 0
+
+    proc = _run_cli(pretrain_args(corpus_file, tok_dir, killed, *common))
+    deadline = time.time() + 120
+    while not (killed / ckpt.CHECKPOINT_FILE).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / ckpt.SUMMARY_FILE).exists(), "the run finished before it could be killed"
+    step_at_kill = int(ckpt.load_metadata(killed / ckpt.CHECKPOINT_FILE)["step"])
+    assert 0 < step_at_kill < 300
+
+    # Without --resume the folder is protected; with it training continues exactly.
+    assert main(pretrain_args(corpus_file, tok_dir, killed, *common)) == 2
+    assert main(pretrain_args(corpus_file, tok_dir, killed, *common, "--resume")) == 0
+    a = ckpt.load_tensors(full / ckpt.MODEL_FILE)
+    b = ckpt.load_tensors(killed / ckpt.MODEL_FILE)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [r["step"] for r in rows(killed)]
+    assert steps == sorted(set(steps))   # no duplicated log lines after the resume
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one(tmp_path, corpus_file, tok_dir):
+    common = ["--max-steps", "20", "--eval-every", "10", "--eval-batches", "2", "--seed", "3",
+              "--batch-size", "4", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(pretrain_args(corpus_file, tok_dir, one, *common, "--grad-accum", "2")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "--master_addr", "127.0.0.1", "-m", "gptlab",
+           *pretrain_args(corpus_file, tok_dir, two, *common)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    r1, r2 = rows(one), rows(two)
+    assert [r["step"] for r in r1] == [r["step"] for r in r2]
+    for a, b in zip(r1, r2):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        if "val_loss" in a:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, corpus_file, tok_dir, capsys):
+    out = tmp_path / "run"
+    assert main(pretrain_args(corpus_file, tok_dir, out, "--max-steps", "5", "--eval-batches", "1")) == 0
+    # Truncated weights.
+    data = (out / ckpt.MODEL_FILE).read_bytes()
+    (out / ckpt.MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(GptlabError, match="truncated or corrupted"):
+        ckpt.load_run(out)
+    # Truncated resume state: the CLI prints one line and exits 2.
+    state = (out / ckpt.CHECKPOINT_FILE).read_bytes()
+    (out / ckpt.CHECKPOINT_FILE).write_bytes(state[:100])
+    capsys.readouterr()
+    assert main(pretrain_args(corpus_file, tok_dir, out, "--max-steps", "10", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "corrupted" in err[0]
+    # Shapes that do not match the config.
+    (out / ckpt.MODEL_FILE).write_bytes(data)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model"]["n_embd"] = 96
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GptlabError, match="shape"):
+        ckpt.load_run(out)
+
+
+def test_bad_input_is_one_line(tmp_path, tok_dir, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    for data in [str(tmp_path / "missing.txt"), str(empty), str(short)]:
+        capsys.readouterr()
+        assert main(pretrain_args(data, tok_dir, tmp_path / "x", "--max-steps", "2")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
