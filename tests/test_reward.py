@@ -135,3 +135,10 @@ def test_rm_bad_input_names_file_and_line(tmp_path, small_tokenizer, capsys):
     data.write_text("{not json\n")
     assert main(["rm", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert f"{data}:1" in capsys.readouterr().err
+
+
+def test_identical_responses_make_no_pairs(small_tokenizer):
+    prompt = [{"role": "user", "content": "To be?"}]
+    items = encode_rankings(small_tokenizer, [Ranking(prompt, ["yes", "yes", "no"], [0, 1, 2]),
+                                              Ranking(prompt, ["no", "no"], [1, 0])], block_size=64)
+    assert len(items) == 1 and items[0].pairs == [(0, 2), (1, 2)]
