@@ -1,0 +1,281 @@
+"""``gptlab speedrun``: the whole recipe, one command, with a report card.
+
+corpus -> task mixture + instruction curriculum -> tokenizer -> pre-training -> zero/few-shot eval ->
+SFT -> labeler rankings -> reward model -> PPO-ptx (and DPO) -> head-to-head evals -> report.md
+
+Every stage runs the same commands a user would type (through ``gptlab.cli.main``), writes into its own
+folder under --out, and counts as finished only when its last file is in place (a run's summary.json,
+an eval's results.json, a ``.done`` marker for data stages; all written atomically). A killed speedrun
+therefore continues where it stopped: finished stages are skipped and a training stage cut short
+resumes from its checkpoint (``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gptlab.errors import GptlabError
+from gptlab.io import atomic_write_json, atomic_write_text, read_json
+
+# Per preset: model shape and per-stage budgets. ``seconds`` are expected durations, used for the ETA.
+PRESETS = {
+    # The whole run on a 2-core CPU in about 15 minutes.
+    "cpu": dict(arch="gpt2", preset="tiny", model=[], mixture_lines=100_000, vocab=4096, per_family=1500,
+                pretrain=["--max-steps", "2500", "--batch-size", "16", "--lr", "2e-3", "--time-budget", "330",
+                          "--eval-every", "250", "--ckpt-every", "250"],
+                eval=["--shots", "0,1,4", "--n", "60"],
+                sft=["--max-steps", "500", "--batch-size", "16", "--lr", "1e-3", "--time-budget", "120",
+                     "--eval-max-items", "120", "--eval-every", "250", "--ckpt-every", "250"],
+                label=["-k", "4", "--max-prompts", "400", "--noise", "0.16", "--max-new-tokens", "48"],
+                rm=["--batch-size", "8", "--lr", "3e-4", "--time-budget", "90", "--ckpt-every", "200"],
+                ppo=["--max-steps", "120", "--rollout-batch", "32", "--minibatch", "8", "--ppo-epochs", "2",
+                     "--lr", "5e-5", "--max-new-tokens", "40", "--eval-n", "60", "--eval-every", "40",
+                     "--time-budget", "150", "--kl-target", "0.5", "--normalize-reward", "--ckpt-every", "40"],
+                dpo=["--max-steps", "150", "--batch-size", "8", "--lr", "5e-5", "--time-budget", "70",
+                     "--eval-max-items", "120", "--ckpt-every", "75"],
+                compare_n=200, max_new_tokens=48,
+                seconds=dict(data=30, tokenizer=30, pretrain=330, eval_pretrain=40, sft=140, label=60, rm=90,
+                             ppo=160, dpo=80, compare=90, report=5)),
+    # A GPT-2-124M-class model on one GPU.
+    "gpu": dict(arch="gpt2", preset="gpt2-124m", model=["--block-size", "512"], mixture_lines=400_000,
+                vocab=16384, per_family=4000,
+                pretrain=["--max-steps", "6000", "--batch-size", "64", "--grad-accum", "2", "--lr", "6e-4",
+                          "--warmup-steps", "300", "--compile", "--eval-every", "500", "--ckpt-every", "1000",
+                          "--time-budget", "2700"],
+                eval=["--shots", "0,1,4,8", "--n", "200"],
+                sft=["--max-steps", "1500", "--batch-size", "32", "--lr", "1e-4", "--eval-max-items", "300"],
+                label=["-k", "4", "--max-prompts", "3000", "--noise", "0.16", "--max-new-tokens", "64"],
+                rm=["--batch-size", "16", "--lr", "3e-5"],
+                ppo=["--max-steps", "400", "--rollout-batch", "64", "--minibatch", "16", "--ppo-epochs", "2",
+                     "--lr", "1e-5", "--max-new-tokens", "64", "--eval-n", "200", "--eval-every", "100",
+                     "--kl-target", "0.5", "--normalize-reward"],
+                dpo=["--max-steps", "600", "--batch-size", "16", "--lr", "1e-5", "--eval-max-items", "300"],
+                compare_n=500, max_new_tokens=64,
+                seconds=dict(data=60, tokenizer=60, pretrain=2700, eval_pretrain=120, sft=300, label=200,
+                             rm=150, ppo=600, dpo=200, compare=120, report=5)),
+    # Seconds, not minutes: for tests of the orchestration (stage skipping, resume, report).
+    "test": dict(arch="gpt2", preset="tiny", model=["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
+                                                    "--block-size", "128"],
+                 mixture_lines=3000, vocab=600, per_family=40,
+                 pretrain=["--max-steps", "30", "--batch-size", "8", "--eval-every", "15", "--eval-batches", "2",
+                           "--ckpt-every", "10"],
+                 eval=["--shots", "0,1", "--n", "6", "--tasks", "add2", "en2zh"],
+                 sft=["--max-steps", "10", "--batch-size", "4", "--eval-max-items", "6", "--eval-every", "10"],
+                 label=["-k", "2", "--max-prompts", "12", "--max-new-tokens", "12"],
+                 rm=["--max-steps", "6", "--batch-size", "2"],
+                 ppo=["--max-steps", "4", "--rollout-batch", "4", "--minibatch", "2", "--ppo-epochs", "1",
+                      "--max-new-tokens", "10", "--eval-n", "4", "--eval-every", "4", "--ptx-batch", "2"],
+                 dpo=["--max-steps", "4", "--batch-size", "2", "--eval-max-items", "4"],
+                 compare_n=6, max_new_tokens=12,
+                 seconds=dict(data=2, tokenizer=2, pretrain=5, eval_pretrain=3, sft=3, label=3, rm=2, ppo=5,
+                              dpo=2, compare=3, report=1)),
+}
+
+QUIET = ["--no-progress"]
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    done: Callable[[], bool]
+    run: Callable[[], None]
+
+
+def _cli(args: list[str]) -> None:
+    from gptlab.cli import main
+    print("  $ gptlab " + " ".join(args), flush=True)
+    code = main(args)
+    if code:
+        raise GptlabError(f"stage command failed (exit {code}): gptlab {' '.join(args[:2])} ...")
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Speedrun:
+    def __init__(self, out: Path, preset: str, corpus: str | None, device: str, progress: bool):
+        if preset not in PRESETS:
+            raise GptlabError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        self.out, self.preset, self.p = out, preset, PRESETS[preset]
+        self.corpus = corpus
+        self.device = device
+        self.quiet = [] if progress else QUIET
+        self.d = {k: out / k for k in ["data", "tokenizer", "pretrain", "eval_pretrain", "sft", "rm", "ppo",
+                                       "dpo", "compare", "eval_final"]}
+        self.state_path = out / "speedrun.json"
+        self.state = read_json(self.state_path) if self.state_path.is_file() else {"stages": {}}
+
+    # ----- helpers ------------------------------------------------------------------------------
+    def _train_flags(self, stage: str) -> list[str]:
+        flags = list(self.p[stage]) + ["--device", self.device, "--seed", "0"] + self.quiet
+        if (self.d[stage] / "checkpoint.safetensors").is_file():
+            flags.append("--resume")
+        return flags
+
+    def _run_done(self, stage: str) -> bool:
+        return (self.d[stage] / "summary.json").is_file()
+
+    @property
+    def instruct(self) -> Path:
+        return self.d["data"] / "instruct"
+
+    def _mixture_path(self) -> Path:
+        from gptlab.data.mixture import mixture_path
+        return mixture_path(seed=0, n_lines=self.p["mixture_lines"], out_dir=self.d["data"] / "mixture")
+
+    def _corpora(self) -> list[str]:
+        base = self.corpus or "shakespeare"
+        return [f"{base}:2", str(self._mixture_path())]
+
+    # ----- stages -------------------------------------------------------------------------------
+    def stage_data(self):
+        from gptlab.data.mixture import write_mixture
+        if self.corpus is None:
+            _cli(["data", "shakespeare"])
+        write_mixture(self.d["data"] / "mixture", seed=0, n_lines=self.p["mixture_lines"])
+        inst = ["data", "instruct", "--out", str(self.instruct), "--n-per-family", str(self.p["per_family"])]
+        if self.corpus is not None:
+            inst.append("--no-shakespeare")
+        _cli(inst)
+        atomic_write_json(self.d["data"] / "data.done", {"mixture": str(self._mixture_path())})
+
+    def stage_tokenizer(self):
+        _cli(["tokenizer", "train", "--data", *self._corpora(), "--vocab-size", str(self.p["vocab"]),
+              "--out", str(self.d["tokenizer"])])
+
+    def stage_pretrain(self):
+        _cli(["pretrain", "--data", *self._corpora(), "--tokenizer", str(self.d["tokenizer"]),
+              "--arch", self.p["arch"], "--preset", self.p["preset"], *self.p["model"],
+              "--out", str(self.d["pretrain"]), "--no-sample", *self._train_flags("pretrain")])
+
+    def stage_eval_pretrain(self):
+        _cli(["eval", str(self.d["pretrain"]), *self.p["eval"], "--out", str(self.d["eval_pretrain"]),
+              "--device", self.device])
+
+    def stage_sft(self):
+        _cli(["sft", "--init", str(self.d["pretrain"]), "--data", str(self.instruct / "sft.jsonl"),
+              "--eval-items", str(self.instruct / "heldout.jsonl"), "--ptx-fraction", "0.1",
+              "--ptx-data", *self._corpora(), "--out", str(self.d["sft"]), *self._train_flags("sft")])
+
+    @property
+    def rankings(self) -> Path:
+        return self.out / "rankings.jsonl"
+
+    def stage_label(self):
+        _cli(["label", "--auto", "--prompts", str(self.instruct / "prompts.jsonl"), "--policy",
+              str(self.d["sft"]), "--out", str(self.rankings), "--seed", "0", *self.p["label"]])
+        atomic_write_json(self.out / "rankings.done", {"file": str(self.rankings)})
+
+    def stage_rm(self):
+        _cli(["rm", "--init", str(self.d["sft"]), "--data", str(self.rankings), "--demos",
+              str(self.instruct / "sft.jsonl"), "--out", str(self.d["rm"]), *self._train_flags("rm")])
+
+    def stage_ppo(self):
+        _cli(["ppo", "--init", str(self.d["sft"]), "--reward-model", str(self.d["rm"]), "--prompts",
+              str(self.instruct / "prompts.jsonl"), "--eval-prompts", str(self.instruct / "heldout.jsonl"),
+              "--ptx-data", *self._corpora(), "--out", str(self.d["ppo"]), *self._train_flags("ppo")])
+
+    def stage_dpo(self):
+        _cli(["dpo", "--init", str(self.d["sft"]), "--data", str(self.rankings), "--eval-items",
+              str(self.instruct / "heldout.jsonl"), "--out", str(self.d["dpo"]), *self._train_flags("dpo")])
+
+    def comparisons(self) -> list[tuple[str, str, str]]:
+        return [("ppo_vs_sft", "ppo", "sft"), ("dpo_vs_sft", "dpo", "sft"), ("ppo_vs_dpo", "ppo", "dpo"),
+                ("sft_vs_pretrain", "sft", "pretrain")]
+
+    def stage_compare(self):
+        self.d["compare"].mkdir(parents=True, exist_ok=True)
+        for name, a, b in self.comparisons():
+            out = self.d["compare"] / f"{name}.json"
+            if out.is_file():
+                continue
+            _cli(["compare", str(self.d[a]), str(self.d[b]), "--prompts", str(self.instruct / "heldout.jsonl"),
+                  "--n", str(self.p["compare_n"]), "--max-new-tokens", str(self.p["max_new_tokens"]),
+                  "--reward-model", str(self.d["rm"]), "--out", str(out)])
+
+    def stages(self) -> list[Stage]:
+        d = self.d
+        return [
+            Stage("data", "corpus, task mixture, instruction curriculum",
+                  lambda: (d["data"] / "data.done").is_file(), self.stage_data),
+            Stage("tokenizer", "byte-level BPE tokenizer", lambda: (d["tokenizer"] / "tokenizer.json").is_file(),
+                  self.stage_tokenizer),
+            Stage("pretrain", "pre-training (next token)", lambda: self._run_done("pretrain"), self.stage_pretrain),
+            Stage("eval_pretrain", "zero/few-shot evaluation", lambda: (d["eval_pretrain"] / "results.json").is_file(),
+                  self.stage_eval_pretrain),
+            Stage("sft", "supervised fine-tuning", lambda: self._run_done("sft"), self.stage_sft),
+            Stage("label", "labeler rankings of SFT samples", lambda: (self.out / "rankings.done").is_file(),
+                  self.stage_label),
+            Stage("rm", "reward model", lambda: self._run_done("rm"), self.stage_rm),
+            Stage("ppo", "PPO-ptx", lambda: self._run_done("ppo"), self.stage_ppo),
+            Stage("dpo", "DPO", lambda: self._run_done("dpo"), self.stage_dpo),
+            Stage("compare", "held-out win rates", lambda: all((d["compare"] / f"{n}.json").is_file()
+                                                               for n, _, _ in self.comparisons()),
+                  self.stage_compare),
+            Stage("report", "report card", lambda: False, self.write_report),
+        ]
+
+    # ----- driver -------------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        stages = self.stages()
+        expected = self.p["seconds"]
+        t_all = time.time()
+        for i, st in enumerate(stages, 1):
+            remaining = sum(expected.get(s.name, 0) for s in stages[i - 1:] if not s.done())
+            head = f"[{i}/{len(stages)}] {st.name}: {st.title}"
+            if st.done():
+                print(f"{head} - already done, skipped", flush=True)
+                continue
+            print(f"{head} (elapsed {_fmt(time.time() - t_all)}, ETA {_fmt(remaining)})", flush=True)
+            t0 = time.time()
+            st.run()
+            took = time.time() - t0
+            rec = self.state["stages"].setdefault(st.name, {"seconds": 0.0})
+            rec["seconds"] = round(rec["seconds"] + took, 1)
+            atomic_write_json(self.state_path, self.state)
+            print(f"      {st.name} finished in {_fmt(took)}", flush=True)
+        print(f"\nspeedrun finished in {_fmt(time.time() - t_all)}: report at {self.out / 'report.md'}")
+        return self.out / "report.md"
+
+    def write_report(self):
+        from gptlab.report import build_report
+        atomic_write_text(self.out / "report.md", build_report(self))
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if args.preset == "gpu" and not torch.cuda.is_available() and args.device == "auto":
+        print("note: --preset gpu without a CUDA device will be very slow")
+    Speedrun(out, args.preset, args.corpus, args.device, progress=not args.no_progress).run()
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "speedrun", help="run every stage end to end and write a report card",
+        description="Fetch the corpus, generate the task mixture and instruction curriculum, train the "
+        "tokenizer, pre-train, evaluate zero/few-shot, SFT, rank samples with the labeler, train the reward "
+        "model, PPO-ptx and DPO, compare them on held-out prompts, and write report.md with plots. "
+        "Finished stages are skipped, so a killed speedrun continues where it stopped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="cpu: ~15 min on 2 cores; gpu: GPT-2-124M class on one GPU; test: seconds")
+    p.add_argument("--out", default="runs/speedrun", help="folder for every stage's output and report.md")
+    p.add_argument("--corpus", default=None,
+                   help="use this text corpus instead of downloading Shakespeare (skips the Shakespeare "
+                   "questions in the curriculum)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars inside stages")
+    p.set_defaults(func=run)

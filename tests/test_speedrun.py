@@ -1,0 +1,51 @@
+"""The speedrun on its miniature preset: every stage's output, the report, and skipping finished stages."""
+import json
+
+import pytest
+
+from gptlab.cli import main
+from conftest import SAMPLE_TEXT
+
+
+@pytest.fixture(scope="module")
+def speedrun_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speedrun")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 10, encoding="utf-8")
+    out = root / "out"
+    assert main(["speedrun", "--preset", "test", "--corpus", str(corpus), "--out", str(out), "--no-progress"]) == 0
+    return out, corpus
+
+
+def test_every_stage_leaves_its_output(speedrun_dir):
+    out, _ = speedrun_dir
+    for path in ["data/data.done", "tokenizer/tokenizer.json", "pretrain/summary.json", "pretrain/loss.png",
+                 "eval_pretrain/results.json", "eval_pretrain/accuracy_vs_shots.png", "sft/summary.json",
+                 "rankings.jsonl", "rm/summary.json", "ppo/summary.json", "ppo/curves.png", "dpo/summary.json",
+                 "compare/ppo_vs_sft.json", "report.md"]:
+        assert (out / path).is_file(), path
+    report = (out / "report.md").read_text()
+    for section in ["## Stages", "## Pre-training", "## Zero- and few-shot", "## SFT", "## Reward model",
+                    "## PPO-ptx", "## Held-out win rates", "## Samples", "gptlab chat"]:
+        assert section in report, section
+    state = json.loads((out / "speedrun.json").read_text())
+    assert set(state["stages"]) >= {"data", "pretrain", "sft", "rm", "ppo", "dpo", "compare"}
+
+
+def test_rerun_skips_finished_stages_and_redoes_missing_ones(speedrun_dir, capsys):
+    out, corpus = speedrun_dir
+    # Pretend the run died during PPO: its summary (written last) and everything after it are missing.
+    (out / "ppo" / "summary.json").unlink()
+    for f in (out / "compare").glob("ppo_*.json"):
+        f.unlink()
+    capsys.readouterr()
+    assert main(["speedrun", "--preset", "test", "--corpus", str(corpus), "--out", str(out), "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    for stage in ["data", "tokenizer", "pretrain", "eval_pretrain", "sft", "label", "rm", "dpo"]:
+        assert f"] {stage}:" in log and f"{stage}: " in log
+        line = next(l for l in log.splitlines() if f"] {stage}:" in l)
+        assert "already done, skipped" in line, line
+    ppo_line = next(l for l in log.splitlines() if "] ppo:" in l)
+    assert "skipped" not in ppo_line
+    assert "--resume" in log   # PPO continued from its checkpoint instead of starting over
+    assert (out / "ppo" / "summary.json").is_file() and (out / "compare" / "ppo_vs_sft.json").is_file()
