@@ -31,6 +31,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)     # stop strings (not included in the text)
     stop_ids: list[int] | None = None                 # extra stop tokens (e.g. end of turn)
     seed: int | None = None
+    ignore_eos: bool = False    # benchmarks: never end on the default stop ids (fixed-length answers)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -61,10 +62,29 @@ class TokenEvent:
     finish_reason: str | None = None
 
 
+def _uniform(gen: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(1, generator=gen)   # CPU: a row's seeded generator lives there
+
+
+def _pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw, one per row of probs [N, V]: the first token whose cumulative probability
+    exceeds u * total. One uniform per token keeps a seeded row's stream independent of its batch, and it
+    is far cheaper than torch.multinomial (measured ~0.35 ms per call on the loaded 2-core box)."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.to(cdf.device)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+
+
+def _plain(p: SamplingParams) -> bool:
+    """Sampling with temperature only (no top-k / top-p): batched across rows in sample_tokens."""
+    return p.temperature > 0 and p.top_k is None and p.top_p >= 1.0
+
+
 def sample_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """One token from a row of logits [V] under ``p`` (greedy when temperature is 0)."""
-    if p.temperature == 0:
-        return int(torch.argmax(logits))
+    if p.temperature == 0 or _plain(p):
+        return sample_tokens(logits[None], [p], [gen])[0]
     logits = logits.float() / p.temperature
     if p.top_k is not None and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -75,7 +95,29 @@ def sample_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator |
         keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p   # smallest set reaching top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    return int(_pick(probs[None], _uniform(gen))[0])
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> list[int]:
+    """One token per row of logits [N, V]. Greedy rows and temperature-only rows are done with a few
+    batched ops (per-row Python/torch calls dominated a decode step at batch 8+); rows with top-k/top-p
+    go one by one. A row gets the same token here as from sample_token alone."""
+    out = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    plain = [i for i, p in enumerate(params) if _plain(p)]
+    if greedy:
+        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+            out[i] = t
+    if plain:
+        temps = torch.tensor([params[i].temperature for i in plain], device=logits.device)
+        probs = torch.softmax(logits[plain].float() / temps[:, None], dim=-1)
+        u = torch.cat([_uniform(gens[i]) for i in plain])
+        for i, t in zip(plain, _pick(probs, u).tolist()):
+            out[i] = t
+    for i, p in enumerate(params):
+        if p.temperature > 0 and not _plain(p):
+            out[i] = sample_token(logits[i], p, gens[i])
+    return out
 
 
 class _Row:
@@ -85,7 +127,7 @@ class _Row:
         self.context = list(prompt)
         self.prompt_tokens = len(prompt)
         self.params = params
-        self.stop_ids = stop_ids | set(params.stop_ids or [])
+        self.stop_ids = (set() if params.ignore_eos else stop_ids) | set(params.stop_ids or [])
         self.tok = tok
         self.out: list[int] = []
         self.emitted = ""
@@ -199,12 +241,13 @@ class Engine:
             row = active[s]
             logits = self._prefill(cache, s, row.context[-(self.block_size // 2):])
             row.push(sample_token(logits, row.params, row.gen))
-        slots = [s for s, r in active.items() if s not in full and r.finish is None]
+        # Sorted: consecutive cache rows let attention read the cache through views instead of gathers.
+        slots = sorted(s for s, r in active.items() if s not in full and r.finish is None)
         if slots:
-            logits = self._decode(cache, slots, [active[s].context[-1] for s in slots])
-            for i, s in enumerate(slots):
-                row = active[s]
-                row.push(sample_token(logits[i], row.params, row.gen))
+            rows = [active[s] for s in slots]
+            logits = self._decode(cache, slots, [r.context[-1] for r in rows])
+            for row, t in zip(rows, sample_tokens(logits, [r.params for r in rows], [r.gen for r in rows])):
+                row.push(t)
 
     # ----- public API ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

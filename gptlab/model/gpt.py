@@ -206,6 +206,13 @@ class KVCache:
             return None
         return r0, r0 + rows.numel(), int(pos[0, 0])
 
+    def row_block(self, rows: torch.Tensor):
+        """(first_row, last_row + 1) when ``rows`` are consecutive cache rows, else None."""
+        r0, n = int(rows[0]), rows.numel()
+        if n == 1 or torch.equal(rows, torch.arange(r0, r0 + n, device=rows.device)):
+            return r0, r0 + n
+        return None
+
     def reset(self, rows=None):
         if rows is None:
             self.lengths.zero_()
@@ -256,7 +263,12 @@ class CausalSelfAttention(nn.Module):
             else:
                 kc[rows[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
                 vc[rows[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
-                k, v = kc[rows, :, :int(pos.max()) + 1], vc[rows, :, :int(pos.max()) + 1]
+                n_keys = int(pos.max()) + 1
+                block = cache.row_block(rows)
+                if block is not None:   # consecutive rows at different lengths: views, no gather copy
+                    k, v = kc[block[0]:block[1], :, :n_keys], vc[block[0]:block[1], :, :n_keys]
+                else:
+                    k, v = kc[rows, :, :n_keys], vc[rows, :, :n_keys]
             if span is not None and T == 1 and self.band is None:
                 mask = None                                     # a single new token sees every key
             else:

@@ -173,13 +173,14 @@ class Sampling:
     seed: int | None
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
 
     def params(self, index: int):
         from gptlab.generate.engine import SamplingParams
         # Choice i gets seed + i: reproducible, yet n > 1 samples differ from each other.
         seed = None if self.seed is None else (self.seed + index) % (1 << 63)
         return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, stop=list(self.stop), seed=seed)
+                              top_p=self.top_p, stop=list(self.stop), seed=seed, ignore_eos=self.ignore_eos)
 
 
 def parse_sampling(body: dict, limits: Limits, min_tokens: int = 1) -> Sampling:
@@ -202,7 +203,10 @@ def parse_sampling(body: dict, limits: Limits, min_tokens: int = 1) -> Sampling:
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=_integer(body, "top_k", None, 1),   # an extension; OpenAI has none
-        stop=_stop(body), seed=seed, stream=stream, include_usage=stream and include_usage)
+        stop=_stop(body), seed=seed, stream=stream, include_usage=stream and include_usage,
+        # An extension (vLLM's name): keep going past end-of-text/end-of-turn, so load tests get answers
+        # of exactly max_tokens tokens.
+        ignore_eos=_bool(body, "ignore_eos"))
 
 
 def parse_messages(raw, limits: Limits) -> list[dict]:
@@ -462,6 +466,7 @@ _SAMPLING_DOC = {
     "max_tokens": {"type": "integer"}, "max_completion_tokens": {"type": "integer"},
     "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
     "seed": {"type": "integer"}, "stream": {"type": "boolean"},
+    "ignore_eos": {"type": "boolean", "description": "gptlab extension: do not stop at end of text/turn"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
 }
 _CHAT_DOC = _body_schema({**_SAMPLING_DOC, "messages": {"type": "array", "items": {

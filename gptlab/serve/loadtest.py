@@ -1,0 +1,284 @@
+"""Serving load benchmark: N concurrent streaming chat clients against the OpenAI-compatible API.
+
+``run_load(RUN_DIR)`` starts the same app ``gptlab serve`` runs (uvicorn on 127.0.0.1, a free port, in a
+thread of this process) or talks to a server already running at a base URL, then for each concurrency
+level runs that many clients at once. Each client sends ``requests_per_client`` streaming
+``POST /v1/chat/completions`` requests back to back and times them from the client's side:
+
+* time to first token (TTFT): request sent -> first SSE chunk carrying answer text;
+* latency: request sent -> ``data: [DONE]``;
+* tokens: the server's own ``usage.completion_tokens`` (``stream_options.include_usage``).
+
+Every request sets ``ignore_eos: true`` (a gptlab extension, vLLM's name for it) so answers are exactly
+``max_tokens`` long whatever the weights say: levels then compare equal work. Aggregate tokens/s is all
+completion tokens of a level divided by the level's wall time (first request sent -> last answer done).
+
+Bounded: loopback only when the server is started here, a fixed number of requests per level, and a
+time limit per level (requests still running then are cancelled and the row says so).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+from gptlab.errors import GptlabError
+
+DEFAULT_PROMPT = "Tell me a story about a king and his three daughters."
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated q-th percentile (0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    xs = sorted(values)
+    at = (len(xs) - 1) * q / 100.0
+    lo = int(at)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (at - lo)
+
+
+# ----- one streaming request -------------------------------------------------------------------------------
+async def _one(http, body: dict) -> dict:
+    """Send one streaming chat request and time it; raises GptlabError on an HTTP or SSE error."""
+    t0 = time.perf_counter()
+    ttft, tokens, chunks, finish = None, None, 0, None
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            raise GptlabError(f"server answered {r.status_code}: {r.text[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            if "error" in obj:
+                raise GptlabError(f"server error while streaming: {obj['error'].get('message')}")
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+            for c in obj.get("choices") or []:
+                if (c.get("delta") or {}).get("content"):
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                finish = c.get("finish_reason") or finish
+    latency = time.perf_counter() - t0
+    return {"ttft": ttft if ttft is not None else latency, "latency": latency,
+            "tokens": tokens if tokens is not None else chunks, "chunks": chunks, "finish": finish}
+
+
+async def _level(url: str, headers: dict, body: dict, clients: int, requests_per_client: int,
+                 time_limit: float) -> dict:
+    """``clients`` concurrent clients, each sending ``requests_per_client`` requests back to back."""
+    import httpx
+    done: list[dict] = []
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(time_limit + 5)) as http:
+        async def client(i: int):
+            for j in range(requests_per_client):
+                try:   # a seed per request: reproducible, yet clients do not all get the same text
+                    done.append(await _one(http, {**body, "seed": 1000 * i + j}))
+                except (GptlabError, httpx.HTTPError, json.JSONDecodeError) as e:
+                    errors.append(str(e) or type(e).__name__)
+
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+        _, pending = await asyncio.wait(tasks, timeout=time_limit)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.perf_counter() - start
+    ttfts = [d["ttft"] for d in done]
+    lat = [d["latency"] for d in done]
+    tokens = sum(d["tokens"] for d in done)
+    ms = lambda v: None if v is None else round(1000 * v, 1)   # noqa: E731
+    return {
+        "clients": clients, "requests": len(done), "errors": len(errors),
+        "timed_out": bool(pending), "tokens": tokens, "seconds": round(wall, 3),
+        "tok_s": round(tokens / wall, 2) if wall > 0 else 0.0,
+        "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p95_ms": ms(percentile(ttfts, 95)),
+        "latency_p50_ms": ms(percentile(lat, 50)),
+        "short_answers": sum(1 for d in done if d["tokens"] != body["max_tokens"]),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+# ----- a server in this process ------------------------------------------------------------------------------
+class _LocalServer:
+    """``gptlab serve``'s app under uvicorn in a daemon thread, on 127.0.0.1 and a free port."""
+
+    def __init__(self, backend):
+        import uvicorn
+
+        from gptlab.serve.app import Limits, create_app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        app = create_app(backend, limits=Limits())
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline and self.thread.is_alive():
+            time.sleep(0.01)
+        if not self.server.started:
+            raise GptlabError("the in-process server did not start")
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def _model_id(url: str, headers: dict) -> str:
+    import httpx
+    try:
+        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+    except httpx.HTTPError as e:
+        raise GptlabError(f"cannot reach {url} ({e})") from None
+    if r.status_code != 200:
+        raise GptlabError(f"{url}/v1/models answered {r.status_code}")
+    return r.json()["data"][0]["id"]
+
+
+# ----- the benchmark -------------------------------------------------------------------------------------------
+def run_load(run_dir_or_backend, clients=(1, 8, 32), max_tokens: int = 64, requests_per_client: int = 4,
+             max_batch: int = 32, prompt: str = DEFAULT_PROMPT, temperature: float = 1.0,
+             time_limit: float = 300.0, api_key: str | None = None, device: str = "auto",
+             show: bool = True) -> list[dict]:
+    """Measure the server at each concurrency level in ``clients``; print a table and return its rows.
+
+    ``run_dir_or_backend``: a run folder (served here), an ``http(s)://`` base URL of a running server,
+    or a Backend-like object (see gptlab.serve.app.Backend; served here, not closed). ``time_limit``
+    bounds each level in seconds. Rows: clients, requests, errors, timed_out, tokens, seconds, tok_s,
+    ttft_p50_ms, ttft_p95_ms, latency_p50_ms, short_answers, first_error and speedup (tok_s over the
+    1-client level's, when that level ran).
+    """
+    levels = [int(c) for c in clients]
+    if not levels or min(levels) < 1:
+        raise GptlabError("clients must be a non-empty list of positive integers")
+    if max_tokens < 1 or requests_per_client < 1 or max_batch < 1:
+        raise GptlabError("max_tokens, requests_per_client and max_batch must be at least 1")
+    if time_limit <= 0:
+        raise GptlabError("time_limit must be positive")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    target = run_dir_or_backend
+    if isinstance(target, str) and target.startswith(("http://", "https://")):
+        url = target.rstrip("/")
+        if url.endswith("/v1"):
+            url = url[:-3]
+        return _measure(url, headers, _model_id(url, headers), levels, max_tokens, requests_per_client,
+                        prompt, temperature, time_limit, show)
+
+    import torch
+
+    from gptlab.serve.app import Backend
+    from gptlab.serve.commands import _leave_a_core
+    threads = torch.get_num_threads()
+    own = isinstance(target, (str, Path))
+    if own:
+        if not Path(target).is_dir():
+            raise GptlabError(f"{target}: no such run folder")
+        _leave_a_core(device)   # exactly what `gptlab serve` does before loading the model
+        backend = Backend.from_run(target, device=device, max_batch=max_batch)
+    else:
+        _leave_a_core(device)
+        backend = target
+    try:
+        with _LocalServer(backend) as server:
+            return _measure(server.url, headers, backend.model_id, levels, max_tokens, requests_per_client,
+                            prompt, temperature, time_limit, show)
+    finally:
+        if own:
+            backend.close()
+        torch.set_num_threads(threads)
+
+
+def _measure(url, headers, model, levels, max_tokens, requests_per_client, prompt, temperature,
+             time_limit, show) -> list[dict]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
+            "temperature": temperature, "ignore_eos": True}
+
+    async def main():
+        # Warm-up (first-call costs: allocator, lazy imports): one short request, not reported.
+        await _level(url, headers, {**body, "max_tokens": min(4, max_tokens)}, 1, 1, time_limit)
+        rows = []
+        for n in levels:
+            row = await _level(url, headers, body, n, requests_per_client, time_limit)
+            rows.append(row)
+            if show:
+                print(f"  {n} client(s): {row['tok_s']} tok/s, {row['requests']} requests", flush=True)
+        return rows
+
+    if show:
+        print(f"load test: {url} model {model}, {max_tokens} tokens per answer, "
+              f"{requests_per_client} requests per client", flush=True)
+    rows = asyncio.run(main())
+    base = next((r["tok_s"] for r in rows if r["clients"] == 1 and r["tok_s"] > 0), None)
+    for r in rows:
+        r["speedup"] = round(r["tok_s"] / base, 2) if base else None
+    if show:
+        print(format_table(rows))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width text table of run_load's rows."""
+    cols = [("clients", "clients"), ("requests", "requests"), ("errors", "errors"), ("tokens", "tokens"),
+            ("seconds", "wall s"), ("tok_s", "tok/s"), ("speedup", "x vs 1"),
+            ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95 ms"), ("latency_p50_ms", "latency p50 ms")]
+    cell = lambda v: "-" if v is None else str(v)   # noqa: E731
+    table = [[h for _, h in cols]] + [[cell(r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"{r['clients']} clients: stopped at the time limit" for r in rows if r.get("timed_out")]
+    notes += [f"{r['clients']} clients: {r['errors']} failed requests (first: {r['first_error']})"
+              for r in rows if r.get("errors")]
+    return "\n".join(lines + notes)
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m gptlab.serve.loadtest",
+                                 description="Concurrent streaming chat clients against gptlab's OpenAI API.")
+    ap.add_argument("target", help="run folder (served in-process on 127.0.0.1) or http://host:port of a server")
+    ap.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated (default 1,8,32)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (EOS ignored; default 64)")
+    ap.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (default 4)")
+    ap.add_argument("--max-batch", type=int, default=32, help="scheduler batch slots (default 32)")
+    ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per level at most (default 300)")
+    ap.add_argument("--api-key", default=None, help="bearer key of a running server")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    try:
+        levels = [int(x) for x in args.clients.split(",") if x.strip()]
+    except ValueError:
+        raise GptlabError("--clients must be comma-separated integers") from None
+    rows = run_load(args.target, clients=levels, max_tokens=args.max_tokens,
+                    requests_per_client=args.requests_per_client, max_batch=args.max_batch,
+                    time_limit=args.time_limit, api_key=args.api_key)
+    if args.json:
+        from gptlab.io import atomic_write_json
+        atomic_write_json(args.json, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        sys.exit(main())
+    except GptlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
