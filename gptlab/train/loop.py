@@ -294,6 +294,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                 bar.set_postfix(post, refresh=False)
         if d.main and (step % cfg.ckpt_every == 0 or is_last or out_of_time):
             save(step, elapsed)
+        if d.main and (step % cfg.eval_every == 0 or is_last or out_of_time):
             rows = read_metrics(metrics_path)
             plot_loss(rows, run_dir / "loss.png", title=f"{stage.name}: {run_dir.name}")
             if getattr(stage, "plot_keys", None):
