@@ -34,7 +34,7 @@ def add_epoch_args(p: argparse.ArgumentParser, epochs: float) -> None:
     """--epochs, and --max-steps defaulting to "whatever --epochs needs" (the loop needs a number)."""
     for action in p._actions:
         if action.dest == "max_steps":
-            action.default = None
+            action.default = argparse.SUPPRESS   # absent unless given; resolve_steps fills it in
             action.help = "optimizer steps (default: as many as --epochs takes)"
     p.add_argument("--epochs", type=float, default=epochs,
                    help="passes over the training examples when --max-steps is not given")
@@ -42,7 +42,7 @@ def add_epoch_args(p: argparse.ArgumentParser, epochs: float) -> None:
 
 def resolve_steps(args, n_examples: int, rows_per_batch: int) -> bool:
     """Fill args.max_steps from --epochs when the user did not give it (then return True)."""
-    if args.max_steps is not None:
+    if getattr(args, "max_steps", None) is not None:
         return False
     if not args.epochs > 0:
         raise GptlabError("--epochs must be positive")
