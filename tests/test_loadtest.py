@@ -41,7 +41,7 @@ def test_quick_load_run(run_dir, capsys):
         assert r["short_answers"] == 0 and r["tokens"] == 6 * r["requests"]
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"]
         assert r["ttft_p50_ms"] <= r["latency_p50_ms"]
-        assert r["tok_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=0.01)
+        assert r["tok_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=0.05)
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
     table = capsys.readouterr().out
     assert "tok/s" in table and "TTFT p95 ms" in table

@@ -42,31 +42,69 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # ----- one streaming request -------------------------------------------------------------------------------
-async def _one(http, body: dict) -> dict:
+# A minimal HTTP/1.1 client on asyncio streams rather than httpx: the clients share this process (and its
+# GIL) with the in-process server, and httpx/anyio's per-read overhead was measured to cost as much CPU as
+# the model itself at 8 clients, capping what the benchmark could show. This one does a few cheap calls
+# per SSE event.
+async def _chunks(reader: asyncio.StreamReader, chunked: bool):
+    """The response body piece by piece (chunked transfer encoding, or until the server closes)."""
+    if not chunked:
+        while piece := await reader.read(65536):
+            yield piece
+        return
+    while True:
+        size_line = await reader.readline()
+        if not size_line:
+            raise GptlabError("the server closed the connection mid-answer")
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return
+        yield (await reader.readexactly(size + 2))[:-2]
+
+
+async def _one(host: str, port: int, head: bytes, payload: bytes) -> dict:
     """Send one streaming chat request and time it; raises GptlabError on an HTTP or SSE error."""
     t0 = time.perf_counter()
     ttft, tokens, chunks, finish = None, None, 0, None
-    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            raise GptlabError(f"server answered {r.status_code}: {r.text[:200]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                break
-            obj = json.loads(data)
-            if "error" in obj:
-                raise GptlabError(f"server error while streaming: {obj['error'].get('message')}")
-            if obj.get("usage"):
-                tokens = obj["usage"]["completion_tokens"]
-            for c in obj.get("choices") or []:
-                if (c.get("delta") or {}).get("content"):
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                finish = c.get("finish_reason") or finish
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(head + payload)
+        await writer.drain()
+        status_line = await reader.readline()
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise GptlabError(f"not an HTTP answer: {status_line[:80]!r}")
+        status, headers = int(parts[1]), {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip().lower()
+        body = _chunks(reader, headers.get("transfer-encoding") == "chunked")
+        if status != 200:
+            text = b"".join([p async for p in body]).decode(errors="replace")
+            raise GptlabError(f"server answered {status}: {text[:200]}")
+        buf = b""
+        async for piece in body:
+            buf += piece
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                if not event.startswith(b"data: "):
+                    continue
+                data = event[6:]
+                if data == b"[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    raise GptlabError(f"server error while streaming: {obj['error'].get('message')}")
+                if obj.get("usage"):
+                    tokens = obj["usage"]["completion_tokens"]
+                for c in obj.get("choices") or []:
+                    if (c.get("delta") or {}).get("content"):
+                        chunks += 1
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+                    finish = c.get("finish_reason") or finish
+    finally:
+        writer.close()
     latency = time.perf_counter() - t0
     return {"ttft": ttft if ttft is not None else latency, "latency": latency,
             "tokens": tokens if tokens is not None else chunks, "chunks": chunks, "finish": finish}
@@ -75,33 +113,39 @@ async def _one(http, body: dict) -> dict:
 async def _level(url: str, headers: dict, body: dict, clients: int, requests_per_client: int,
                  time_limit: float) -> dict:
     """``clients`` concurrent clients, each sending ``requests_per_client`` requests back to back."""
-    import httpx
+    from urllib.parse import urlsplit
+    where = urlsplit(url)
+    host, port = where.hostname, where.port or 80
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     done: list[dict] = []
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(time_limit + 5)) as http:
-        async def client(i: int):
-            for j in range(requests_per_client):
-                try:   # a seed per request: reproducible, yet clients do not all get the same text
-                    done.append(await _one(http, {**body, "seed": 1000 * i + j}))
-                except (GptlabError, httpx.HTTPError, json.JSONDecodeError) as e:
-                    errors.append(str(e) or type(e).__name__)
 
-        start = time.perf_counter()
-        tasks = [asyncio.create_task(client(i)) for i in range(clients)]
-        _, pending = await asyncio.wait(tasks, timeout=time_limit)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        wall = time.perf_counter() - start
+    async def client(i: int):
+        for j in range(requests_per_client):
+            # A seed per request: reproducible, yet clients do not all get the same text.
+            payload = json.dumps({**body, "seed": 1000 * i + j}).encode()
+            head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {where.netloc}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                    f"Accept: text/event-stream\r\nConnection: close\r\n{extra}\r\n").encode("latin-1")
+            try:
+                done.append(await _one(host, port, head, payload))
+            except (GptlabError, OSError, ValueError, asyncio.IncompleteReadError) as e:
+                errors.append(str(e) or type(e).__name__)
+
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+    _, pending = await asyncio.wait(tasks, timeout=time_limit)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    wall = time.perf_counter() - start
     ttfts = [d["ttft"] for d in done]
     lat = [d["latency"] for d in done]
     tokens = sum(d["tokens"] for d in done)
     ms = lambda v: None if v is None else round(1000 * v, 1)   # noqa: E731
     return {
         "clients": clients, "requests": len(done), "errors": len(errors),
-        "timed_out": bool(pending), "tokens": tokens, "seconds": round(wall, 3),
+        "timed_out": bool(pending), "tokens": tokens, "seconds": round(wall, 4),
         "tok_s": round(tokens / wall, 2) if wall > 0 else 0.0,
         "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p95_ms": ms(percentile(ttfts, 95)),
         "latency_p50_ms": ms(percentile(lat, 50)),
@@ -158,7 +202,7 @@ def run_load(run_dir_or_backend, clients=(1, 8, 32), max_tokens: int = 64, reque
              show: bool = True) -> list[dict]:
     """Measure the server at each concurrency level in ``clients``; print a table and return its rows.
 
-    ``run_dir_or_backend``: a run folder (served here), an ``http(s)://`` base URL of a running server,
+    ``run_dir_or_backend``: a run folder (served here), an ``http://`` base URL of a running server,
     or a Backend-like object (see gptlab.serve.app.Backend; served here, not closed). ``time_limit``
     bounds each level in seconds. Rows: clients, requests, errors, timed_out, tokens, seconds, tok_s,
     ttft_p50_ms, ttft_p95_ms, latency_p50_ms, short_answers, first_error and speedup (tok_s over the
@@ -173,7 +217,9 @@ def run_load(run_dir_or_backend, clients=(1, 8, 32), max_tokens: int = 64, reque
         raise GptlabError("time_limit must be positive")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     target = run_dir_or_backend
-    if isinstance(target, str) and target.startswith(("http://", "https://")):
+    if isinstance(target, str) and target.startswith("https://"):
+        raise GptlabError("the load test speaks plain http:// only (run it next to the server)")
+    if isinstance(target, str) and target.startswith("http://"):
         url = target.rstrip("/")
         if url.endswith("/v1"):
             url = url[:-3]
