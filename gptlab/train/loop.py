@@ -182,12 +182,15 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         if d.main:
             print(f"{run_dir}: already trained for {start_step} steps")
 
-    train_model = model
-    if cfg.compile:
-        train_model = torch.compile(model)
+    train_model = torch.compile(model) if cfg.compile else model
+    # The stage's whole loss computation runs inside one module's forward, so DDP sees every parameter
+    # use (stages may call model.hidden, heads or value functions, not just model.forward).
+    step_module = _StageLoss(train_model, stage)
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        from gptlab.model.gpt import GPT
+        step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=not isinstance(model, GPT))
 
     peak = matmul_peak(device) if flops_per_token else None
     count_tokens = getattr(stage, "count_tokens", None)
@@ -236,10 +239,10 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
             gen = batch_generator(cfg.seed, step, d.rank * cfg.grad_accum + micro)
             batch = _to(stage.get_batch("train", gen), device)
             sync = micro == cfg.grad_accum - 1 or d.world == 1
-            ctx = train_model.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
+            ctx = step_module.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 with autocast(device):
-                    loss, extra = stage.loss(train_model, batch)
+                    loss, extra = step_module(batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
             for k, v in extra.items():
@@ -317,6 +320,18 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
     if d.world > 1:
         dist.barrier()
     return result
+
+
+class _StageLoss(torch.nn.Module):
+    """forward(batch) = stage.loss(model, batch): the unit DDP wraps and synchronises."""
+
+    def __init__(self, model: torch.nn.Module, stage):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "stage", stage)   # not a submodule: its frozen models stay out of DDP
+
+    def forward(self, batch):
+        return self.stage.loss(self.model, batch)
 
 
 def _to(batch, device):
