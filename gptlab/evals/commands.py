@@ -60,6 +60,16 @@ def results_markdown(res: dict) -> str:
                 cells.append(cell)
             lines.append(f"| {run} | " + " | ".join(cells) + " |")
         lines.append("")
+        vocab = {run: {k: v.get("acc_vocab_top1") for k, v in per_task.get(task, {}).items()}
+                 for run, per_task in res["runs"].items()}
+        if any(x is not None for v in vocab.values() for x in v.values()):
+            lines += ["Whole-vocabulary top-1 (no candidate set; BERT sees both sides of the blank, GPT "
+                      "only the left):", "", "| run | " + " | ".join(f"k={k}" for k in shots) + " |",
+                      "|---|" + "---|" * len(shots)]
+            for run, v in vocab.items():
+                lines.append(f"| {run} | " + " | ".join(
+                    "n/a" if v.get(str(k)) is None else f"{100 * v[str(k)]:.1f}%" for k in shots) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -86,6 +96,7 @@ def plot_shots(res: dict, out: Path) -> None:
         if chance:
             ax.axhline(100 * chance, color="gray", ls="--", lw=1, label="chance")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.3, max(res["settings"]["shots"]) * 1.15 + 0.3)
         ax.set_xticks(res["settings"]["shots"])
         ax.set_xticklabels([str(k) for k in res["settings"]["shots"]])
         ax.set_ylim(-2, 102)

@@ -133,6 +133,30 @@ def _generate(model, tok, task: Task, queries: list[Query], batch_size: int, bar
     return texts
 
 
+def _vocab_top1(model, tok, queries: list[Query]) -> float | None:
+    """Blank tasks: share of queries whose word is the model's single most likely token over the whole
+    vocabulary (BERT: at a mask with both sides visible; GPT: next token after the left side only)."""
+    import torch
+    from gptlab.evals.fill import masked_logprobs, _crop, _mask_id
+    hits, n = 0, 0
+    for q in queries:
+        word = tok.encode(q.item.answer)
+        if len(word) != 1:
+            continue
+        left = [tok.eot_id] + tok.encode(q.prefix + q.item.prompt)
+        if model.config.causal:
+            left = left[-model.config.block_size:]
+            with torch.inference_mode():
+                logits = model.lm_logits(model.hidden(torch.tensor([left], device=next(model.parameters()).device))[:, -1])
+            pred = int(logits[0, :tok.vocab_size].argmax())
+        else:
+            ids, pos = _crop(left + [_mask_id(tok)] + tok.encode(q.item.right), [len(left)], model.config.block_size)
+            pred = int(masked_logprobs(model, [ids], pos)[0, :tok.vocab_size].argmax())
+        hits += pred == word[0]
+        n += 1
+    return hits / n if n else None
+
+
 def evaluate_task(model, tok, task: Task, shots: list[int], seed: int = 0, normalize: bool = True,
                   description: bool = True, batch_size: int = 32, show_progress: bool = True,
                   label: str = "") -> tuple[dict, list[dict]]:
@@ -162,6 +186,9 @@ def evaluate_task(model, tok, task: Task, shots: list[int], seed: int = 0, norma
                 hits = [c == q.item.label for c, q in zip(chosen, queries)]
                 extra = {"acc_raw": sum(r == q.item.label for r, q in zip(raw, queries)) / len(queries),
                          "acc_norm": sum(r == q.item.label for r, q in zip(norm, queries)) / len(queries)}
+                if task.kind == "blank":   # per-token means mean nothing for whole lines
+                    extra.pop("acc_norm")
+                    extra["acc_vocab_top1"] = _vocab_top1(model, tok, queries)
                 rows = [{"prediction": q.item.choices[c], "logprobs": [round(x[0], 4) for x in s]}
                         for c, q, s in zip(chosen, queries, scores)]
         correct = sum(hits)
