@@ -264,7 +264,8 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         is_last = step == cfg.max_steps
         elapsed = elapsed0 + time.perf_counter() - t_start
         out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
-        if step % cfg.log_every == 0 or is_last or out_of_time:
+        do_eval = step % cfg.eval_every == 0 or is_last or out_of_time
+        if step % cfg.log_every == 0 or do_eval:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
@@ -281,7 +282,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                 row["tokens_per_s"] = round(tok_s, 1)
                 if peak:
                     row["mfu"] = round(flops_per_token * tok_s / (peak * d.world), 4)
-            if step % cfg.eval_every == 0 or is_last or out_of_time:
+            if do_eval:
                 last_eval = evaluate()
                 last_val = last_eval.get("val_loss", last_val)
                 row.update(last_eval)
@@ -297,7 +298,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                 bar.set_postfix(post, refresh=False)
         if d.main and (step % cfg.ckpt_every == 0 or is_last or out_of_time):
             save(step, elapsed)
-        if d.main and (step % cfg.eval_every == 0 or is_last or out_of_time):
+        if d.main and do_eval:
             rows = read_metrics(metrics_path)
             plot_loss(rows, run_dir / "loss.png", title=f"{stage.name}: {run_dir.name}")
             if getattr(stage, "plot_keys", None):
