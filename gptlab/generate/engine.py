@@ -103,8 +103,9 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], gens: list
     batched ops (per-row Python/torch calls dominated a decode step at batch 8+); rows with top-k/top-p
     go one by one. A row gets the same token here as from sample_token alone."""
     out = [0] * len(params)
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
-    plain = [i for i, p in enumerate(params) if _plain(p)]
+    greedy, plain, other = [], [], []
+    for i, p in enumerate(params):
+        (greedy if p.temperature == 0 else plain if _plain(p) else other).append(i)
     if greedy:
         for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
             out[i] = t
@@ -114,9 +115,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], gens: list
         u = torch.cat([_uniform(gens[i]) for i in plain])
         for i, t in zip(plain, _pick(probs, u).tolist()):
             out[i] = t
-    for i, p in enumerate(params):
-        if p.temperature > 0 and not _plain(p):
-            out[i] = sample_token(logits[i], p, gens[i])
+    for i in other:
+        out[i] = sample_token(logits[i], params[i], gens[i])
     return out
 
 
@@ -236,7 +236,8 @@ class Engine:
 
     def _step_rows(self, cache, active: dict[int, _Row]) -> None:
         """Advance every live row by one token (sliding rows whose window is full)."""
-        full = [s for s, r in active.items() if int(cache.lengths[s]) >= self.block_size]
+        lengths = cache.lengths.tolist()   # one read, not one tensor index per row
+        full = [s for s in active if lengths[s] >= self.block_size]
         for s in full:  # rebuild from the last half window, then sample from that
             row = active[s]
             logits = self._prefill(cache, s, row.context[-(self.block_size // 2):])

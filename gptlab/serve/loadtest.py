@@ -199,14 +199,17 @@ def _model_id(url: str, headers: dict) -> str:
 def run_load(run_dir_or_backend, clients=(1, 8, 32), max_tokens: int = 64, requests_per_client: int = 4,
              max_batch: int = 32, prompt: str = DEFAULT_PROMPT, temperature: float = 1.0,
              time_limit: float = 300.0, api_key: str | None = None, device: str = "auto",
-             show: bool = True) -> list[dict]:
+             client_process: bool = True, show: bool = True) -> list[dict]:
     """Measure the server at each concurrency level in ``clients``; print a table and return its rows.
 
     ``run_dir_or_backend``: a run folder (served here), an ``http://`` base URL of a running server,
     or a Backend-like object (see gptlab.serve.app.Backend; served here, not closed). ``time_limit``
-    bounds each level in seconds. Rows: clients, requests, errors, timed_out, tokens, seconds, tok_s,
-    ttft_p50_ms, ttft_p95_ms, latency_p50_ms, short_answers, first_error and speedup (tok_s over the
-    1-client level's, when that level ran).
+    bounds each level in seconds. ``client_process``: run the clients in a child Python process (default;
+    as real clients would be, they then do not compete for this process's GIL with the server: measured
+    ~2x fewer server decode steps per second at 8 clients with in-process clients). Rows: clients, requests, errors, timed_out, tokens, seconds, tok_s,
+    ttft_p50_ms, ttft_p95_ms, latency_p50_ms, short_answers, first_error, speedup (tok_s over the
+    1-client level's, when that level ran) and, when served here, decode_steps, mean_batch (rows per
+    decode step) and step_ms (wall time per decode step).
     """
     levels = [int(c) for c in clients]
     if not levels or min(levels) < 1:
@@ -224,7 +227,7 @@ def run_load(run_dir_or_backend, clients=(1, 8, 32), max_tokens: int = 64, reque
         if url.endswith("/v1"):
             url = url[:-3]
         return _measure(url, headers, _model_id(url, headers), levels, max_tokens, requests_per_client,
-                        prompt, temperature, time_limit, show)
+                        prompt, temperature, time_limit, show, None, client_process)
 
     import torch
 
@@ -243,7 +246,8 @@ def run_load(run_dir_or_backend, clients=(1, 8, 32), max_tokens: int = 64, reque
     try:
         with _LocalServer(backend) as server:
             return _measure(server.url, headers, backend.model_id, levels, max_tokens, requests_per_client,
-                            prompt, temperature, time_limit, show)
+                            prompt, temperature, time_limit, show, getattr(backend, "scheduler", None),
+                            client_process)
     finally:
         if own:
             backend.close()
@@ -251,26 +255,28 @@ def run_load(run_dir_or_backend, clients=(1, 8, 32), max_tokens: int = 64, reque
 
 
 def _measure(url, headers, model, levels, max_tokens, requests_per_client, prompt, temperature,
-             time_limit, show) -> list[dict]:
+             time_limit, show, scheduler, client_process) -> list[dict]:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
             "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
             "temperature": temperature, "ignore_eos": True}
-
-    async def main():
-        # Warm-up (first-call costs: allocator, lazy imports): one short request, not reported.
-        await _level(url, headers, {**body, "max_tokens": min(4, max_tokens)}, 1, 1, time_limit)
-        rows = []
-        for n in levels:
-            row = await _level(url, headers, body, n, requests_per_client, time_limit)
-            rows.append(row)
-            if show:
-                print(f"  {n} client(s): {row['tok_s']} tok/s, {row['requests']} requests", flush=True)
-        return rows
-
     if show:
         print(f"load test: {url} model {model}, {max_tokens} tokens per answer, "
               f"{requests_per_client} requests per client", flush=True)
-    rows = asyncio.run(main())
+    rows = []
+    for n in levels:
+        spec = {"url": url, "headers": headers, "body": body, "clients": n,
+                "requests_per_client": requests_per_client, "time_limit": time_limit}
+        steps = getattr(scheduler, "steps", None)
+        row = _level_in_child(spec) if client_process else asyncio.run(_warm_then_level(spec))
+        if steps is not None:   # served here: how full the decode batches really were
+            steps = scheduler.steps - steps
+            row["decode_steps"] = steps
+            # The first token of each answer comes from its prefill, the rest from decode steps.
+            row["mean_batch"] = round((row["tokens"] - row["requests"]) / steps, 2) if steps else None
+            row["step_ms"] = round(1000 * row["seconds"] / steps, 2) if steps else None
+        rows.append(row)
+        if show:
+            print(f"  {n} client(s): {row['tok_s']} tok/s, {row['requests']} requests", flush=True)
     base = next((r["tok_s"] for r in rows if r["clients"] == 1 and r["tok_s"] > 0), None)
     for r in rows:
         r["speedup"] = round(r["tok_s"] / base, 2) if base else None
@@ -279,11 +285,40 @@ def _measure(url, headers, model, levels, max_tokens, requests_per_client, promp
     return rows
 
 
+async def _warm_then_level(spec: dict) -> dict:
+    # Warm-up (first-call costs on both sides: allocator, lazy imports): one short request, not counted.
+    body = spec["body"]
+    await _level(spec["url"], spec["headers"], {**body, "max_tokens": min(4, body["max_tokens"])}, 1, 1,
+                 spec["time_limit"])
+    return await _level(spec["url"], spec["headers"], body, spec["clients"], spec["requests_per_client"],
+                        spec["time_limit"])
+
+
+def _level_in_child(spec: dict) -> dict:
+    """One level driven from a child process (``python -m gptlab.serve.loadtest --drive``): the spec,
+    API key included, goes through stdin, the row comes back as JSON on stdout."""
+    import os
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parents[2])   # so the child imports this same gptlab
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "gptlab.serve.loadtest", "--drive"], input=json.dumps(spec),
+                              capture_output=True, text=True, env=env, timeout=spec["time_limit"] + 60)
+    except subprocess.TimeoutExpired:
+        raise GptlabError("the load-test client process did not finish in time") from None
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GptlabError(f"the load-test client process failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def format_table(rows: list[dict]) -> str:
     """A fixed-width text table of run_load's rows."""
     cols = [("clients", "clients"), ("requests", "requests"), ("errors", "errors"), ("tokens", "tokens"),
             ("seconds", "wall s"), ("tok_s", "tok/s"), ("speedup", "x vs 1"),
-            ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95 ms"), ("latency_p50_ms", "latency p50 ms")]
+            ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95 ms"), ("latency_p50_ms", "latency p50 ms"),
+            ("mean_batch", "rows/step"), ("step_ms", "ms/step")]
     cell = lambda v: "-" if v is None else str(v)   # noqa: E731
     table = [[h for _, h in cols]] + [[cell(r.get(k)) for k, _ in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
@@ -297,6 +332,11 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     import argparse
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--drive"]:   # internal: the client side of one level (see _level_in_child)
+        print(json.dumps(asyncio.run(_warm_then_level(json.loads(sys.stdin.read())))))
+        return 0
     ap = argparse.ArgumentParser(prog="python -m gptlab.serve.loadtest",
                                  description="Concurrent streaming chat clients against gptlab's OpenAI API.")
     ap.add_argument("target", help="run folder (served in-process on 127.0.0.1) or http://host:port of a server")
@@ -306,6 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=32, help="scheduler batch slots (default 32)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per level at most (default 300)")
     ap.add_argument("--api-key", default=None, help="bearer key of a running server")
+    ap.add_argument("--in-process-clients", action="store_true",
+                    help="drive the clients from this process instead of a child process")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     try:
@@ -314,7 +356,8 @@ def main(argv=None) -> int:
         raise GptlabError("--clients must be comma-separated integers") from None
     rows = run_load(args.target, clients=levels, max_tokens=args.max_tokens,
                     requests_per_client=args.requests_per_client, max_batch=args.max_batch,
-                    time_limit=args.time_limit, api_key=args.api_key)
+                    time_limit=args.time_limit, api_key=args.api_key,
+                    client_process=not args.in_process_clients)
     if args.json:
         from gptlab.io import atomic_write_json
         atomic_write_json(args.json, rows)
