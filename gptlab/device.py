@@ -33,8 +33,10 @@ def autocast(device: torch.device):
 def measure_matmul_peak(device: torch.device, n: int = 1024, seconds: float = 1.0) -> float:
     """Achieved FLOP/s of a large square matmul: fp32 on CPU, bf16 on GPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: measuring must not shift the global RNG (dropout) of a training run.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(3):
         a @ b
     if device.type == "cuda":
