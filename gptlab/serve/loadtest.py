@@ -262,12 +262,14 @@ def _measure(url, headers, model, levels, max_tokens, requests_per_client, promp
     if show:
         print(f"load test: {url} model {model}, {max_tokens} tokens per answer, "
               f"{requests_per_client} requests per client", flush=True)
+    # Warm-up (first-call costs: allocator, lazy imports): one short request, not counted anywhere.
+    asyncio.run(_level(url, headers, {**body, "max_tokens": min(4, max_tokens)}, 1, 1, time_limit))
     rows = []
     for n in levels:
         spec = {"url": url, "headers": headers, "body": body, "clients": n,
                 "requests_per_client": requests_per_client, "time_limit": time_limit}
         steps = getattr(scheduler, "steps", None)
-        row = _level_in_child(spec) if client_process else asyncio.run(_warm_then_level(spec))
+        row = _level_in_child(spec) if client_process else asyncio.run(_spec_level(spec))
         if steps is not None:   # served here: how full the decode batches really were
             steps = scheduler.steps - steps
             row["decode_steps"] = steps
@@ -285,12 +287,8 @@ def _measure(url, headers, model, levels, max_tokens, requests_per_client, promp
     return rows
 
 
-async def _warm_then_level(spec: dict) -> dict:
-    # Warm-up (first-call costs on both sides: allocator, lazy imports): one short request, not counted.
-    body = spec["body"]
-    await _level(spec["url"], spec["headers"], {**body, "max_tokens": min(4, body["max_tokens"])}, 1, 1,
-                 spec["time_limit"])
-    return await _level(spec["url"], spec["headers"], body, spec["clients"], spec["requests_per_client"],
+async def _spec_level(spec: dict) -> dict:
+    return await _level(spec["url"], spec["headers"], spec["body"], spec["clients"], spec["requests_per_client"],
                         spec["time_limit"])
 
 
@@ -335,7 +333,7 @@ def main(argv=None) -> int:
     import sys
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--drive"]:   # internal: the client side of one level (see _level_in_child)
-        print(json.dumps(asyncio.run(_warm_then_level(json.loads(sys.stdin.read())))))
+        print(json.dumps(asyncio.run(_spec_level(json.loads(sys.stdin.read())))))
         return 0
     ap = argparse.ArgumentParser(prog="python -m gptlab.serve.loadtest",
                                  description="Concurrent streaming chat clients against gptlab's OpenAI API.")
