@@ -204,9 +204,9 @@ def run_load(run_dir_or_backend, clients=(1, 8, 32), max_tokens: int = 64, reque
 
     ``run_dir_or_backend``: a run folder (served here), an ``http://`` base URL of a running server,
     or a Backend-like object (see gptlab.serve.app.Backend; served here, not closed). ``time_limit``
-    bounds each level in seconds. ``client_process``: run the clients in a child Python process (default;
-    as real clients would be, they then do not compete for this process's GIL with the server: measured
-    ~2x fewer server decode steps per second at 8 clients with in-process clients). Rows: clients, requests, errors, timed_out, tokens, seconds, tok_s,
+    bounds each level in seconds. ``client_process``: drive the clients from a child Python process
+    (default), as real clients would be, so their parsing never holds the server process's GIL.
+    Rows: clients, requests, errors, timed_out, tokens, seconds, tok_s,
     ttft_p50_ms, ttft_p95_ms, latency_p50_ms, short_answers, first_error, speedup (tok_s over the
     1-client level's, when that level ran) and, when served here, decode_steps, mean_batch (rows per
     decode step) and step_ms (wall time per decode step).
