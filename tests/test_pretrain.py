@@ -100,7 +100,7 @@ def _free_port():
 
 def test_ddp_two_processes_match_one(tmp_path, corpus_file, tok_dir):
     common = ["--max-steps", "20", "--eval-every", "10", "--eval-batches", "2", "--seed", "3",
-              "--batch-size", "4", "--device", "cpu"]
+              "--batch-size", "4", "--device", "cpu", "--lr", "1e-3"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(pretrain_args(corpus_file, tok_dir, one, *common, "--grad-accum", "2")) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -111,10 +111,13 @@ def test_ddp_two_processes_match_one(tmp_path, corpus_file, tok_dir):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     r1, r2 = rows(one), rows(two)
     assert [r["step"] for r in r1] == [r["step"] for r in r2]
+    # Same data, same global batch: equal up to float summation order (all-reduce vs accumulation),
+    # whose differences Adam slowly amplifies over the steps.
+    assert r1[0]["train_loss"] == pytest.approx(r2[0]["train_loss"], abs=1e-5)
     for a, b in zip(r1, r2):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-3)
         if "val_loss" in a:
-            assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
 
 

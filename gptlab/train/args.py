@@ -43,6 +43,7 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches per evaluation")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics lines")
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -58,6 +59,6 @@ def train_config_from_args(args) -> TrainConfig:
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
-        eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
+        eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
         compile=args.compile, time_budget_s=args.time_budget, resume=args.resume,
         progress=not args.no_progress)

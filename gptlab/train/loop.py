@@ -201,16 +201,21 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         model.eval()
         out = {}
         with torch.no_grad(), autocast(device):
-            losses = []
-            for i in range(cfg.eval_batches):
-                gen = batch_generator(cfg.seed + 1, 0, i * d.world + d.rank)  # same val batches every time
-                batch = stage.get_batch("val", gen)
+            # The same val batches every time, split across ranks: any world size sees the same set.
+            total, count = 0.0, 0
+            for i in range(d.rank, cfg.eval_batches, d.world):
+                batch = stage.get_batch("val", batch_generator(cfg.seed + 1, 0, i))
                 if batch is None:
                     break
                 loss, _ = stage.loss(model, _to(batch, device))
-                losses.append(float(loss))
-            if losses:
-                out["val_loss"] = _mean_across(sum(losses) / len(losses), d, device)
+                total, count = total + float(loss), count + 1
+            sums = [total, count]
+            if d.world > 1:
+                t = torch.tensor(sums, dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                sums = t.tolist()
+            if sums[1]:
+                out["val_loss"] = sums[0] / sums[1]
             if hasattr(stage, "evaluate") and d.main:
                 out.update(stage.evaluate(model))
         model.train()
