@@ -132,9 +132,8 @@ def run(args) -> int:
     if what == "serve":
         if not args.run:
             raise GptlabError("bench serve needs a RUN_DIR")
-        from gptlab.serve.loadtest import format_table, run_load
-        res = run_load(args.run, clients=tuple(args.clients), max_tokens=args.max_tokens)
-        print(format_table(res))
+        from gptlab.serve.loadtest import run_load
+        res = run_load(args.run, clients=tuple(args.clients), max_tokens=args.max_tokens)   # prints its table
         rows.extend({"what": "serve", **r} for r in res)
     if args.json:
         atomic_write_json(args.json, rows)
