@@ -197,4 +197,4 @@ def test_ppo_rejects_non_reward_run(tiny_runs, corpus_file, capsys):
     args = _ppo_args(tiny_runs, corpus_file, tiny_runs / "bad", 2)
     args[args.index("--reward-model") + 1] = str(tiny_runs / "sft")
     assert main(args) == 2
-    assert "not a reward-model run" in capsys.readouterr().err
+    assert "not a reward model run" in capsys.readouterr().err

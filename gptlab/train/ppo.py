@@ -93,14 +93,12 @@ def disable_dropout(module: nn.Module) -> None:
 
 
 def load_scalar_model(run_dir: str | Path, flag: str) -> tuple[ScalarHeadModel, object, dict]:
-    """A reward-model run as a ScalarHeadModel (GPT + the head stored as heads.score_head.*)."""
-    gpt, tok, cfg, heads = ckpt.load_run(run_dir, with_heads=True)
-    if "score_head.weight" not in heads:
-        raise GptlabError(f"{flag} {run_dir}: not a reward-model run (no score head in model.safetensors; "
-                          f"train one with `gptlab rm`)")
-    model = ScalarHeadModel(gpt)
-    model.load_head(heads)
-    return model.eval(), tok, cfg
+    """A `gptlab rm` run as a ScalarHeadModel (GPT + the head stored as heads.score_head.*)."""
+    from gptlab.train.reward import load_reward_model
+    try:
+        return load_reward_model(run_dir)
+    except GptlabError as e:
+        raise GptlabError(f"{flag} {e}") from None
 
 
 class PPOModel(nn.Module):
