@@ -159,6 +159,11 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
+def make_dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at all when p is 0 (even a p=0 dropout costs a pass over the tensor)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.rmsnorm:
         return RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -230,7 +235,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = make_dropout(cfg.dropout)
         self.band = cfg.sparse_band if cfg.is_sparse_layer(layer) else None
 
     def forward(self, x, pos, rope, cache: KVCache | None, rows):
@@ -316,7 +321,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = make_dropout(cfg.dropout)
 
     def forward(self, x):
         if self.swiglu:
@@ -351,7 +356,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
+            drop=make_dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
         ))
         if not cfg.rope:
