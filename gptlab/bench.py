@@ -58,7 +58,7 @@ def bench_train(cfg: GPTConfig, batch_size: int, steps: int = 30, warmup: int = 
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tok_s = steps * batch_size * cfg.block_size / dt
-    peak = matmul_peak(dev)
+    peak = matmul_peak(dev, refresh=True)   # measured right after, so both see the same machine state
     flops = model.flops_per_token()
     return {"what": "train", "device": str(dev), "arch": cfg.arch,
             "shape": f"{cfg.n_layer}x{cfg.n_embd} block {cfg.block_size} batch {batch_size}",
