@@ -148,6 +148,6 @@ def register(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each source held out for validation")
     p.add_argument("--no-sample", action="store_true", help="skip the sample printed at the end")
     add_model_args(p)
-    add_train_args(p, max_steps=2000, batch_size=16, lr=2e-3, warmup_steps=100, eval_every=200,
+    add_train_args(p, max_steps=1000, batch_size=16, lr=2e-3, warmup_steps=100, eval_every=200,
                    ckpt_every=200)
     p.set_defaults(func=run)
