@@ -12,7 +12,6 @@ steps, through the same model, optimizer and autocast the training loop uses.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch

@@ -1,7 +1,6 @@
 """The speedrun's report card: report.md built from what each stage left in its folder."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path

@@ -12,9 +12,6 @@ resumes from its checkpoint (``--resume``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Shared fixtures: an isolated GPTLAB_HOME per test and a small tokenizer trained in-process."""
-import os
 
 import pytest
+import torch
 
 SAMPLE_TEXT = (
     "To be, or not to be, that is the question:\n"
@@ -32,3 +32,13 @@ def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(SAMPLE_TEXT * 5, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads that spin
+    waiting for each other make them many times slower; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

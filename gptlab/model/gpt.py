@@ -21,7 +21,7 @@ that started at different times (continuous batching in gptlab.generate.engine).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
