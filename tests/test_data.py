@@ -179,6 +179,8 @@ def test_heldout_items_never_in_corpus(tmp_path):
         train = mixture.train_items(family, 50, seed=0)
         assert not any(mixture.is_heldout(family, it["key"]) for it in train)
     # Stronger: no corpus line uses a held-out key at all, whatever its rendering.
+    held_dict = {w for en, zh in EN_ZH.items() if mixture.is_heldout("en2zh", en) for w in (en, zh)}
+    assert any(l.startswith("Dictionary: ") for l in examples)
     arith = {"+": "add", "-": "sub", "*": "mul"}
     for line in examples:
         m = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", line)
@@ -189,9 +191,12 @@ def test_heldout_items_never_in_corpus(tmp_path):
             assert not mixture.is_heldout(fam, key), line
             continue
         m = re.fullmatch(r"(\S+) => (\S+)", line)
-        if m:
-            en = m[1] if m[1] in EN_ZH else m[2]
-            assert not mixture.is_heldout("en2zh", en), line
+        if m:  # a translation or a code-word look-up: neither side may be a held-out dictionary word
+            assert not set(m.groups()) & held_dict, line
+            continue
+        if line.startswith("Dictionary: "):
+            words = {w for pair in line[12:].split(", ") for w in pair.split(" = ")}
+            assert not words & held_dict, line
             continue
         m = re.fullmatch(r"([a-z]+) = ([a-z]+)", line)
         if m:
@@ -250,7 +255,7 @@ def test_heldout_fraction_and_errors():
 
 def test_mixture_cli(tmp_path, capsys, home):
     rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
-    path = tmp_path / "m" / "mixture_seed5_lines500.txt"
+    path = tmp_path / "m" / "mixture_v2_seed5_lines500.txt"
     assert rc == 0 and str(path) in out and path.is_file()
     body = path.read_text(encoding="utf-8")
     assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500

@@ -121,6 +121,45 @@ def test_ddp_two_processes_match_one(tmp_path, corpus_file, tok_dir):
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
 
 
+def _torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "--master_addr", "127.0.0.1", "-m", "gptlab", *args]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path, corpus_file, tok_dir):
+    # Constant lr after warm-up, so a run cut at step 4 and resumed follows the same schedule.
+    common = ["--eval-every", "4", "--eval-batches", "3", "--seed", "3", "--batch-size", "4",
+              "--device", "cpu", "--lr", "1e-3", "--schedule", "constant", "--warmup-steps", "2",
+              "--ckpt-every", "4", "--no-sample"]
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    assert main(pretrain_args(corpus_file, tok_dir, one, *common, "--max-steps", "8", "--grad-accum", "2")) == 0
+    _torchrun(*pretrain_args(corpus_file, tok_dir, two, *common, "--max-steps", "8", "--fsdp"))
+    r1, r2 = rows(one), rows(two)
+    assert [r["step"] for r in r1] == [r["step"] for r in r2]
+    for a, b in zip(r1, r2):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-3)
+        if "val_loss" in a:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "fsdp"
+    w1, w2 = ckpt.load_tensors(one / ckpt.MODEL_FILE), ckpt.load_tensors(two / ckpt.MODEL_FILE)
+    assert w1.keys() == w2.keys()
+    for k in w1:   # gathered full tensors, not one rank's shard
+        assert w1[k].shape == w2[k].shape and torch.allclose(w1[k], w2[k], atol=1e-4), k
+
+    # A checkpoint written under FSDP (4 steps) resumes in one process (optimizer moments included):
+    # the result matches the uninterrupted single-process run.
+    _torchrun(*pretrain_args(corpus_file, tok_dir, cut, *common, "--max-steps", "4", "--fsdp"))
+    assert main(pretrain_args(corpus_file, tok_dir, cut, *common, "--max-steps", "8", "--grad-accum", "2",
+                              "--resume")) == 0
+    w3 = ckpt.load_tensors(cut / ckpt.MODEL_FILE)
+    for k in w1:
+        assert torch.allclose(w1[k], w3[k], atol=1e-4), k
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path, corpus_file, tok_dir, capsys):
     out = tmp_path / "run"
     assert main(pretrain_args(corpus_file, tok_dir, out, "--max-steps", "5", "--eval-batches", "1")) == 0

@@ -78,8 +78,8 @@ def register(sub) -> None:
     m = dsub.add_parser("mixture", help="generate the multi-task pre-training text",
                         description="Write a deterministic (for a seed) plain-text corpus of small "
                         "tasks: arithmetic, English<->Chinese words, unscrambling, questions and "
-                        "answers; held-out items are kept out for few-shot evals. Default output: "
-                        "GPTLAB_HOME/mixture/mixture_seed{SEED}.txt (a non-default --lines adds "
+                        "answers, dictionary look-ups; held-out items are kept out for few-shot evals. "
+                        "Default output: GPTLAB_HOME/mixture/mixture_v{VERSION}_seed{SEED}.txt (a non-default --lines adds "
                         "_lines{N} to the name). `--data mixture` uses seed 0 and the default size.")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     m.add_argument("--out", metavar="DIR", help="output folder (default GPTLAB_HOME/mixture)")

@@ -26,6 +26,16 @@ A document is 4-12 examples of one family, one per line, half the time preceded 
 description (``TASK_PROMPTS``); documents are separated by a blank line. Repeating a pattern inside
 one context window is what lets a small model learn to continue it in context (few-shot).
 
+Looking things up in the context is the other in-context skill the evals test (translation of words
+the model never saw, from a dictionary in the prompt), so two kinds of document teach it:
+
+* half the en2zh/zh2en documents carry a ``Dictionary: 桥 = bridge, 猫 = cat, ...`` line after the
+  description, listing the document's pairs and three others, shuffled;
+* ``lookup`` documents (one draw in ``len(FAMILIES) + 1``) pair made-up code words with Chinese
+  words at random: ``Dictionary: 桥 = vokter, ...`` then ``桥 => vokter`` (or the other way round).
+  The mapping is new in every document, so copying from the dictionary is the only way to predict
+  the answers; memorising translations cannot help.
+
 Held-out split: ``is_heldout(family, key)`` hashes the key (blake2b, not Python's salted hash), so
 membership is the same on every machine and for every seed. Families that share a key space share
 the decision: a held-out dictionary word is absent from both en2zh and zh2en, and a held-out word
@@ -49,6 +59,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
+MIXTURE_VERSION = 2
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -305,19 +316,54 @@ def _sample_train_key(family: str, rng: random.Random) -> str:
             return k
 
 
+# ----- in-context lookup ---------------------------------------------------------------------------
+LOOKUP = "lookup"
+_LOOKUP_PROMPTS = ("Use the dictionary:", "Look each word up in the dictionary:")
+_CONSONANTS, _VOWELS = "bcdfghjklmnprstvwz", "aeiou"
+
+
+def dictionary_line(pairs: list[tuple[str, str]]) -> str:
+    """The one-line dictionary of translation prompts (the eval harness writes the same form)."""
+    return "Dictionary: " + ", ".join(f"{src} = {tgt}" for src, tgt in pairs)
+
+
+def _code_word(rng: random.Random) -> str:
+    """A pronounceable made-up word (consonant-vowel syllables), e.g. 'vokter'."""
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
+
+
+def _lookup_document(rng: random.Random, k: int) -> list[str]:
+    """A dictionary with a fresh random mapping, then ``k`` lines answered from it."""
+    zh_words = dict.fromkeys(EN_ZH[_sample_train_key("zh2en", rng)] for _ in range(k + 3))
+    pairs = [(zh, _code_word(rng)) for zh in zh_words]
+    if rng.random() < 0.5:
+        pairs = [(b, a) for a, b in pairs]
+    queries = pairs[:k]
+    rng.shuffle(pairs)
+    lines = [rng.choice(_LOOKUP_PROMPTS)] if rng.random() < 0.5 else []
+    return lines + [dictionary_line(pairs)] + [f"{src} => {tgt}" for src, tgt in queries]
+
+
 def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES):
     """Yield documents (str, lines joined by newlines) until ``n_lines`` example lines are out."""
     rng = random.Random(seed)
-    names = list(_SPECS)
+    names = list(_SPECS) + [LOOKUP]
     done = 0
     while done < n_lines:
         family = rng.choice(names)
         k = min(rng.randint(4, 12), n_lines - done)
-        lines = [rng.choice(_SPECS[family].prompts)] if rng.random() < 0.5 else []
-        for _ in range(k):
-            it = _item(family, _sample_train_key(family, rng), rng)
-            lines.append(it["prompt"] + it["answer"])
         done += k
+        if family == LOOKUP:
+            yield "\n".join(_lookup_document(rng, k))
+            continue
+        lines = [rng.choice(_SPECS[family].prompts)] if rng.random() < 0.5 else []
+        items = [_item(family, _sample_train_key(family, rng), rng) for _ in range(k)]
+        if family in ("en2zh", "zh2en") and rng.random() < 0.5:
+            extra = [_item(family, _sample_train_key(family, rng), rng) for _ in range(3)]
+            pairs = list(dict.fromkeys((it["prompt"][:-3], it["answer"][1:]) for it in items + extra))
+            rng.shuffle(pairs)
+            lines.append(dictionary_line(pairs))
+        lines += [it["prompt"] + it["answer"] for it in items]
         yield "\n".join(lines)
 
 
@@ -326,7 +372,8 @@ def mixture_path(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES,
     """Where ``write_mixture`` puts a corpus; the name encodes everything its content depends on."""
     folder = Path(out_dir) if out_dir else gptlab_home() / "mixture"
     suffix = "" if n_lines == DEFAULT_LINES else f"_lines{n_lines}"
-    return folder / f"mixture_seed{seed}{suffix}.txt"
+    # The version changes whenever the generator does, so a cached corpus is never stale.
+    return folder / f"mixture_v{MIXTURE_VERSION}_seed{seed}{suffix}.txt"
 
 
 def write_mixture(out_dir: str | Path | None = None, seed: int = DEFAULT_SEED,

@@ -44,6 +44,10 @@ SPECIAL_TOKENS = [
 
 # GPT-2's pre-tokenisation pattern: contractions, letter runs, digit runs, punctuation runs, spaces.
 _GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The default: the same, but every digit is its own piece (as LLaMA and PaLM do), so "481" is 4,8,1
+# and never an arbitrary merge like "48","1": place value stays visible, which arithmetic needs.
+_DIGIT_SPLIT = _GPT2_SPLIT.replace(r" ?\p{N}+", r" ?\p{N}")
+_SPLITS = {"split": _DIGIT_SPLIT, "runs": _GPT2_SPLIT}
 _BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
 
@@ -65,14 +69,17 @@ class Tokenizer:
     # ----- construction -------------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, kind: str = "bpe",
-              min_frequency: int = 2) -> "Tokenizer":
+              min_frequency: int = 2, digits: str = "split") -> "Tokenizer":
+        """``digits``: "split" (one piece per digit, the default) or "runs" (GPT-2's digit runs)."""
+        if digits not in _SPLITS:
+            raise GptlabError(f"unknown --digits {digits!r} (choose split or runs)")
         specials = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
         if kind == "bpe":
             if vocab_size < 256 + len(SPECIAL_TOKENS):
                 raise GptlabError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} for byte-level BPE")
             hf = HFTokenizer(models.BPE())
             hf.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_GPT2_SPLIT), behavior="isolated"),
+                pre_tokenizers.Split(Regex(_SPLITS[digits]), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ])
             hf.decoder = decoders.ByteLevel()

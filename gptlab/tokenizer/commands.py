@@ -61,7 +61,7 @@ def _run_train(args) -> int:
         raise GptlabError(f"--vocab-size must be positive, got {args.vocab_size}")
     t0 = time.time()
     tok = Tokenizer.train(iter_texts(iter_documents(sources)), vocab_size=args.vocab_size,
-                          kind=args.kind, min_frequency=args.min_frequency)
+                          kind=args.kind, min_frequency=args.min_frequency, digits=args.digits)
     train_s = time.time() - t0
     path = tok.save(args.out)
     print(f"trained a {tok.kind} tokenizer in {train_s:.1f} s: vocab size {tok.vocab_size:,}"
@@ -140,6 +140,9 @@ def register(sub) -> None:
                    "fallback (default bpe)")
     t.add_argument("--min-frequency", type=int, default=2,
                    help="bpe only: merge pairs seen at least this often (default 2)")
+    t.add_argument("--digits", choices=["split", "runs"], default="split",
+                   help="bpe only: split: every digit its own token, as LLaMA does (default); runs: "
+                   "GPT-2's digit runs, which BPE merges into arbitrary chunks")
     t.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json to")
     t.set_defaults(func=_run_train)
 

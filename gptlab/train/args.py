@@ -48,6 +48,9 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state across ranks "
+                   "(FSDP fully_shard) instead of replicating them (DDP), for models too big for one device")
     g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop (and save) after this much training time")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -60,5 +63,5 @@ def train_config_from_args(args) -> TrainConfig:
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
-        compile=args.compile, time_budget_s=args.time_budget, resume=args.resume,
+        compile=args.compile, fsdp=args.fsdp, time_budget_s=args.time_budget, resume=args.resume,
         progress=not args.no_progress)

@@ -66,12 +66,16 @@ def load_metadata(path: str | Path) -> dict:
         raise GptlabError(f"{path}: truncated or corrupted safetensors file ({e})") from None
 
 
-def gpt_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What consumers load: a bare GPT's state, or a wrapper's ``.gpt`` plus its other parts as heads."""
+def gpt_state(module: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """What consumers load: a bare GPT's state, or a wrapper's ``.gpt`` plus its other parts as heads.
+
+    ``state`` is the module's state dict when it was gathered elsewhere (FSDP); default: its own.
+    """
+    state = module.state_dict() if state is None else state
     if isinstance(module, GPT):
-        return module.state_dict()
+        return state
     out = {}
-    for k, v in module.state_dict().items():
+    for k, v in state.items():
         out[k[len("gpt."):] if k.startswith("gpt.") else f"heads.{k}"] = v
     return out
 
@@ -136,9 +140,12 @@ def is_finished(run_dir: str | Path) -> bool:
 
 # ----- resume state --------------------------------------------------------------------------------
 def save_checkpoint(run_dir: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, state: dict) -> None:
-    tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
-    opt = optimizer.state_dict()
+                    step: int, state: dict, module_state: dict | None = None,
+                    optim_state: dict | None = None) -> None:
+    """``module_state``/``optim_state``: full states gathered elsewhere (FSDP); default: their own."""
+    module_state = module.state_dict() if module_state is None else module_state
+    tensors = {f"module.{k}": v for k, v in module_state.items()}
+    opt = optimizer.state_dict() if optim_state is None else optim_state
     for idx, s in opt["state"].items():
         for name, t in s.items():
             if isinstance(t, torch.Tensor):

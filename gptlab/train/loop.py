@@ -23,6 +23,7 @@ A stage object provides:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -60,6 +61,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     compile: bool = False
+    fsdp: bool = False              # under torchrun: shard the model with FSDP instead of DDP
     time_budget_s: float | None = None   # stop early (and save) after this much training time
     resume: bool = False
     progress: bool = True
@@ -181,12 +183,30 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
     if start_step >= cfg.max_steps:
         if d.main:
             print(f"{run_dir}: already trained for {start_step} steps")
+    if cfg.fsdp and hasattr(stage, "export_state"):
+        raise GptlabError(f"{stage.name} does not support --fsdp (its rollouts need the whole "
+                          "policy on every rank); run it under torchrun without --fsdp (DDP)")
+    fsdp = cfg.fsdp and d.world > 1
+    if cfg.fsdp and d.world == 1 and d.main:
+        print("note: --fsdp has no effect in a single process (launch with torchrun)")
+    if fsdp:
+        from gptlab.train import sharding
+        # Train a sharded copy; the caller's model waits on the CPU and gets the trained weights
+        # back at the end, so code after train() uses a plain module as with DDP. The resumed
+        # optimizer state moves from the plain optimizer to the sharded one.
+        resumed = optimizer.state_dict() if has_ckpt else None
+        caller_model, model = model, copy.deepcopy(model)
+        caller_model.to("cpu")
+        sharding.shard_model(model)
+        optimizer = make_optimizer(model, cfg, device)
+        if resumed is not None:
+            sharding.load_optimizer_state(model, optimizer, resumed)
 
     train_model = torch.compile(model) if cfg.compile else model
     # The stage's whole loss computation runs inside one module's forward, so DDP sees every parameter
     # use (stages may call model.hidden, heads or value functions, not just model.forward).
     step_module = _StageLoss(train_model, stage)
-    if d.world > 1:
+    if d.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         from gptlab.model.gpt import GPT
         step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -202,33 +222,42 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         out = {}
         with torch.no_grad(), autocast(device):
             # The same val batches every time, split across ranks: any world size sees the same set.
+            # Under FSDP every forward is collective, so every rank runs every batch instead.
             total, count = 0.0, 0
-            for i in range(d.rank, cfg.eval_batches, d.world):
+            ranks, rank = (1, 0) if fsdp else (d.world, d.rank)
+            for i in range(rank, cfg.eval_batches, ranks):
                 batch = stage.get_batch("val", batch_generator(cfg.seed + 1, 0, i))
                 if batch is None:
                     break
                 loss, _ = stage.loss(model, _to(batch, device))
                 total, count = total + float(loss), count + 1
             sums = [total, count]
-            if d.world > 1:
+            if ranks > 1:
                 t = torch.tensor(sums, dtype=torch.float64, device=device)
                 dist.all_reduce(t)
                 sums = t.tolist()
             if sums[1]:
                 out["val_loss"] = sums[0] / sums[1]
-            if hasattr(stage, "evaluate") and d.main:
-                out.update(stage.evaluate(model))
+            if hasattr(stage, "evaluate"):
+                # The stage's own evals (generation, accuracy) run on rank 0 only; under FSDP with
+                # the weights gathered first, so its forward passes need no other rank.
+                with sharding.gathered(model) if fsdp else contextlib.nullcontext():
+                    if d.main:
+                        out.update(stage.evaluate(model))
         model.train()
         return out
 
     def save(step: int, elapsed: float):
+        # Under FSDP gathering the full state is collective: every rank calls save, rank 0 writes.
+        model_state, optim_state = sharding.full_states(model, optimizer) if fsdp else (None, None)
         if not d.main:
             return
-        export = stage.export_state(model) if hasattr(stage, "export_state") else ckpt.gpt_state(model)
+        export = (stage.export_state(model) if hasattr(stage, "export_state")
+                  else ckpt.gpt_state(model, model_state))
         ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, export, {"step": str(step)})
         state = {"elapsed_s": elapsed, "tokens": tokens_seen,
                  "stage": stage.state() if hasattr(stage, "state") else None}
-        ckpt.save_checkpoint(run_dir, model, optimizer, step, state)
+        ckpt.save_checkpoint(run_dir, model, optimizer, step, state, model_state, optim_state)
 
     model.train()
     t_start = time.perf_counter()
@@ -244,7 +273,11 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
             gen = batch_generator(cfg.seed, step, d.rank * cfg.grad_accum + micro)
             batch = _to(stage.get_batch("train", gen), device)
             sync = micro == cfg.grad_accum - 1 or d.world == 1
-            ctx = step_module.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
+            ctx = contextlib.nullcontext()
+            if fsdp:
+                sharding.gradient_sync(model, sync)
+            elif d.world > 1 and not sync:
+                ctx = step_module.no_sync()
             with ctx:
                 with autocast(device):
                     loss, extra = step_module(batch)
@@ -301,7 +334,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                     if "mfu" in row:
                         post["mfu"] = f"{100 * row['mfu']:.0f}%"
                 bar.set_postfix(post, refresh=False)
-        if d.main and (step % cfg.ckpt_every == 0 or is_last or out_of_time):
+        if (d.main or fsdp) and (step % cfg.ckpt_every == 0 or is_last or out_of_time):
             save(step, elapsed)
         if d.main and do_eval:
             rows = read_metrics(metrics_path)
@@ -313,14 +346,18 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
     bar.close()
 
     elapsed = elapsed0 + time.perf_counter() - t_start
-    if start_step >= cfg.max_steps and d.main:
+    if start_step >= cfg.max_steps:   # every rank: evaluate() holds collectives
         last_eval = evaluate()
         last_val = last_eval.get("val_loss")
+    if fsdp:
+        caller_model.load_state_dict(sharding.full_model_state(model), strict=False)
+        caller_model.to(device)
     result = TrainResult(step, last_train, last_val, elapsed, tokens_seen, last_eval)
     if d.main:
         summary = {"stage": stage.name, "step": step, "train_loss": last_train, "val_loss": last_val,
                    "elapsed_s": round(elapsed, 2), "tokens": tokens_seen, "metrics": last_eval,
-                   "train_config": asdict(cfg), "world_size": d.world}
+                   "train_config": asdict(cfg), "world_size": d.world,
+                   "parallel": "fsdp" if fsdp else "ddp" if d.world > 1 else "single"}
         summary.update(summary_extra or {})
         atomic_write_json(run_dir / ckpt.SUMMARY_FILE, summary)
     if d.world > 1:
