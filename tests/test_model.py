@@ -57,8 +57,7 @@ def test_gpt1_is_post_ln():
     x = torch.randn(2, 10, 128) * 5
     for arch, expect_normed in [("gpt1", True), ("gpt2", False)]:
         block = GPT(tiny(arch, dropout=0.0)).transformer.h[0].eval()
-        pos = torch.arange(10)[None].expand(2, 10)
-        y = block(x, pos, None, None, None)
+        y = block(x)
         normed = torch.allclose(y.std(-1, unbiased=False), torch.ones(2, 10), atol=1e-3)
         assert normed == expect_normed
 
@@ -96,12 +95,11 @@ def test_gpt3_alternates_dense_and_banded_layers():
     x = torch.randn(1, 12, 128)
     y = x.clone()
     y[0, 2] += 1.0
-    pos = torch.arange(12)[None]
-    out_x, out_y = attn(x, pos, None, None, None), attn(y, pos, None, None, None)
+    out_x, out_y = attn(x, None, None, None), attn(y, None, None, None)
     assert torch.allclose(out_x[0, 6:], out_y[0, 6:], atol=1e-6)   # position 2 is > 4 back
     assert not torch.allclose(out_x[0, 2:6], out_y[0, 2:6])
     dense = model.transformer.h[0].attn
-    assert not torch.allclose(dense(x, pos, None, None, None)[0, 6:], dense(y, pos, None, None, None)[0, 6:])
+    assert not torch.allclose(dense(x, None, None, None)[0, 6:], dense(y, None, None, None)[0, 6:])
 
 
 @pytest.mark.parametrize("arch", CAUSAL)

@@ -200,29 +200,69 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
-    def uniform_span(self, rows: torch.Tensor, pos: torch.Tensor):
-        """(first_row, last_row + 1, start) when ``rows`` are consecutive and share one start position."""
-        if rows.numel() == 1:
-            return int(rows[0]), int(rows[0]) + 1, int(pos[0, 0])
-        r0 = int(rows[0])
-        if not torch.equal(rows, torch.arange(r0, r0 + rows.numel(), device=rows.device)):
-            return None
-        if not bool((pos[:, 0] == pos[0, 0]).all()):
-            return None
-        return r0, r0 + rows.numel(), int(pos[0, 0])
-
-    def row_block(self, rows: torch.Tensor):
-        """(first_row, last_row + 1) when ``rows`` are consecutive cache rows, else None."""
-        r0, n = int(rows[0]), rows.numel()
-        if n == 1 or torch.equal(rows, torch.arange(r0, r0 + n, device=rows.device)):
-            return r0, r0 + n
-        return None
+    def plan(self, rows: list[int], starts: list[int], T: int, device) -> "CacheStep":
+        """Everything the layers of one forward pass share: computed once, not once per layer."""
+        return CacheStep(self, rows, starts, T, device)
 
     def reset(self, rows=None):
         if rows is None:
             self.lengths.zero_()
         else:
             self.lengths[rows] = 0
+
+
+class CacheStep:
+    """One forward pass's view of the cache: rows, positions, and how to read and write them.
+
+    Decoding one token costs a few dozen small ops per layer, so per-pass work (positions, masks,
+    whether rows can be read as plain slices) is done here once and shared by every layer.
+    """
+
+    def __init__(self, cache: KVCache, rows: list[int], starts: list[int], T: int, device):
+        self.T = T
+        self.rows = torch.tensor(rows, device=device)
+        steps = torch.arange(T, device=device)
+        self.pos = torch.tensor(starts, device=device)[:, None] + steps[None, :]      # [B, T]
+        self.n_keys = max(starts) + T
+        if self.n_keys > cache.max_len:
+            raise ValueError("KV cache is full")
+        r0 = rows[0]
+        consecutive = rows == list(range(r0, r0 + len(rows)))
+        # (first row, end row) when the rows are a block of the cache: views instead of gathers.
+        self.block = (r0, r0 + len(rows)) if consecutive else None
+        # Rows in lockstep (one sequence, or a batch that started together): writes are slices too.
+        self.start = starts[0] if consecutive and len(set(starts)) == 1 else None
+        self._masks: dict = {}
+
+    def mask(self, band: int | None):
+        """[B, 1, T, keys] boolean attention mask, or None when every key is visible."""
+        if band not in self._masks:
+            if self.start is not None and self.T == 1 and band is None:
+                m = None                                   # a single new token sees every key
+            else:
+                key_pos = torch.arange(self.n_keys, device=self.pos.device)
+                m = key_pos[None, None, :] <= self.pos[:, :, None]                       # [B, T, keys]
+                if band is not None:
+                    m = m & (key_pos[None, None, :] > self.pos[:, :, None] - band)
+                m = m[:, None]
+            self._masks[band] = m
+        return self._masks[band]
+
+    def write_and_read(self, kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store this pass's keys/values ([B, H, T, hd]) and return all keys/values the rows see."""
+        T = self.T
+        if self.start is not None:
+            r0, r1 = self.block
+            p0 = self.start
+            kc[r0:r1, :, p0:p0 + T] = k
+            vc[r0:r1, :, p0:p0 + T] = v
+            return kc[r0:r1, :, :p0 + T], vc[r0:r1, :, :p0 + T]
+        kc[self.rows[:, None], :, self.pos] = k.transpose(1, 2)
+        vc[self.rows[:, None], :, self.pos] = v.transpose(1, 2)
+        if self.block is not None:
+            r0, r1 = self.block
+            return kc[r0:r1, :, :self.n_keys], vc[r0:r1, :, :self.n_keys]
+        return kc[self.rows, :, :self.n_keys], vc[self.rows, :, :self.n_keys]
 
 
 class CausalSelfAttention(nn.Module):
@@ -238,7 +278,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = make_dropout(cfg.dropout)
         self.band = cfg.sparse_band if cfg.is_sparse_layer(layer) else None
 
-    def forward(self, x, pos, rope, cache: KVCache | None, rows):
+    def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
@@ -258,30 +298,10 @@ class CausalSelfAttention(nn.Module):
         else:
             # Write the new keys/values at each row's own positions, then attend over the filled part.
             kc, vc = cache.k[self.layer], cache.v[self.layer]
-            span = cache.uniform_span(rows, pos)
-            if span is not None:
-                # Fast path (one sequence, or rows in lockstep): plain slices, no gathers.
-                r0, r1, p0 = span
-                kc[r0:r1, :, p0:p0 + T] = k.to(kc.dtype)
-                vc[r0:r1, :, p0:p0 + T] = v.to(vc.dtype)
-                k, v = kc[r0:r1, :, :p0 + T], vc[r0:r1, :, :p0 + T]
-            else:
-                kc[rows[:, None], :, pos] = k.transpose(1, 2).to(kc.dtype)
-                vc[rows[:, None], :, pos] = v.transpose(1, 2).to(vc.dtype)
-                n_keys = int(pos.max()) + 1
-                block = cache.row_block(rows)
-                if block is not None:   # consecutive rows at different lengths: views, no gather copy
-                    k, v = kc[block[0]:block[1], :, :n_keys], vc[block[0]:block[1], :, :n_keys]
-                else:
-                    k, v = kc[rows, :, :n_keys], vc[rows, :, :n_keys]
-            if span is not None and T == 1 and self.band is None:
-                mask = None                                     # a single new token sees every key
-            else:
-                key_pos = torch.arange(k.shape[2], device=x.device)
-                mask = key_pos[None, None, :] <= pos[:, :, None]                        # [B, T, keys]
-                if self.band is not None:
-                    mask = mask & (key_pos[None, None, :] > pos[:, :, None] - self.band)
-                mask = mask[:, None]                                                     # [B, 1, T, keys]
+            if k.dtype != kc.dtype:
+                k, v = k.to(kc.dtype), v.to(kc.dtype)
+            k, v = step.write_and_read(kc, vc, k, v)
+            mask = step.mask(self.band)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
 
@@ -340,12 +360,12 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos, rope, cache, rows):
+    def forward(self, x, rope=None, cache=None, step=None):
         if self.pre_norm:   # GPT-2 and later: normalise each sub-block's input
-            x = x + self.attn(self.ln_1(x), pos, rope, cache, rows)
+            x = x + self.attn(self.ln_1(x), rope, cache, step)
             x = x + self.mlp(self.ln_2(x))
         else:               # GPT-1: normalise after each residual addition
-            x = self.ln_1(x + self.attn(x, pos, rope, cache, rows))
+            x = self.ln_1(x + self.attn(x, rope, cache, step))
             x = self.ln_2(x + self.mlp(x))
         return x
 
@@ -394,12 +414,12 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         cfg = self.config
+        step = None
         if cache is not None:
-            if rows is None:
-                rows = torch.arange(B, device=idx.device)
-            pos = cache.lengths[rows][:, None] + torch.arange(T, device=idx.device)[None, :]
-            if int(pos.max()) >= cache.max_len:
-                raise ValueError("KV cache is full")
+            rows = list(range(B)) if rows is None else (rows.tolist() if torch.is_tensor(rows) else list(rows))
+            lengths = cache.lengths.tolist()
+            step = cache.plan(rows, [lengths[r] for r in rows], T, idx.device)
+            pos = step.pos
         elif pos is None:
             if T > cfg.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context window {cfg.block_size}")
@@ -412,9 +432,9 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, pos, rope, cache, rows)
+            x = block(x, rope, cache, step)
         if cache is not None:
-            cache.lengths[rows] += T
+            cache.lengths[step.rows] += T
         if cfg.pre_norm:
             x = self.transformer.ln_f(x)
         return x

@@ -380,6 +380,10 @@ class _StageLoss(torch.nn.Module):
 def _to(batch, device):
     """Move a batch (tensor, tuple/list or dict of tensors) to ``device``."""
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            # Page-locked memory makes the copy truly asynchronous: the host goes on queueing the
+            # step's kernels while the batch crosses to the GPU.
+            return batch.pin_memory().to(device, non_blocking=True)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
