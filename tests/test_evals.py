@@ -159,6 +159,21 @@ def test_real_generation_stops_at_newline(small_tokenizer):
     assert len(preds) == 6 and all("\n" not in p["prediction"] for p in preds)
 
 
+def test_gold_answer_probability_is_the_teacher_forced_likelihood(small_tokenizer):
+    import math
+    from gptlab.evals.perplexity import score_continuations
+    model, task = tiny(small_tokenizer), _toy_task()
+    res, preds = evaluate_task(model, small_tokenizer, task, [0, 2], show_progress=False)
+    tok = small_tokenizer
+    for k in (0, 2):
+        rows = [p for p in preds if p["k"] == k]
+        ctxs = [[tok.eot_id] + tok.encode(p["prompt"]) for p in rows]
+        want = score_continuations(model, ctxs, [tok.encode(p["answer"]) for p in rows])
+        assert [p["gold_logprob"] for p in rows] == pytest.approx([lp for lp, _ in want], abs=1e-3)
+        assert res[str(k)]["gold_prob"] == pytest.approx(sum(math.exp(lp) for lp, _ in want) / len(want), rel=1e-4)
+        assert 0 < res[str(k)]["gold_prob"] < 1 and res[str(k)]["gold_logprob_per_token"] < 0
+
+
 def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)

@@ -70,11 +70,22 @@ def results_markdown(res: dict) -> str:
                 lines.append(f"| {run} | " + " | ".join(
                     "n/a" if v.get(str(k)) is None else f"{100 * v[str(k)]:.1f}%" for k in shots) + " |")
             lines.append("")
+        gold = {run: per_task.get(task, {}) for run in res["runs"] for per_task in [res["runs"][run]]}
+        if any("gold_prob" in m for v in gold.values() for m in v.values()):
+            lines += ["Probability of the right answer (mean over items of P(answer | prompt), teacher-forced; "
+                      "rises with in-context learning before greedy answers become exactly right):", "",
+                      "| run | " + " | ".join(f"k={k}" for k in shots) + " |", "|---|" + "---|" * len(shots)]
+            for run, v in gold.items():
+                lines.append(f"| {run} | " + " | ".join(
+                    "n/a" if "gold_prob" not in v.get(str(k), {}) else f"{100 * v[str(k)]['gold_prob']:.1f}%"
+                    for k in shots) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
 def plot_shots(res: dict, out: Path) -> None:
-    """Accuracy vs number of demonstrations, one panel per task, one line per run (GPT-3, Fig. 1.2)."""
+    """Accuracy vs number of demonstrations, one panel per task, one line per run (GPT-3, Fig. 1.2);
+    for generation tasks a dashed line gives the probability of the right answer."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -91,7 +102,10 @@ def plot_shots(res: dict, out: Path) -> None:
             xs = [k for k, _ in pts]
             ys = [100 * v["acc"] for _, v in pts]
             err = [[100 * (v["acc"] - v["ci95"][0]) for _, v in pts], [100 * (v["ci95"][1] - v["acc"]) for _, v in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=run)
+            line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=run)
+            if all("gold_prob" in v for _, v in pts):   # generation tasks: P(right answer), dashed
+                ax.plot(xs, [100 * v["gold_prob"] for _, v in pts], ls="--", marker=".",
+                        color=line.lines[0].get_color(), label=f"{run}: P(right answer)")
         chance = res.get("chance", {}).get(task)
         if chance:
             ax.axhline(100 * chance, color="gray", ls="--", lw=1, label="chance")
@@ -106,7 +120,11 @@ def plot_shots(res: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    seen = {}
+    for ax in list(axes.flat)[:len(tasks)]:   # every label once, from whichever panel has it
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    handles, labels = list(seen.values()), list(seen)
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -150,7 +168,8 @@ def run_eval(args) -> int:
             per_task[task.name] = metrics
             preds_all.extend(dict(p, run=name) for p in preds)
             print(f"{name:>16} {task.name:>10}: " + "  ".join(
-                f"k={k} {100 * m['acc']:5.1f}%" for k, m in metrics.items()), flush=True)
+                f"k={k} {100 * m['acc']:5.1f}%" + (f" (P(right) {100 * m['gold_prob']:.1f}%)" if "gold_prob" in m else "")
+                for k, m in metrics.items()), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(out / "results.json", res)
     atomic_write_text(out / "results.md", results_markdown(res))

@@ -120,6 +120,13 @@ def _score_choices_bert(model, tok, task: Task, queries: list[Query], batch_size
     return out
 
 
+def _gold_logprobs(model, tok, queries: list[Query], batch_size: int) -> list[tuple[float, int]]:
+    """(summed log-prob, tokens) of each query's right answer as the continuation of its prompt."""
+    from gptlab.evals.perplexity import score_continuations
+    ctxs = [[tok.eot_id] + tok.encode(q.prefix + q.item.prompt) for q in queries]
+    return score_continuations(model, ctxs, [tok.encode(q.item.answer) for q in queries], batch_size=batch_size)
+
+
 def _generate(model, tok, task: Task, queries: list[Query], batch_size: int, bar) -> list[str]:
     from gptlab.generate.engine import Engine, SamplingParams
     engine = Engine(model, tok)
@@ -174,8 +181,12 @@ def evaluate_task(model, tok, task: Task, shots: list[int], seed: int = 0, norma
             if task.kind == "gen":
                 outs = _generate(model, tok, task, queries, batch_size, bar)
                 hits = [o.strip() == q.item.answer.strip() for o, q in zip(outs, queries)]
-                extra: dict = {}
-                rows = [{"prediction": o} for o in outs]
+                # A graded view beside exact match: how likely the model finds the right answer. It
+                # shows in-context learning before greedy answers become exactly right.
+                gold = _gold_logprobs(model, tok, queries, batch_size)
+                extra: dict = {"gold_prob": sum(math.exp(lp) for lp, _ in gold) / len(gold),
+                               "gold_logprob_per_token": sum(lp / n for lp, n in gold) / len(gold)}
+                rows = [{"prediction": o, "gold_logprob": round(lp, 4)} for o, (lp, _) in zip(outs, gold)]
             else:
                 scorer = _score_choices_bert if is_bert else _score_choices_gpt
                 scores = scorer(model, tok, task, queries, batch_size, bar)
