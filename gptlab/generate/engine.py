@@ -106,6 +106,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], gens: list
     greedy, plain, other = [], [], []
     for i, p in enumerate(params):
         (greedy if p.temperature == 0 else plain if _plain(p) else other).append(i)
+    if len(greedy) == len(params):   # all greedy (evals, benchmarks): no row gather
+        return logits.argmax(-1).tolist()
     if greedy:
         for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
             out[i] = t
@@ -217,15 +219,14 @@ class Engine:
         cache.reset([slot])
         idx = torch.tensor([keep], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            h = self.model.hidden(idx, cache=cache, rows=torch.tensor([slot], device=self.device))
+            h = self.model.hidden(idx, cache=cache, rows=[slot])
             return self.model.lm_logits(h[:, -1]).float()[0]
 
     @torch.inference_mode()
     def _decode(self, cache, slots: list[int], last: list[int]) -> torch.Tensor:
-        rows = torch.tensor(slots, device=self.device)
         idx = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
         with autocast(self.device):
-            h = self.model.hidden(idx, cache=cache, rows=rows)
+            h = self.model.hidden(idx, cache=cache, rows=slots)
             return self.model.lm_logits(h[:, -1]).float()
 
     @torch.inference_mode()

@@ -224,10 +224,8 @@ class CacheStep:
     """
 
     def __init__(self, cache: KVCache, rows: list[int], starts: list[int], T: int, device):
-        self.T = T
-        self.rows = torch.tensor(rows, device=device)
-        steps = torch.arange(T, device=device)
-        self.pos = torch.tensor(starts, device=device)[:, None] + steps[None, :]      # [B, T]
+        self.T, self.device = T, device
+        self.row_list, self.starts = rows, starts
         self.n_keys = max(starts) + T
         if self.n_keys > cache.max_len:
             raise ValueError("KV cache is full")
@@ -238,6 +236,22 @@ class CacheStep:
         # Rows in lockstep (one sequence, or a batch that started together): writes are slices too.
         self.start = starts[0] if consecutive and len(set(starts)) == 1 else None
         self._masks: dict = {}
+        self._rows = self._pos = None
+
+    # Built only when a pass needs them: a lockstep one-token step reads and writes plain slices.
+    @property
+    def rows(self) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = torch.tensor(self.row_list, device=self.device)
+        return self._rows
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """[B, T] absolute position of every new token."""
+        if self._pos is None:
+            steps = torch.arange(self.T, device=self.device)
+            self._pos = torch.tensor(self.starts, device=self.device)[:, None] + steps[None, :]
+        return self._pos
 
     def mask(self, band: int | None):
         """[B, 1, T, keys] boolean attention mask, or None when every key is visible."""
@@ -285,19 +299,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
-        if T == 1:   # decoding: [B, 1, H*hd] is already laid out as [B, H, 1, hd]; skip 3 transposes
-            q = q.view(B, self.n_head, 1, self.head_dim)
-            k = k.view(B, self.n_kv_head, 1, self.head_dim)
-            v = v.view(B, self.n_kv_head, 1, self.head_dim)
+        n_q, n_kv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x)
+        if T == 1:   # decoding: [B, 1, heads*hd] is already laid out as [B, heads, 1, hd]
+            heads = qkv.view(B, n_q + 2 * n_kv, 1, self.head_dim)
         else:
-            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-            k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-            v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            heads = qkv.view(B, T, n_q + 2 * n_kv, self.head_dim).transpose(1, 2)
+        qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
+        if rope is not None:   # queries and keys turn by the same angles: one rotation for both
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([n_q, n_kv], dim=1)
 
         mask, is_causal = None, False
         if cache is None:
@@ -434,7 +445,6 @@ class GPT(nn.Module):
             rows = list(range(B)) if rows is None else (rows.tolist() if torch.is_tensor(rows) else list(rows))
             lengths = cache.lengths.tolist()
             step = cache.plan(rows, [lengths[r] for r in rows], T, idx.device)
-            pos = step.pos
         elif pos is None:
             if T > cfg.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context window {cfg.block_size}")
@@ -446,11 +456,12 @@ class GPT(nn.Module):
                 rope = (self.rope_cos[step.start:step.start + T][None, None],
                         self.rope_sin[step.start:step.start + T][None, None])
             else:
-                rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
+                p = step.pos if step is not None else pos
+                rope = (self.rope_cos[p][:, None], self.rope_sin[p][:, None])
         elif step is not None and step.start is not None:   # rows in lockstep: one slice of the table
             x = x + self.transformer.wpe.weight[step.start:step.start + T]
         else:
-            x = x + self.transformer.wpe(pos)
+            x = x + self.transformer.wpe(step.pos if step is not None else pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache, step)
