@@ -426,3 +426,24 @@ def test_long_documents_are_cut_without_changing_ids(tmp_path, monkeypatch):
     f.write_text(text)
     ds = TokenDataset.prepare([str(f)], bpe)
     assert ds.parts[0].tokens.tolist() == bpe.encode(text) + [bpe.eot_id]
+
+
+def test_mixture_weights_skew_families_and_name_the_file(tmp_path):
+    plain = mixture.write_mixture(tmp_path, seed=3, n_lines=3000)
+    heavy = mixture.write_mixture(tmp_path, seed=3, n_lines=3000,
+                                  weights=mixture.parse_weights("lookup=20,add2=0"))
+    assert plain != heavy and "_w" in heavy.name and "_w" not in plain.name
+    count = lambda p, pat: sum(1 for line in p.read_text().splitlines() if re.fullmatch(pat, line))
+    code_word = r"\S+ => (?:[bcdfghjklmnprstvwz][aeiou]){2,3}"
+    assert count(heavy, code_word) > 5 * count(plain, code_word) > 0
+    assert count(heavy, r"\d\d \+ \d\d = \d+") == 0 < count(plain, r"\d\d \+ \d\d = \d+")
+    # No weights: the corpus is exactly the default generator's.
+    assert plain.read_text() == "\n\n".join(mixture.generate_documents(3, 3000)) + "\n"
+
+
+@pytest.mark.parametrize("spec,msg", [("nope=1", "unknown family"), ("add2=x", "not NAME=NUMBER"),
+                                      ("add2=-1", "non-negative"),
+                                      (",".join(f"{f}=0" for f in [*mixture.FAMILIES, "lookup"]), "positive")])
+def test_mixture_bad_weights_are_one_line_errors(spec, msg):
+    with pytest.raises(GptlabError, match=msg):
+        mixture.parse_weights(spec)

@@ -36,7 +36,7 @@ def _run_shakespeare(args) -> int:
 def _run_mixture(args) -> int:
     from gptlab.data import mixture
     t0 = time.time()
-    path = mixture.write_mixture(args.out, args.seed, args.lines)
+    path = mixture.write_mixture(args.out, args.seed, args.lines, mixture.parse_weights(args.weights))
     print(f"wrote {args.lines:,} example lines from {len(mixture.FAMILIES)} task families "
           f"({path.stat().st_size / 1e6:.1f} MB) to {path} in {time.time() - t0:.1f} s")
     return 0
@@ -85,6 +85,9 @@ def register(sub) -> None:
     m.add_argument("--out", metavar="DIR", help="output folder (default GPTLAB_HOME/mixture)")
     m.add_argument("--lines", type=int, default=DEFAULT_LINES, metavar="N",
                    help=f"number of example lines (default {DEFAULT_LINES}, about 3.7 MB)")
+    m.add_argument("--weights", metavar="NAME=W,...",
+                   help="relative weight of document families (default 1 each; 'lookup' is the "
+                   "dictionary look-up kind), e.g. lookup=6,en2zh=2,zh2en=2; adds _w<hash> to the name")
     m.set_defaults(func=_run_mixture)
 
     r = dsub.add_parser("prepare", help="tokenize corpora into the token cache",

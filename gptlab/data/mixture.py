@@ -344,13 +344,41 @@ def _lookup_document(rng: random.Random, k: int) -> list[str]:
     return lines + [dictionary_line(pairs)] + [f"{src} => {tgt}" for src, tgt in queries]
 
 
-def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES):
-    """Yield documents (str, lines joined by newlines) until ``n_lines`` example lines are out."""
+def parse_weights(spec: str | None) -> dict[str, float] | None:
+    """``"lookup=4,add2=2"`` -> {family: weight}; unnamed families keep weight 1. None/"" -> None."""
+    if not spec:
+        return None
+    known = list(_SPECS) + [LOOKUP]
+    weights = {}
+    for part in spec.split(","):
+        name, _, value = part.strip().partition("=")
+        if name not in known:
+            raise GptlabError(f"--weights: unknown family {name!r} (choose from {', '.join(known)})")
+        try:
+            w = float(value)
+        except ValueError:
+            raise GptlabError(f"--weights: {part.strip()!r} is not NAME=NUMBER") from None
+        if not (w >= 0 and w < float("inf")):
+            raise GptlabError(f"--weights: the weight of {name} must be a non-negative number")
+        weights[name] = w
+    if not any(weights.get(n, 1.0) > 0 for n in known):
+        raise GptlabError("--weights: at least one family needs a positive weight")
+    return weights
+
+
+def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES,
+                       weights: dict[str, float] | None = None):
+    """Yield documents (str, lines joined by newlines) until ``n_lines`` example lines are out.
+
+    ``weights`` (family -> relative weight, default 1 each) skews how often each kind of document
+    is drawn, e.g. more look-up documents to teach copying from the context.
+    """
     rng = random.Random(seed)
     names = list(_SPECS) + [LOOKUP]
+    odds = [(weights or {}).get(n, 1.0) for n in names]
     done = 0
     while done < n_lines:
-        family = rng.choice(names)
+        family = rng.choices(names, odds)[0] if weights else rng.choice(names)
         k = min(rng.randint(4, 12), n_lines - done)
         done += k
         if family == LOOKUP:
@@ -368,21 +396,24 @@ def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES):
 
 
 def mixture_path(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES,
-                 out_dir: str | Path | None = None) -> Path:
+                 out_dir: str | Path | None = None, weights: dict[str, float] | None = None) -> Path:
     """Where ``write_mixture`` puts a corpus; the name encodes everything its content depends on."""
     folder = Path(out_dir) if out_dir else gptlab_home() / "mixture"
     suffix = "" if n_lines == DEFAULT_LINES else f"_lines{n_lines}"
+    if weights:
+        spec = ",".join(f"{k}={v:g}" for k, v in sorted(weights.items()))
+        suffix += "_w" + hashlib.blake2b(spec.encode(), digest_size=4).hexdigest()
     # The version changes whenever the generator does, so a cached corpus is never stale.
     return folder / f"mixture_v{MIXTURE_VERSION}_seed{seed}{suffix}.txt"
 
 
 def write_mixture(out_dir: str | Path | None = None, seed: int = DEFAULT_SEED,
-                  n_lines: int = DEFAULT_LINES) -> Path:
+                  n_lines: int = DEFAULT_LINES, weights: dict[str, float] | None = None) -> Path:
     """Generate the corpus and write it atomically; returns its path."""
     if n_lines < 1:
         raise GptlabError(f"--lines must be at least 1, got {n_lines}")
-    path = mixture_path(seed, n_lines, out_dir)
-    atomic_write_text(path, "\n\n".join(generate_documents(seed, n_lines)) + "\n")
+    path = mixture_path(seed, n_lines, out_dir, weights)
+    atomic_write_text(path, "\n\n".join(generate_documents(seed, n_lines, weights)) + "\n")
     return path
 
 
