@@ -322,6 +322,11 @@ _LOOKUP_PROMPTS = ("Use the dictionary:", "Look each word up in the dictionary:"
 _CONSONANTS, _VOWELS = "bcdfghjklmnprstvwz", "aeiou"
 
 
+def dictionary_pair(family: str, item: dict) -> tuple[str, str]:
+    """(source word, its translation) of an en2zh or zh2en item, in the family's direction."""
+    return (item["en"], item["zh"]) if family == "en2zh" else (item["zh"], item["en"])
+
+
 def dictionary_line(pairs: list[tuple[str, str]]) -> str:
     """The one-line dictionary of translation prompts (the eval harness writes the same form)."""
     return "Dictionary: " + ", ".join(f"{src} = {tgt}" for src, tgt in pairs)
@@ -388,7 +393,7 @@ def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES,
         items = [_item(family, _sample_train_key(family, rng), rng) for _ in range(k)]
         if family in ("en2zh", "zh2en") and rng.random() < 0.5:
             extra = [_item(family, _sample_train_key(family, rng), rng) for _ in range(3)]
-            pairs = list(dict.fromkeys((it["prompt"][:-3], it["answer"][1:]) for it in items + extra))
+            pairs = list(dict.fromkeys(dictionary_pair(family, it) for it in items + extra))
             rng.shuffle(pairs)
             lines.append(dictionary_line(pairs))
         lines += [it["prompt"] + it["answer"] for it in items]

@@ -70,7 +70,7 @@ def results_markdown(res: dict) -> str:
                 lines.append(f"| {run} | " + " | ".join(
                     "n/a" if v.get(str(k)) is None else f"{100 * v[str(k)]:.1f}%" for k in shots) + " |")
             lines.append("")
-        gold = {run: per_task.get(task, {}) for run in res["runs"] for per_task in [res["runs"][run]]}
+        gold = {run: per_task.get(task, {}) for run, per_task in res["runs"].items()}
         if any("gold_prob" in m for v in gold.values() for m in v.values()):
             lines += ["Probability of the right answer (mean over items of P(answer | prompt), teacher-forced; "
                       "rises with in-context learning before greedy answers become exactly right):", "",

@@ -120,22 +120,21 @@ def _score_choices_bert(model, tok, task: Task, queries: list[Query], batch_size
     return out
 
 
-def _gold_logprobs(model, tok, queries: list[Query], batch_size: int) -> list[tuple[float, int]]:
+def _gold_logprobs(model, tok, queries: list[Query], prompts: list[list[int]],
+                   batch_size: int) -> list[tuple[float, int]]:
     """(summed log-prob, tokens) of each query's right answer as the continuation of its prompt."""
     from gptlab.evals.perplexity import score_continuations
-    ctxs = [[tok.eot_id] + tok.encode(q.prefix + q.item.prompt) for q in queries]
-    return score_continuations(model, ctxs, [tok.encode(q.item.answer) for q in queries], batch_size=batch_size)
+    return score_continuations(model, prompts, [tok.encode(q.item.answer) for q in queries], batch_size=batch_size)
 
 
-def _generate(model, tok, task: Task, queries: list[Query], batch_size: int, bar) -> list[str]:
+def _generate(model, tok, task: Task, prompts: list[list[int]], batch_size: int, bar) -> list[str]:
     from gptlab.generate.engine import Engine, SamplingParams
     engine = Engine(model, tok)
     params = SamplingParams(max_new_tokens=gen_budget(task, tok), temperature=0, stop=["\n"])
     texts = []
-    for a in range(0, len(queries), batch_size):
-        chunk = queries[a:a + batch_size]
-        prompts = [[tok.eot_id] + tok.encode(q.prefix + q.item.prompt) for q in chunk]
-        texts.extend(c.text for c in engine.generate(prompts, params))
+    for a in range(0, len(prompts), batch_size):
+        chunk = prompts[a:a + batch_size]
+        texts.extend(c.text for c in engine.generate(chunk, params))
         bar.update(len(chunk))
     return texts
 
@@ -179,11 +178,12 @@ def evaluate_task(model, tok, task: Task, shots: list[int], seed: int = 0, norma
         with tqdm(total=len(queries), desc=f"{label}{task.name} k={k}", unit="q",
                   disable=not show_progress, leave=False) as bar:
             if task.kind == "gen":
-                outs = _generate(model, tok, task, queries, batch_size, bar)
+                prompts = [[tok.eot_id] + tok.encode(q.prefix + q.item.prompt) for q in queries]
+                outs = _generate(model, tok, task, prompts, batch_size, bar)
                 hits = [o.strip() == q.item.answer.strip() for o, q in zip(outs, queries)]
                 # A graded view beside exact match: how likely the model finds the right answer. It
                 # shows in-context learning before greedy answers become exactly right.
-                gold = _gold_logprobs(model, tok, queries, batch_size)
+                gold = _gold_logprobs(model, tok, queries, prompts, batch_size)
                 extra: dict = {"gold_prob": sum(math.exp(lp) for lp, _ in gold) / len(gold),
                                "gold_logprob_per_token": sum(lp / n for lp, n in gold) / len(gold)}
                 rows = [{"prediction": o, "gold_logprob": round(lp, 4)} for o, (lp, _) in zip(outs, gold)]

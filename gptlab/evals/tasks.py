@@ -107,7 +107,7 @@ def _mixture_items(family: str, n: int, seed: int) -> tuple[list[Item], list[Ite
 
 def _dictionary_context(family: str):
     """A one-line dictionary listing the query's pair, every demonstration's pair and a few others."""
-    from gptlab.data.mixture import dictionary_line
+    from gptlab.data.mixture import dictionary_line, dictionary_pair
 
     def context(item: Item, demos: list[Item]) -> str:
         entries = [item] + list(demos) + list(item.extra.get("distractors", []))
@@ -116,7 +116,7 @@ def _dictionary_context(family: str):
             if e.key in seen:
                 continue
             seen.add(e.key)
-            pairs.append((e.extra["en"], e.extra["zh"]) if family == "en2zh" else (e.extra["zh"], e.extra["en"]))
+            pairs.append(dictionary_pair(family, e.extra))
         random.Random(f"dict:{item.key}:{len(demos)}").shuffle(pairs)
         return dictionary_line(pairs)
     return context

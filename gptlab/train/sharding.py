@@ -96,12 +96,8 @@ def full_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
     order = _param_names(model, optimizer)
     index = {n: i for i, n in enumerate(order)}
     state = {index[n]: s for n, s in named.get("state", {}).items() if n in index}
-    groups, start = [], 0
-    for g in optimizer.param_groups:
-        groups.append({**{k: v for k, v in g.items() if k != "params"},
-                       "params": list(range(start, start + len(g["params"])))})
-        start += len(g["params"])
-    return model_state, {"state": state, "param_groups": groups}
+    # The groups' hyper-parameters are the same on every rank (the checkpoint keeps all but "params").
+    return model_state, {"state": state, "param_groups": optimizer.param_groups}
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
