@@ -1,10 +1,6 @@
 """A post-training stage under torchrun: 2 gloo processes give the losses of 1 process with the same
 global batch (the pre-training DDP test is in test_pretrain.py)."""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,12 +10,7 @@ from gptlab.data.instruct import build_curriculum
 from gptlab.io import atomic_write_jsonl
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.train import checkpoint as ckpt
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_pretrain import run_torchrun
 
 
 def _rows(run):
@@ -40,11 +31,7 @@ def test_sft_two_processes_match_one(tmp_path, small_tokenizer):
               "--eval-every", "3", "--seed", "1", "--device", "cpu", "--no-progress", "--no-task-eval"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*common, "--out", str(one), "--grad-accum", "2"]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "gptlab", *common, "--out", str(two)]
-    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    run_torchrun(*common, "--out", str(two))
     r1, r2 = _rows(one), _rows(two)
     assert [r["step"] for r in r1] == [r["step"] for r in r2] and r1
     for a, b in zip(r1, r2):
@@ -65,11 +52,7 @@ def test_rm_under_fsdp_matches_one_process(tmp_path, small_tokenizer):
               "--eval-every", "2", "--val-fraction", "0.25", "--seed", "1", "--device", "cpu", "--no-progress"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*common, "--out", str(one), "--grad-accum", "2"]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "gptlab", *common, "--out", str(two), "--fsdp"]
-    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    run_torchrun(*common, "--out", str(two), "--fsdp")
     r1, r2 = _rows(one), _rows(two)
     assert [r["step"] for r in r1] == [r["step"] for r in r2] and r1
     for a, b in zip(r1, r2):

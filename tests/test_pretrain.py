@@ -98,17 +98,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def run_torchrun(*args, timeout=300):
+    """``gptlab ARGS`` in 2 gloo processes under torchrun (one torch thread each); asserts success."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "--master_addr", "127.0.0.1", "-m", "gptlab", *args]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
 def test_ddp_two_processes_match_one(tmp_path, corpus_file, tok_dir):
     common = ["--max-steps", "20", "--eval-every", "10", "--eval-batches", "2", "--seed", "3",
               "--batch-size", "4", "--device", "cpu", "--lr", "1e-3"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(pretrain_args(corpus_file, tok_dir, one, *common, "--grad-accum", "2")) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "--master_addr", "127.0.0.1", "-m", "gptlab",
-           *pretrain_args(corpus_file, tok_dir, two, *common)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    run_torchrun(*pretrain_args(corpus_file, tok_dir, two, *common))
     r1, r2 = rows(one), rows(two)
     assert [r["step"] for r in r1] == [r["step"] for r in r2]
     # Same data, same global batch: equal up to float summation order (all-reduce vs accumulation),
@@ -121,14 +125,6 @@ def test_ddp_two_processes_match_one(tmp_path, corpus_file, tok_dir):
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
 
 
-def _torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "--master_addr", "127.0.0.1", "-m", "gptlab", *args]
-    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                         text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-
-
 def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path, corpus_file, tok_dir):
     # Constant lr after warm-up, so a run cut at step 4 and resumed follows the same schedule.
     common = ["--eval-every", "4", "--eval-batches", "3", "--seed", "3", "--batch-size", "4",
@@ -136,7 +132,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path, 
               "--ckpt-every", "4", "--no-sample"]
     one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
     assert main(pretrain_args(corpus_file, tok_dir, one, *common, "--max-steps", "8", "--grad-accum", "2")) == 0
-    _torchrun(*pretrain_args(corpus_file, tok_dir, two, *common, "--max-steps", "8", "--fsdp"))
+    run_torchrun(*pretrain_args(corpus_file, tok_dir, two, *common, "--max-steps", "8", "--fsdp"))
     r1, r2 = rows(one), rows(two)
     assert [r["step"] for r in r1] == [r["step"] for r in r2]
     for a, b in zip(r1, r2):
@@ -152,7 +148,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path, 
 
     # A checkpoint written under FSDP (4 steps) resumes in one process (optimizer moments included):
     # the result matches the uninterrupted single-process run.
-    _torchrun(*pretrain_args(corpus_file, tok_dir, cut, *common, "--max-steps", "4", "--fsdp"))
+    run_torchrun(*pretrain_args(corpus_file, tok_dir, cut, *common, "--max-steps", "4", "--fsdp"))
     assert main(pretrain_args(corpus_file, tok_dir, cut, *common, "--max-steps", "8", "--grad-accum", "2",
                               "--resume")) == 0
     w3 = ckpt.load_tensors(cut / ckpt.MODEL_FILE)

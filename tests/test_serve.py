@@ -339,7 +339,6 @@ def test_truncated_turns_header(server):
 
 
 def test_fuzz_never_500(server):
-    url = f"{server.url}/v1/chat/completions"
     bodies = [b"", b"null", b"[]", b"42", b'"str"', b"{", b"\xff\xfe\x00", b'{"model": NaN}', b"[" * 100000,
               b'{"model": "fake-model"}', b'{"model": 5, "messages": []}', b'{"model": "fake-model", "messages": {}}',
               b'{"model": "fake-model", "messages": [null]}', b'{"model": "fake-model", "messages": [[]]}',

@@ -2,7 +2,6 @@
 import json
 import math
 
-import pytest
 import torch
 
 from gptlab.chat.template import render
