@@ -84,7 +84,7 @@ def register(sub) -> None:
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     m.add_argument("--out", metavar="DIR", help="output folder (default GPTLAB_HOME/mixture)")
     m.add_argument("--lines", type=int, default=DEFAULT_LINES, metavar="N",
-                   help=f"number of example lines (default {DEFAULT_LINES}, about 3.7 MB)")
+                   help=f"number of example lines (default {DEFAULT_LINES}, about 4.1 MB)")
     m.add_argument("--weights", metavar="NAME=W,...",
                    help="relative weight of document families (default 1 each; 'lookup' is the "
                    "dictionary look-up kind), e.g. lookup=6,en2zh=2,zh2en=2; adds _w<hash> to the name")
