@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import sys
 import time
 
 import torch
@@ -28,6 +30,31 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed tensor memory in the process instead of handing it back to the kernel.
+
+    PyTorch's CPU allocator is plain malloc. glibc serves blocks above 128 KB with fresh mmap
+    pages and returns them on free, so every large activation of every step is page-faulted in
+    again: ~3,500 faults and ~10 ms of kernel time per step at the tiny training shape. Raising
+    the mmap and trim thresholds (what jemalloc/tcmalloc users get for free) makes those blocks
+    reusable. Linux/glibc only; a no-op elsewhere.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)    # glibc's maximum on 64-bit
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):   # not glibc (musl, ...): keep the defaults
+        pass
 
 
 def measure_matmul_peak(device: torch.device, n: int = 1024, seconds: float = 1.0) -> float:

@@ -21,10 +21,52 @@ def test_forward_shapes_and_loss(arch):
     torch.manual_seed(0)
     model = GPT(tiny(arch))
     x = torch.randint(0, 300, (2, 20))
-    logits, loss = model(x, torch.randint(0, 300, (2, 20)))
+    with torch.no_grad():
+        logits, loss = model(x, torch.randint(0, 300, (2, 20)))
     assert logits.shape == (2, 20, 300)
     # An untrained model is close to uniform: loss near ln(vocab).
     assert abs(loss.item() - math.log(300)) < 1.5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern", "bert"])
+def test_fused_lm_loss_matches_plain_cross_entropy(arch, monkeypatch):
+    """Training on CPU fuses the LM head and the loss (model/fused.py): same loss, same gradients."""
+    torch.manual_seed(0)
+    model = GPT(tiny(arch))
+    x = torch.randint(0, 300, (3, 40))
+    y = torch.randint(0, 300, (3, 40))
+    y[:, ::4] = -100    # ignored positions (SFT masks, BERT's unselected tokens)
+
+    def loss_and_grads(fused):
+        monkeypatch.setattr(GPT, "fused_loss", fused)
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(x, y)
+        assert (logits is None) == fused    # the fused path never builds [tokens, vocab] logits
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_f, grads_f = loss_and_grads(True)
+    loss_p, grads_p = loss_and_grads(False)
+    assert torch.allclose(loss_f, loss_p, atol=1e-6)
+    for name in grads_p:
+        assert torch.allclose(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_fused_cross_entropy_exact_when_probabilities_underflow():
+    """Rows whose target probability underflows to 0 in fp32 still get the exact loss."""
+    import torch.nn.functional as F
+    from gptlab.model.fused import linear_cross_entropy
+    torch.manual_seed(0)
+    h = (torch.randn(70, 16) * 80).requires_grad_()    # logit gaps in the hundreds
+    w = torch.randn(200, 16).requires_grad_()
+    t = torch.randint(0, 200, (70,))
+    ref = F.cross_entropy(h @ w.t(), t)
+    got = linear_cross_entropy(h, w, t)
+    assert ref.item() > 100 and torch.allclose(got, ref, rtol=1e-5)
+    g_ref = torch.autograd.grad(ref * 3, (h, w))
+    g_got = torch.autograd.grad(linear_cross_entropy(h, w, t) * 3, (h, w))
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_architecture_structure():

@@ -21,6 +21,7 @@ that started at different times (continuous batching in gptlab.generate.engine).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.model.fused import linear_cross_entropy
 
 ARCHS = ("gpt1", "gpt2", "gpt3", "modern", "bert")
 
@@ -479,12 +481,23 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, ignore_index: int = -100):
         """Logits for every position, and the mean cross-entropy against ``targets`` when given."""
-        logits = self.lm_logits(self.hidden(idx))
+        h = self.hidden(idx)
+        if targets is not None and self._fused_loss(h):
+            # Training on CPU: LM head and loss fused, no [tokens, vocab] logits (model/fused.py).
+            flat = h.reshape(-1, h.size(-1))
+            return None, linear_cross_entropy(flat, self.lm_head.weight, targets.reshape(-1), ignore_index)
+        logits = self.lm_logits(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=ignore_index)
         return logits, loss
+
+    fused_loss = os.environ.get("GPTLAB_FUSED_LOSS", "1") != "0"
+
+    def _fused_loss(self, h: torch.Tensor) -> bool:
+        return (self.fused_loss and h.device.type == "cpu" and h.dtype == torch.float32
+                and torch.is_grad_enabled() and h.requires_grad and self.lm_head.bias is None)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.transformer.wte.weight

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gptlab.device import autocast, matmul_peak, pick_device
+from gptlab.device import autocast, matmul_peak, pick_device, tune_cpu_allocator
 from gptlab.errors import GptlabError
 from gptlab.io import append_jsonl, atomic_write_json, atomic_write_jsonl
 from gptlab.plots import plot_curves, plot_loss, read_metrics
@@ -101,7 +101,9 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, device: torch.devi
             unique.append(p)
     groups = [{"params": [p for p in unique if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # The fused kernel (one pass per tensor) also exists on CPU, 4x faster there than foreach (which
+    # CPU runs as per-tensor ops); FSDP's DTensor parameters keep the foreach path.
+    extra = {"foreach": True} if cfg.fsdp else {"fused": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
@@ -161,6 +163,8 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
     """Train ``model`` on ``stage`` for ``cfg.max_steps`` optimizer steps, writing into ``run_dir``."""
     run_dir = Path(run_dir)
     d, device = init_distributed(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     metrics_path = run_dir / "metrics.jsonl"
