@@ -161,6 +161,25 @@ class RMSNorm(nn.Module):
         return (xf if xf.dtype == x.dtype else xf.type_as(x)) * self.weight
 
 
+# Decoding one token runs ~100 small ops whose kernels take a few microseconds each, so Python
+# overhead is a real share of a step. The helpers below skip nn.Module's call machinery and its slow
+# attribute lookup (Module.__getattr__, ~1 us per submodule or parameter access) by reading the
+# registries directly. They stay correct when parameters are swapped (load_state_dict, FSDP's
+# unsharded views), and FSDP's hooks sit on the blocks and the model, never on single layers.
+def _linear(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``owner.<name>(x)`` for an nn.Linear child."""
+    p = owner._modules[name]._parameters
+    return F.linear(x, p["weight"], p["bias"])
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a LayerNorm or RMSNorm."""
+    if isinstance(norm, nn.LayerNorm):
+        p = norm._parameters
+        return F.layer_norm(x, norm.normalized_shape, p["weight"], p["bias"], norm.eps)
+    return norm.forward(x)
+
+
 def make_dropout(p: float) -> nn.Module:
     """Dropout, or nothing at all when p is 0 (even a p=0 dropout costs a pass over the tensor)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
@@ -204,6 +223,10 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Per-layer views, made once (not unbind(): its multi-output views refuse in-place writes
+        # under autograd, and a cache may be filled with gradients on).
+        self.layer_k = [self.k[i] for i in range(cfg.n_layer)]
+        self.layer_v = [self.v[i] for i in range(cfg.n_layer)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
@@ -272,12 +295,13 @@ class CacheStep:
     def write_and_read(self, kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store this pass's keys/values ([B, H, T, hd]) and return all keys/values the rows see."""
         T = self.T
-        if self.start is not None:
+        if self.start is not None:   # narrow() views: the cheapest way to name a block of the cache
             r0, r1 = self.block
             p0 = self.start
-            kc[r0:r1, :, p0:p0 + T] = k
-            vc[r0:r1, :, p0:p0 + T] = v
-            return kc[r0:r1, :, :p0 + T], vc[r0:r1, :, :p0 + T]
+            kc, vc = kc.narrow(0, r0, r1 - r0), vc.narrow(0, r0, r1 - r0)
+            kc.narrow(2, p0, T).copy_(k)
+            vc.narrow(2, p0, T).copy_(v)
+            return kc.narrow(2, 0, p0 + T), vc.narrow(2, 0, p0 + T)
         kc[self.rows[:, None], :, self.pos] = k.transpose(1, 2)
         vc[self.rows[:, None], :, self.pos] = v.transpose(1, 2)
         if self.block is not None:
@@ -300,17 +324,24 @@ class CausalSelfAttention(nn.Module):
         self.band = cfg.sparse_band if cfg.is_sparse_layer(layer) else None
 
     def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None):
-        B, T, C = x.shape
-        n_q, n_kv = self.n_head, self.n_kv_head
-        qkv = self.c_attn(x)
-        if T == 1:   # decoding: [B, 1, heads*hd] is already laid out as [B, heads, 1, hd]
-            heads = qkv.view(B, n_q + 2 * n_kv, 1, self.head_dim)
+        n_q, n_kv, hd = self.n_head, self.n_kv_head, self.head_dim
+        if x.dim() == 2:
+            # Decoding one token per row: x is [B, C] (GPT.hidden drops the length-1 axis, so the
+            # linears are plain matrix-vector products) and [B, heads*hd] is already laid out as
+            # [B, heads, 1, hd]: views and slices only, no transposes, copies or splits.
+            (B, C), T = x.shape, 1
+            heads = _linear(self, "c_attn", x).view(B, n_q + 2 * n_kv, 1, hd)
+            qk, v = heads[:, :n_q + n_kv], heads[:, n_q + n_kv:]
+            if rope is not None:
+                qk = apply_rope(qk, *rope)
+            q, k = qk[:, :n_q], qk[:, n_q:]
         else:
-            heads = qkv.view(B, T, n_q + 2 * n_kv, self.head_dim).transpose(1, 2)
-        qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
-        if rope is not None:   # queries and keys turn by the same angles: one rotation for both
-            qk = apply_rope(qk, *rope)
-        q, k = qk.split([n_q, n_kv], dim=1)
+            B, T, C = x.shape
+            heads = _linear(self, "c_attn", x).view(B, T, n_q + 2 * n_kv, hd).transpose(1, 2)
+            qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
+            if rope is not None:   # queries and keys turn by the same angles: one rotation for both
+                qk = apply_rope(qk, *rope)
+            q, k = qk.split([n_q, n_kv], dim=1)
 
         mask, is_causal = None, False
         if cache is None:
@@ -320,7 +351,7 @@ class CausalSelfAttention(nn.Module):
                 is_causal = self.cfg.causal
         else:
             # Write the new keys/values at each row's own positions, then attend over the filled part.
-            kc, vc = cache.k[self.layer], cache.v[self.layer]
+            kc, vc = cache.layer_k[self.layer], cache.layer_v[self.layer]
             if k.dtype != kc.dtype:
                 k, v = k.to(kc.dtype), v.to(kc.dtype)
             k, v = step.write_and_read(kc, vc, k, v)
@@ -340,8 +371,9 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.cfg.dropout if self.training else 0.0, **gqa)
         # [B, H, T, hd] -> [B, T, C]; with T == 1 the layouts coincide and no copy is needed.
-        y = y.reshape(B, T, C) if T == 1 else y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.reshape(B, C) if x.dim() == 2 else y.transpose(1, 2).contiguous().view(B, T, C)
+        y = _linear(self, "c_proj", y)
+        return self.resid_dropout(y) if self.training else y
 
 
 _BAND_MASKS: dict = {}
@@ -373,10 +405,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.swiglu:
-            h = F.silu(self.gate_proj(x)) * self.c_fc(x)
+            h = F.silu(_linear(self, "gate_proj", x)) * _linear(self, "c_fc", x)
         else:
-            h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
-        return self.dropout(self.c_proj(h))
+            h = F.gelu(_linear(self, "c_fc", x), approximate="tanh")  # GPT-2's "gelu_new"
+        y = _linear(self, "c_proj", h)
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -396,6 +429,18 @@ class Block(nn.Module):
             x = self.ln_1(x + self.attn(x, rope, cache, step))
             x = self.ln_2(x + self.mlp(x))
         return x
+
+    def decode(self, x, rope, cache, step):
+        """``forward`` for one new token per row (x: [B, C]), calling the sub-modules' forward
+        directly: at decoding sizes nn.Module's call machinery for five sub-modules per block is a
+        measurable share of a token's time (see ``_linear``). Inference only (no hooks run)."""
+        m = self._modules
+        attn, mlp, ln_1, ln_2 = m["attn"], m["mlp"], m["ln_1"], m["ln_2"]
+        if self.pre_norm:
+            x = x + attn.forward(_norm(ln_1, x), rope, cache, step)
+            return x + mlp.forward(_norm(ln_2, x))
+        x = _norm(ln_1, x + attn.forward(x, rope, cache, step))
+        return _norm(ln_2, x + mlp.forward(x))
 
 
 class GPT(nn.Module):
@@ -464,9 +509,13 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe.weight[step.start:step.start + T]
         else:
             x = x + self.transformer.wpe(step.pos if step is not None else pos)
-        x = self.transformer.drop(x)
+        if self.training:
+            x = self.transformer.drop(x)
+        decoding = step is not None and T == 1
+        if decoding:     # one token per row: blocks work on [B, C] (see CausalSelfAttention)
+            x = x.view(B, -1)
         for block in self.transformer.h:
-            x = block(x, rope, cache, step)
+            x = block.decode(x, rope, cache, step) if decoding else block(x, rope, cache, step)
         if cache is not None:
             if step.block is not None:
                 cache.lengths[step.block[0]:step.block[1]] += T
@@ -474,10 +523,10 @@ class GPT(nn.Module):
                 cache.lengths[step.rows] += T
         if cfg.pre_norm:
             x = self.transformer.ln_f(x)
-        return x
+        return x.view(B, 1, -1) if decoding else x
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
+        return F.linear(h, self.lm_head.weight)
 
     def forward(self, idx, targets=None, ignore_index: int = -100):
         """Logits for every position, and the mean cross-entropy against ``targets`` when given."""
