@@ -195,7 +195,7 @@ def test_heldout_items_never_in_corpus(tmp_path):
             assert not set(m.groups()) & held_dict, line
             continue
         if line.startswith("Dictionary: "):
-            words = {w for pair in line[12:].split(", ") for w in pair.split(" = ")}
+            words = {w for pair in line[12:].split(", ") for w in pair.split(" => ")}
             assert not words & held_dict, line
             continue
         m = re.fullmatch(r"([a-z]+) = ([a-z]+)", line)
@@ -255,7 +255,7 @@ def test_heldout_fraction_and_errors():
 
 def test_mixture_cli(tmp_path, capsys, home):
     rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
-    path = tmp_path / "m" / "mixture_v2_seed5_lines500.txt"
+    path = tmp_path / "m" / "mixture_v3_seed5_lines500.txt"
     assert rc == 0 and str(path) in out and path.is_file()
     body = path.read_text(encoding="utf-8")
     assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500

@@ -61,9 +61,9 @@ def test_dictionary_translation_prompt_lists_query_and_demo_pairs():
     assert lines[0] == "Translate Chinese to English:"
     assert lines[1].startswith("Dictionary: ")
     q = task.items[0].extra
-    assert f"{q['zh']} = {q['en']}" in lines[1]
+    assert f"{q['zh']} => {q['en']}" in lines[1]
     for d in demos:
-        assert f"{d.extra['zh']} = {d.extra['en']}" in lines[1]
+        assert f"{d.extra['zh']} => {d.extra['en']}" in lines[1]
         assert d.line() in lines
     assert lines[-1] == f"{q['zh']} =>"
 

@@ -29,10 +29,10 @@ one context window is what lets a small model learn to continue it in context (f
 Looking things up in the context is the other in-context skill the evals test (translation of words
 the model never saw, from a dictionary in the prompt), so two kinds of document teach it:
 
-* half the en2zh/zh2en documents carry a ``Dictionary: 桥 = bridge, 猫 = cat, ...`` line after the
+* half the en2zh/zh2en documents carry a ``Dictionary: 桥 => bridge, 猫 => cat, ...`` line after the
   description, listing the document's pairs and three others, shuffled;
 * ``lookup`` documents (one draw in ``len(FAMILIES) + 1``) pair made-up code words with Chinese
-  words at random: ``Dictionary: 桥 = vokter, ...`` then ``桥 => vokter`` (or the other way round).
+  words at random: ``Dictionary: 桥 => vokter, ...`` then ``桥 => vokter`` (or the other way round).
   The mapping is new in every document, so copying from the dictionary is the only way to predict
   the answers; memorising translations cannot help.
 
@@ -59,7 +59,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
-MIXTURE_VERSION = 2
+MIXTURE_VERSION = 3
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -329,7 +329,10 @@ def dictionary_pair(family: str, item: dict) -> tuple[str, str]:
 
 def dictionary_line(pairs: list[tuple[str, str]]) -> str:
     """The one-line dictionary of translation prompts (the eval harness writes the same form)."""
-    return "Dictionary: " + ", ".join(f"{src} = {tgt}" for src, tgt in pairs)
+    # Written in the query's own form ("桥 => bridge"): the answer is then whatever followed an
+    # earlier copy of the query, the pattern an induction head copies. With "桥 = bridge" (mixture
+    # v2) the model had to match a token two back; a 4-layer model never learned that (docs/EVALS.md).
+    return "Dictionary: " + ", ".join(f"{src} => {tgt}" for src, tgt in pairs)
 
 
 def _code_word(rng: random.Random) -> str:
