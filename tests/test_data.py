@@ -195,7 +195,8 @@ def test_heldout_items_never_in_corpus(tmp_path):
             assert not set(m.groups()) & held_dict, line
             continue
         if line.startswith("Dictionary: "):
-            words = {w for pair in line[12:].split(", ") for w in pair.split(" => ")}
+            words = {w for pair in mixture.parse_dictionary_line(line) for w in pair}
+            assert words
             assert not words & held_dict, line
             continue
         m = re.fullmatch(r"([a-z]+) = ([a-z]+)", line)
@@ -255,7 +256,7 @@ def test_heldout_fraction_and_errors():
 
 def test_mixture_cli(tmp_path, capsys, home):
     rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
-    path = tmp_path / "m" / "mixture_v3_seed5_lines500.txt"
+    path = tmp_path / "m" / "mixture_v4_seed5_lines500.txt"
     assert rc == 0 and str(path) in out and path.is_file()
     body = path.read_text(encoding="utf-8")
     assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500
@@ -447,3 +448,18 @@ def test_mixture_weights_skew_families_and_name_the_file(tmp_path):
 def test_mixture_bad_weights_are_one_line_errors(spec, msg):
     with pytest.raises(GptlabError, match=msg):
         mixture.parse_weights(spec)
+
+
+def test_dictionary_entries_tokenize_like_the_query_line():
+    """In-context look-up is copying: the query line's tokens ("猫 =>") must occur verbatim in the
+    dictionary line, which byte-level BPE breaks when an entry follows a space (" 猫" != "猫")."""
+    from gptlab.tokenizer import Tokenizer
+    text = "\n\n".join(mixture.generate_documents(seed=1, n_lines=3000))
+    tok = Tokenizer.train([text], vocab_size=1000)
+    pairs = [("猫", "cat"), ("教堂", "church"), ("vokter", "桥"), ("bridge", "桥")]
+    line = tok.encode(mixture.dictionary_line(pairs))
+    assert mixture.parse_dictionary_line(mixture.dictionary_line(pairs)) == pairs
+    for src, tgt in pairs:
+        query, answer = tok.encode(f"{src} =>"), tok.encode(f"{src} => {tgt}")
+        assert any(line[i:i + len(answer)] == answer for i in range(len(line))), (src, tgt)
+        assert answer[:len(query)] == query

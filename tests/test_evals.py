@@ -61,9 +61,9 @@ def test_dictionary_translation_prompt_lists_query_and_demo_pairs():
     assert lines[0] == "Translate Chinese to English:"
     assert lines[1].startswith("Dictionary: ")
     q = task.items[0].extra
-    assert f"{q['zh']} => {q['en']}" in lines[1]
+    assert f"[{q['zh']} => {q['en']}]" in lines[1]
     for d in demos:
-        assert f"{d.extra['zh']} => {d.extra['en']}" in lines[1]
+        assert f"[{d.extra['zh']} => {d.extra['en']}]" in lines[1]
         assert d.line() in lines
     assert lines[-1] == f"{q['zh']} =>"
 
@@ -301,3 +301,19 @@ def test_eval_end_to_end_writes_results_and_png(tmp_path, small_tokenizer, capsy
     assert main(["eval", str(runs[0]), "--text", str(text), "--out", str(out)]) == 0
     assert json.loads((out / "perplexity.json").read_text())["runs"]["run0"]["bits_per_byte"] > 0
     assert "bits/byte" in capsys.readouterr().out
+
+
+def test_lookup_task_answers_only_from_the_dictionary():
+    from gptlab.data.mixture import parse_dictionary_line
+    from gptlab.evals.tasks import load_task
+    task = load_task("lookup", 20, seed=1)
+    assert len(task.items) == 20 and len({it.key for it in task.pool}) == len(task.pool)
+    assert load_task("lookup", 20, seed=1).items[3].answer == task.items[3].answer   # deterministic
+    assert load_task("lookup", 20, seed=2).items[3].answer != task.items[3].answer   # fresh pairing
+    for item, demos in zip(task.items, choose_demos(task, 4, seed=0)):
+        lines = build_prompt(task, item, demos).split("\n")
+        assert lines[0] == task.description and lines[-1] == item.prompt
+        pairs = dict(parse_dictionary_line(lines[1]))
+        assert pairs[item.extra["zh"]] == item.answer.strip()
+        assert len(pairs) == 1 + len(demos) + 3
+        assert [d.line() for d in demos] == lines[2:-1]

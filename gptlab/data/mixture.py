@@ -29,10 +29,10 @@ one context window is what lets a small model learn to continue it in context (f
 Looking things up in the context is the other in-context skill the evals test (translation of words
 the model never saw, from a dictionary in the prompt), so two kinds of document teach it:
 
-* half the en2zh/zh2en documents carry a ``Dictionary: 桥 => bridge, 猫 => cat, ...`` line after the
+* half the en2zh/zh2en documents carry a ``Dictionary: [桥 => bridge] [猫 => cat] ...`` line after the
   description, listing the document's pairs and three others, shuffled;
 * ``lookup`` documents (one draw in ``len(FAMILIES) + 1``) pair made-up code words with Chinese
-  words at random: ``Dictionary: 桥 => vokter, ...`` then ``桥 => vokter`` (or the other way round).
+  words at random: ``Dictionary: [桥 => vokter] ...`` then ``桥 => vokter`` (or the other way round).
   The mapping is new in every document, so copying from the dictionary is the only way to predict
   the answers; memorising translations cannot help.
 
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
-MIXTURE_VERSION = 3
+MIXTURE_VERSION = 4
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -319,6 +320,7 @@ def _sample_train_key(family: str, rng: random.Random) -> str:
 # ----- in-context lookup ---------------------------------------------------------------------------
 LOOKUP = "lookup"
 _LOOKUP_PROMPTS = ("Use the dictionary:", "Look each word up in the dictionary:")
+LOOKUP_DESCRIPTION = _LOOKUP_PROMPTS[0]
 _CONSONANTS, _VOWELS = "bcdfghjklmnprstvwz", "aeiou"
 
 
@@ -329,13 +331,21 @@ def dictionary_pair(family: str, item: dict) -> tuple[str, str]:
 
 def dictionary_line(pairs: list[tuple[str, str]]) -> str:
     """The one-line dictionary of translation prompts (the eval harness writes the same form)."""
-    # Written in the query's own form ("桥 => bridge"): the answer is then whatever followed an
-    # earlier copy of the query, the pattern an induction head copies. With "桥 = bridge" (mixture
-    # v2) the model had to match a token two back; a 4-layer model never learned that (docs/EVALS.md).
-    return "Dictionary: " + ", ".join(f"{src} => {tgt}" for src, tgt in pairs)
+    # Each entry is written in the query's own form ("桥 => bridge"), so the answer is whatever
+    # followed an earlier copy of the query: the pattern an induction head copies (mixture v2 wrote
+    # "桥 = bridge", which a 4-layer model never learned to use; docs/EVALS.md). Entries sit in
+    # brackets, not after ", ": byte-level BPE glues a leading space to a word (" 猫" is two byte
+    # tokens where a line-initial "猫" is one), so "..., 猫 => cat" and the query line "猫 =>"
+    # would not share tokens; "[猫 => cat]" and "猫 =>" do (mixture v4).
+    return "Dictionary: " + " ".join(f"[{src} => {tgt}]" for src, tgt in pairs)
 
 
-def _code_word(rng: random.Random) -> str:
+def parse_dictionary_line(line: str) -> list[tuple[str, str]]:
+    """The (source, target) pairs of a ``dictionary_line``."""
+    return [tuple(e.split(" => ", 1)) for e in re.findall(r"\[([^\]]*)\]", line)]
+
+
+def code_word(rng: random.Random) -> str:
     """A pronounceable made-up word (consonant-vowel syllables), e.g. 'vokter'."""
     return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
 
@@ -343,7 +353,7 @@ def _code_word(rng: random.Random) -> str:
 def _lookup_document(rng: random.Random, k: int) -> list[str]:
     """A dictionary with a fresh random mapping, then ``k`` lines answered from it."""
     zh_words = dict.fromkeys(EN_ZH[_sample_train_key("zh2en", rng)] for _ in range(k + 3))
-    pairs = [(zh, _code_word(rng)) for zh in zh_words]
+    pairs = [(zh, code_word(rng)) for zh in zh_words]
     if rng.random() < 0.5:
         pairs = [(b, a) for a, b in pairs]
     queries = pairs[:k]

@@ -30,6 +30,7 @@ from gptlab.io import iter_jsonl
 ARITHMETIC = ("add2", "add3", "sub2", "sub3")
 UNSCRAMBLE = ("cycle", "anagram1", "anagram2", "reverse")
 TRANSLATE = ("en2zh", "zh2en")
+LOOKUP = "lookup"
 GROUPS = {
     "arithmetic": ARITHMETIC,
     "unscramble": UNSCRAMBLE,
@@ -105,9 +106,10 @@ def _mixture_items(family: str, n: int, seed: int) -> tuple[list[Item], list[Ite
     return items[:n], items
 
 
-def _dictionary_context(family: str):
-    """A one-line dictionary listing the query's pair, every demonstration's pair and a few others."""
-    from gptlab.data.mixture import dictionary_line, dictionary_pair
+def _dictionary_context(pair_of: Callable[[dict], tuple[str, str]]):
+    """A one-line dictionary listing the query's pair, every demonstration's pair and a few others;
+    ``pair_of(item.extra)`` gives an item's (source, target)."""
+    from gptlab.data.mixture import dictionary_line
 
     def context(item: Item, demos: list[Item]) -> str:
         entries = [item] + list(demos) + list(item.extra.get("distractors", []))
@@ -116,14 +118,44 @@ def _dictionary_context(family: str):
             if e.key in seen:
                 continue
             seen.add(e.key)
-            pairs.append(dictionary_pair(family, e.extra))
+            pairs.append(pair_of(e.extra))
         random.Random(f"dict:{item.key}:{len(demos)}").shuffle(pairs)
         return dictionary_line(pairs)
     return context
 
 
+def _add_distractors(pool: list[Item], name: str, seed: int) -> None:
+    rng = random.Random(f"distractors:{name}:{seed}")
+    for it in pool:
+        others = [p for p in pool if p.key != it.key]
+        it.extra["distractors"] = rng.sample(others, min(DICT_DISTRACTORS, len(others)))
+
+
+def lookup_task(n: int, seed: int) -> Task:
+    """In-context look-up in its purest form: Chinese words paired with made-up code words
+    (``桥 => vokter``), the pairing drawn afresh for this task, so nothing memorised in pre-training
+    can answer and copying from the prompt's dictionary is the only way (the mixture's ``lookup``
+    documents train exactly this)."""
+    from gptlab.data.dictionary import EN_ZH
+    from gptlab.data.mixture import LOOKUP_DESCRIPTION, code_word
+    rng = random.Random(f"lookup:{seed}")
+    zh_words = sorted(set(EN_ZH.values()))
+    rng.shuffle(zh_words)
+    codes: set[str] = set()
+    pool = []
+    for zh in zh_words[:n + 64]:
+        code = code_word(rng)
+        while code in codes:
+            code = code_word(rng)
+        codes.add(code)
+        pool.append(Item(key=zh, prompt=f"{zh} =>", answer=f" {code}", extra={"zh": zh, "code": code}))
+    _add_distractors(pool, LOOKUP, seed)
+    return Task(LOOKUP, "gen", pool[:n], pool, description=LOOKUP_DESCRIPTION, max_new_tokens=16,
+                context=_dictionary_context(lambda x: (x["zh"], x["code"])))
+
+
 def mixture_task(family: str, n: int, seed: int) -> Task:
-    from gptlab.data.mixture import FAMILIES, TASK_PROMPTS
+    from gptlab.data.mixture import FAMILIES, TASK_PROMPTS, dictionary_pair
     if family not in FAMILIES:
         raise GptlabError(f"unknown task {family!r}")
     items, pool = _mixture_items(family, n, seed)
@@ -131,11 +163,8 @@ def mixture_task(family: str, n: int, seed: int) -> Task:
     if family in TRANSLATE:
         # Held-out words were never in pre-training: the model can only answer by looking the word
         # up in the dictionary line of the prompt, which is what in-context translation tests.
-        rng = random.Random(f"distractors:{family}:{seed}")
-        for it in pool:
-            others = [p for p in pool if p.key != it.key]
-            it.extra["distractors"] = rng.sample(others, min(DICT_DISTRACTORS, len(others)))
-        context = _dictionary_context(family)
+        _add_distractors(pool, family, seed)
+        context = _dictionary_context(lambda extra: dictionary_pair(family, extra))
     longest = max(len(it.answer) for it in pool)
     return Task(family, "gen", items, pool, description=TASK_PROMPTS[family][0],
                 max_new_tokens=min(48, 4 * longest + 4), context=context)
@@ -310,7 +339,9 @@ def load_task(name: str, n: int, seed: int, tokenizer=None) -> Task:
         return cloze_task(n, seed)
     if name == "blank":
         return blank_task(n, seed, tokenizer)
+    if name == LOOKUP:
+        return lookup_task(n, seed)
     if name in FAMILIES:
         return mixture_task(name, n, seed)
-    known = ", ".join(list(GROUPS) + ["cloze", "blank"] + list(FAMILIES))
+    known = ", ".join(list(GROUPS) + ["cloze", "blank", LOOKUP] + list(FAMILIES))
     raise GptlabError(f"--tasks: unknown task {name!r} (choose from {known}, or a .jsonl file)")
