@@ -161,7 +161,66 @@ def test_kv_cache_matches_full_forward(arch):
     step = model.hidden(torch.stack([x[0, 30], x[1, 10]])[:, None], cache=cache, rows=torch.tensor([0, 3]))
     assert torch.allclose(step[0, 0], full[0, 30], atol=1e-5)
     assert torch.allclose(step[1, 0], full[1, 10], atol=1e-5)
-    assert cache.lengths.tolist() == [31, 0, 0, 11]
+    assert cache.lengths == [31, 0, 0, 11]
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_decode_logits_match_full_forward(arch):
+    """GPT.decode (the one-token fast path) in every cache layout it handles: one row, rows that are
+    not consecutive, consecutive rows at different lengths, rows in lockstep; past gpt3's band
+    (8 keys) and with GQA for modern (4 query heads, 2 key/value heads)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(arch)).eval()
+    assert arch != "modern" or model.config.n_kv_head < model.config.n_head
+    x = torch.randint(0, 300, (3, 40))
+    with torch.no_grad():
+        full = model.lm_logits(model.hidden(x))
+
+        def check(tokens, rows, want):   # want: (sequence, position) of each row's new token
+            got = model.lm_logits(model.decode(tokens, cache, rows)).view(len(rows), -1)
+            for g, (s, t) in zip(got, want):
+                assert (g - full[s, t]).abs().max() < 1e-5, (rows, s, t)
+
+        cache = model.new_cache(5)
+        model.hidden(x[0:1, :20], cache=cache, rows=[4])
+        model.hidden(x[1:2, :10], cache=cache, rows=[1])
+        model.hidden(x[2:3, :9], cache=cache, rows=[2])
+        for t in range(20, 24):                            # one row, Python ints
+            check([int(x[0, t])], [4], [(0, t)])
+        check([int(x[0, 24]), int(x[1, 10])], [4, 1], [(0, 24), (1, 10)])    # not consecutive
+        check([int(x[1, 11]), int(x[2, 9])], [1, 2], [(1, 11), (2, 9)])   # consecutive, unequal
+        check(x[2, 10:11], [2], [(2, 10)])                  # one row, a token tensor
+        check(torch.stack([x[1, 12], x[2, 11]]), [1, 2], [(1, 12), (2, 11)])  # a tensor of tokens
+        assert cache.lengths[1:3] == [13, 12]
+        check(x[2, 12:13], [2], [(2, 12)])
+        for t in range(13, 16):                            # consecutive rows in lockstep
+            check([int(x[1, t]), int(x[2, t])], [1, 2], [(1, t), (2, t)])
+        assert cache.lengths == [0, 16, 16, 0, 25]
+
+        # Weights changed in place (PPO's optimizer, load_state_dict): decode follows at once.
+        model.load_state_dict(GPT(tiny(arch)).state_dict())
+        full = model.lm_logits(model.hidden(x))
+        cache = model.new_cache(2)
+        model.hidden(x[:2, :25], cache=cache)
+        check(x[:2, 25], [0, 1], [(0, 25), (1, 25)])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_decode_under_autocast_and_with_a_bf16_cache(arch):
+    """The dtype seams of decoding (on GPUs it runs under bf16 autocast over an fp32 cache): bf16 keys
+    into an fp32 cache, and an fp32 model over a bf16 cache, both stay close to the full forward."""
+    torch.manual_seed(0)
+    model = GPT(tiny(arch)).eval()
+    x = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        want = model.lm_logits(model.hidden(x))[:, 24:]
+        for dtype, amp in ((torch.float32, True), (torch.bfloat16, False)):
+            cache = model.new_cache(2, dtype=dtype)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                model.hidden(x[:, :24], cache=cache)
+                got = torch.stack([model.lm_logits(model.decode(x[:, t], cache, [0, 1])).float()
+                                   for t in range(24, 30)], 1)
+            assert (got - want).abs().max() < 0.05, (dtype, amp)
 
 
 def test_accounting_and_config_errors():

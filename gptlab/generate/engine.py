@@ -224,10 +224,10 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, cache, slots: list[int], last: list[int]) -> torch.Tensor:
-        idx = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
+        """Logits [B, V] of one step for the rows ``slots``, whose last tokens are ``last``."""
         with autocast(self.device):
-            h = self.model.hidden(idx, cache=cache, rows=slots)
-            return self.model.lm_logits(h[:, -1]).float()
+            logits = self.model.lm_logits(self.model.decode(last, cache, slots)).float()
+        return logits.view(len(slots), -1)   # one row comes back as a vector
 
     @torch.inference_mode()
     def _full_forward(self, context: list[int]) -> torch.Tensor:
@@ -237,7 +237,7 @@ class Engine:
 
     def _step_rows(self, cache, active: dict[int, _Row]) -> None:
         """Advance every live row by one token (sliding rows whose window is full)."""
-        lengths = cache.lengths.tolist()   # one read, not one tensor index per row
+        lengths = cache.lengths
         full = [s for s in active if lengths[s] >= self.block_size]
         for s in full:  # rebuild from the last half window, then sample from that
             row = active[s]

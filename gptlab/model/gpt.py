@@ -166,17 +166,39 @@ class RMSNorm(nn.Module):
 # attribute lookup (Module.__getattr__, ~1 us per submodule or parameter access) by reading the
 # registries directly. They stay correct when parameters are swapped (load_state_dict, FSDP's
 # unsharded views), and FSDP's hooks sit on the blocks and the model, never on single layers.
+def _weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of an nn.Linear, read from its registry."""
+    p = linear._parameters
+    return p["weight"], p["bias"]
+
+
 def _linear(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """``owner.<name>(x)`` for an nn.Linear child."""
-    p = owner._modules[name]._parameters
-    return F.linear(x, p["weight"], p["bias"])
+    return F.linear(x, *_weights(owner._modules[name]))
+
+
+def _dense(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+           add: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b) + add``. One row ([C]) is a matrix-vector product: addmv/mv take the
+    [out, in] weight as stored, where F.linear on [1, C] adds a transpose and a 2-D matmul (~1.5 us
+    per call at decoding sizes). Without a bias, ``add`` folds into the same call."""
+    if add is not None and b is None:
+        return torch.addmv(add, w, x) if x.dim() == 1 else torch.addmm(add, x, w.t())
+    if x.dim() == 1:
+        y = torch.mv(w, x) if b is None else torch.addmv(b, w, x)
+    else:
+        y = F.linear(x, w, b)
+    return y if add is None else add + y
 
 
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` for a LayerNorm or RMSNorm."""
+    """``norm(x)`` for a LayerNorm or RMSNorm, through torch.layer_norm / torch.rms_norm: the ops
+    behind F.layer_norm and F.rms_norm without their Python wrappers."""
+    p = norm._parameters
     if isinstance(norm, nn.LayerNorm):
-        p = norm._parameters
-        return F.layer_norm(x, norm.normalized_shape, p["weight"], p["bias"], norm.eps)
+        return torch.layer_norm(x, norm.normalized_shape, p["weight"], p["bias"], norm.eps)
+    if x.dtype == torch.float32:   # the same values as RMSNorm.forward in one call instead of six
+        return torch.rms_norm(x, p["weight"].shape, p["weight"], norm.eps)
     return norm.forward(x)
 
 
@@ -227,7 +249,9 @@ class KVCache:
         # under autograd, and a cache may be filled with gradients on).
         self.layer_k = [self.k[i] for i in range(cfg.n_layer)]
         self.layer_v = [self.v[i] for i in range(cfg.n_layer)]
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # How many tokens each row holds: a Python list, since every step reads it on the host
+        # (a tensor would cost a device read per step, and a sync on GPUs).
+        self.lengths = [0] * batch_size
         self.max_len = max_len
 
     def plan(self, rows: list[int], starts: list[int], T: int, device) -> "CacheStep":
@@ -235,10 +259,8 @@ class KVCache:
         return CacheStep(self, rows, starts, T, device)
 
     def reset(self, rows=None):
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[rows] = 0
+        for r in range(len(self.lengths)) if rows is None else rows:
+            self.lengths[r] = 0
 
 
 class CacheStep:
@@ -295,6 +317,8 @@ class CacheStep:
     def write_and_read(self, kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store this pass's keys/values ([B, H, T, hd]) and return all keys/values the rows see."""
         T = self.T
+        if k.dtype != kc.dtype:   # e.g. bf16 keys under autocast, fp32 cache
+            k, v = k.to(kc.dtype), v.to(kc.dtype)
         if self.start is not None:   # narrow() views: the cheapest way to name a block of the cache
             r0, r1 = self.block
             p0 = self.start
@@ -325,23 +349,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None):
         n_q, n_kv, hd = self.n_head, self.n_kv_head, self.head_dim
-        if x.dim() == 2:
-            # Decoding one token per row: x is [B, C] (GPT.hidden drops the length-1 axis, so the
-            # linears are plain matrix-vector products) and [B, heads*hd] is already laid out as
-            # [B, heads, 1, hd]: views and slices only, no transposes, copies or splits.
-            (B, C), T = x.shape, 1
-            heads = _linear(self, "c_attn", x).view(B, n_q + 2 * n_kv, 1, hd)
-            qk, v = heads[:, :n_q + n_kv], heads[:, n_q + n_kv:]
-            if rope is not None:
-                qk = apply_rope(qk, *rope)
-            q, k = qk[:, :n_q], qk[:, n_q:]
-        else:
-            B, T, C = x.shape
-            heads = _linear(self, "c_attn", x).view(B, T, n_q + 2 * n_kv, hd).transpose(1, 2)
-            qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
-            if rope is not None:   # queries and keys turn by the same angles: one rotation for both
-                qk = apply_rope(qk, *rope)
-            q, k = qk.split([n_q, n_kv], dim=1)
+        B, T, C = x.shape
+        heads = _linear(self, "c_attn", x).view(B, T, n_q + 2 * n_kv, hd).transpose(1, 2)
+        qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
+        if rope is not None:   # queries and keys turn by the same angles: one rotation for both
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([n_q, n_kv], dim=1)
 
         mask, is_causal = None, False
         if cache is None:
@@ -351,29 +364,26 @@ class CausalSelfAttention(nn.Module):
                 is_causal = self.cfg.causal
         else:
             # Write the new keys/values at each row's own positions, then attend over the filled part.
-            kc, vc = cache.layer_k[self.layer], cache.layer_v[self.layer]
-            if k.dtype != kc.dtype:
-                k, v = k.to(kc.dtype), v.to(kc.dtype)
-            k, v = step.write_and_read(kc, vc, k, v)
+            k, v = step.write_and_read(cache.layer_k[self.layer], cache.layer_v[self.layer], k, v)
             mask = step.mask(self.band)
-            if k.dtype != q.dtype:
-                k, v = k.to(q.dtype), v.to(q.dtype)
-
-        gqa = {}
-        if self.n_kv_head != self.n_head:
-            if x.device.type == "cpu":   # the CPU kernel shares each key/value head itself (3x faster)
-                gqa = {"enable_gqa": True}
-            else:                        # GPU kernels are safest with explicit copies
-                rep = self.n_head // self.n_kv_head
-                k = k.repeat_interleave(rep, dim=1)
-                v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.cfg.dropout if self.training else 0.0, **gqa)
-        # [B, H, T, hd] -> [B, T, C]; with T == 1 the layouts coincide and no copy is needed.
-        y = y.reshape(B, C) if x.dim() == 2 else y.transpose(1, 2).contiguous().view(B, T, C)
-        y = _linear(self, "c_proj", y)
+        y = attend(q, k, v, mask, is_causal, self.cfg.dropout if self.training else 0.0)
+        y = _linear(self, "c_proj", y.transpose(1, 2).contiguous().view(B, T, C))
         return self.resid_dropout(y) if self.training else y
+
+
+def attend(q, k, v, mask=None, is_causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention of q [B, Hq, T, hd] over k/v [B, Hkv, S, hd], Hkv dividing Hq
+    (grouped-query attention); keys/values stored in another dtype (a cache) are cast to q's."""
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if k.size(-3) == q.size(-3):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
+    if q.device.type == "cpu":   # the CPU kernel shares each key/value head itself (3x faster)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=dropout, enable_gqa=True)
+    rep = q.size(-3) // k.size(-3)   # GPU kernels are safest with explicit copies
+    k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
 
 
 _BAND_MASKS: dict = {}
@@ -430,18 +440,6 @@ class Block(nn.Module):
             x = self.ln_2(x + self.mlp(x))
         return x
 
-    def decode(self, x, rope, cache, step):
-        """``forward`` for one new token per row (x: [B, C]), calling the sub-modules' forward
-        directly: at decoding sizes nn.Module's call machinery for five sub-modules per block is a
-        measurable share of a token's time (see ``_linear``). Inference only (no hooks run)."""
-        m = self._modules
-        attn, mlp, ln_1, ln_2 = m["attn"], m["mlp"], m["ln_1"], m["ln_2"]
-        if self.pre_norm:
-            x = x + attn.forward(_norm(ln_1, x), rope, cache, step)
-            return x + mlp.forward(_norm(ln_2, x))
-        x = _norm(ln_1, x + attn.forward(x, rope, cache, step))
-        return _norm(ln_2, x + mlp.forward(x))
-
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -490,7 +488,9 @@ class GPT(nn.Module):
         step = None
         if cache is not None:
             rows = list(range(B)) if rows is None else (rows.tolist() if torch.is_tensor(rows) else list(rows))
-            lengths = cache.lengths.tolist()
+            if T == 1 and not (self.training and cfg.dropout > 0):   # one token per row: the fast path
+                return self.decode(idx[:, 0], cache, rows).view(B, 1, -1)
+            lengths = cache.lengths
             step = cache.plan(rows, [lengths[r] for r in rows], T, idx.device)
         elif pos is None:
             if T > cfg.block_size:
@@ -511,22 +511,96 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(step.pos if step is not None else pos)
         if self.training:
             x = self.transformer.drop(x)
-        decoding = step is not None and T == 1
-        if decoding:     # one token per row: blocks work on [B, C] (see CausalSelfAttention)
-            x = x.view(B, -1)
         for block in self.transformer.h:
-            x = block.decode(x, rope, cache, step) if decoding else block(x, rope, cache, step)
+            x = block(x, rope, cache, step)
         if cache is not None:
-            if step.block is not None:
-                cache.lengths[step.block[0]:step.block[1]] += T
-            else:
-                cache.lengths[step.rows] += T
+            for r in rows:
+                cache.lengths[r] += T
         if cfg.pre_norm:
             x = self.transformer.ln_f(x)
-        return x.view(B, 1, -1) if decoding else x
+        return x
+
+    def decode(self, tokens: list[int] | torch.Tensor, cache: KVCache, rows: list[int]) -> torch.Tensor:
+        """Final hidden states of one new token per cache row: [B, C], or [C] for a single row.
+
+        What ``hidden`` computes for T == 1 with a cache, written for speed. A decoding step of a small
+        model is a few hundred tiny ops, so per-call overhead, not arithmetic, sets its time. Here each
+        layer's parameters are read straight from the registries and used with plain torch calls (no
+        nn.Module calls, no [B, T, C] reshapes, config properties read once); one row is a vector, so
+        the linears are matrix-vector products; rows in lockstep (always so for one row) write and read
+        the cache through views made once per step, and banded layers slice their window instead of
+        masking; bias-free output projections fold the residual add into the matmul. Inference only:
+        no dropout, no module hooks.
+        """
+        cfg = self.config
+        nq, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        pre_norm, rope, swiglu = cfg.pre_norm, cfg.rope, cfg.swiglu
+        tr = self._modules["transformer"]._modules
+        wte = tr["wte"]._parameters["weight"]
+        B = len(rows)
+        lengths = cache.lengths
+        step = cache.plan(rows, [lengths[r] for r in rows], 1, wte.device)
+        if torch.is_tensor(tokens):
+            x = F.embedding(tokens, wte)
+            x = x[0] if B == 1 else x
+        else:   # one row: a plain select of the embedding row, no index tensor
+            x = wte[tokens[0]] if B == 1 else F.embedding(torch.tensor(tokens, device=wte.device), wte)
+        p = step.start   # the position of every row, when they are in lockstep
+        if rope:
+            cos, sin = self._buffers["rope_cos"], self._buffers["rope_sin"]
+            cos, sin = (cos[p], sin[p]) if p is not None else (cos[step.pos][:, None], sin[step.pos][:, None])
+        else:
+            wpe = tr["wpe"]._parameters["weight"]
+            x = x + (wpe[p] if p is not None else F.embedding(step.pos[:, 0], wpe))
+        if p is not None:   # views of every layer's cache at once: [layers, B, Hkv, L, hd]
+            r0, r1 = step.block
+            k_all, v_all = cache.k.narrow(1, r0, r1 - r0), cache.v.narrow(1, r0, r1 - r0)
+            k_new, v_new = k_all.narrow(3, p, 1), v_all.narrow(3, p, 1)
+            k_all, v_all = k_all.narrow(3, 0, p + 1), v_all.narrow(3, 0, p + 1)
+        # Under autocast a residual folded into addmv/addmm would be cast to bf16 with the matmul's
+        # inputs; the residual stream stays fp32 there, as in ``hidden``.
+        fold = not torch.is_autocast_enabled(wte.device.type)
+        for i, block in enumerate(tr["h"]._modules.values()):
+            m = block._modules
+            attn, mlp = m["attn"], m["mlp"]._modules
+            h = _norm(m["ln_1"], x) if pre_norm else x
+            # [B, heads * hd] is laid out as [B, heads, 1, hd]: views only, no transposes or copies.
+            heads = _dense(h, *_weights(attn._modules["c_attn"])).view(B, nq + 2 * nkv, 1, hd)
+            if rope:   # queries and keys turn by the same angles: one rotation for both
+                qk, v = heads.split_with_sizes([nq + nkv, nkv], 1)
+                q, k = apply_rope(qk, cos, sin).split_with_sizes([nq, nkv], 1)
+            else:
+                q, k, v = heads.split_with_sizes([nq, nkv, nkv], 1)
+            if p is not None:
+                k_new[i].copy_(k)
+                v_new[i].copy_(v)
+                keys, values, mask = k_all[i], v_all[i], None
+                band = attn.band
+                if band is not None and p >= band:   # a banded layer's window: the last `band` keys
+                    keys, values = keys.narrow(2, p + 1 - band, band), values.narrow(2, p + 1 - band, band)
+            else:
+                keys, values = step.write_and_read(cache.layer_k[i], cache.layer_v[i], k, v)
+                mask = step.mask(attn.band)
+            y = attend(q, keys, values, mask).view(x.shape)   # [B, heads, 1, hd] is laid out as [B, C]
+            w, b = _weights(attn._modules["c_proj"])
+            x = _dense(y, w, b, x) if fold else x + _dense(y, w, b)
+            if not pre_norm:
+                x = _norm(m["ln_1"], x)
+            h = _norm(m["ln_2"], x) if pre_norm else x
+            if swiglu:
+                h = F.silu(_dense(h, *_weights(mlp["gate_proj"]))) * _dense(h, *_weights(mlp["c_fc"]))
+            else:
+                h = F.gelu(_dense(h, *_weights(mlp["c_fc"])), approximate="tanh")
+            w, b = _weights(mlp["c_proj"])
+            x = _dense(h, w, b, x) if fold else x + _dense(h, w, b)
+            if not pre_norm:
+                x = _norm(m["ln_2"], x)
+        for r in rows:
+            lengths[r] += 1
+        return _norm(tr["ln_f"], x) if pre_norm else x
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.lm_head.weight)
+        return _dense(h, self._modules["lm_head"]._parameters["weight"])
 
     def forward(self, idx, targets=None, ignore_index: int = -100):
         """Logits for every position, and the mean cross-entropy against ``targets`` when given."""
