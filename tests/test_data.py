@@ -256,7 +256,7 @@ def test_heldout_fraction_and_errors():
 
 def test_mixture_cli(tmp_path, capsys, home):
     rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
-    path = tmp_path / "m" / "mixture_v5_seed5_lines500.txt"
+    path = tmp_path / "m" / "mixture_v6_seed5_lines500.txt"
     assert rc == 0 and str(path) in out and path.is_file()
     body = path.read_text(encoding="utf-8")
     assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500
@@ -444,7 +444,7 @@ def test_mixture_weights_skew_families_and_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("spec,msg", [("nope=1", "unknown family"), ("add2=x", "not NAME=NUMBER"),
                                       ("add2=-1", "non-negative"),
-                                      (",".join(f"{f}=0" for f in [*mixture.FAMILIES, "lookup"]), "positive")])
+                                      (",".join(f"{f}=0" for f in [*mixture.FAMILIES, *mixture.EXTRA_FAMILIES]), "positive")])
 def test_mixture_bad_weights_are_one_line_errors(spec, msg):
     with pytest.raises(GptlabError, match=msg):
         mixture.parse_weights(spec)

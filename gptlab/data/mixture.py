@@ -34,7 +34,9 @@ the model never saw, from a dictionary in the prompt), so two kinds of document 
 * ``lookup`` documents (one draw in ``len(FAMILIES) + 1``) pair made-up code words with Chinese
   words at random: ``Dictionary: [桥 => vokter] ...`` then ``桥 => vokter`` (or the other way round).
   The mapping is new in every document, so copying from the dictionary is the only way to predict
-  the answers; memorising translations cannot help.
+  the answers; memorising translations cannot help. Dictionaries run from one entry up (the easy end);
+* ``repeat`` documents (as often as ``lookup``) copy a line of made-up words after ``=>``:
+  ``gobu lare kesi => gobu lare kesi``, the plainest lesson in copying (induction heads).
 
 Held-out split: ``is_heldout(family, key)`` hashes the key (blake2b, not Python's salted hash), so
 membership is the same on every machine and for every seed. Families that share a key space share
@@ -60,7 +62,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
-MIXTURE_VERSION = 5
+MIXTURE_VERSION = 6
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -370,11 +372,31 @@ def _lookup_document(rng: random.Random, k: int) -> list[str]:
     return lines + [dictionary_line(pairs)] + [f"{src} => {tgt}" for src, tgt in queries]
 
 
+REPEAT = "repeat"
+_REPEAT_PROMPTS = ("Repeat the words:", "Say it again:")
+EXTRA_FAMILIES = (LOOKUP, REPEAT)   # document kinds besides the _SPECS families (no held-out split)
+
+
+def _repeat_document(rng: random.Random, k: int) -> list[str]:
+    """``k`` lines ``gobu lare kesi => gobu lare kesi`` of fresh made-up words.
+
+    Copying is the skill under in-context look-up, and a repeated random sequence is the plainest
+    lesson in it: every token of the second half is predictable only by finding its earlier copy
+    (an induction head). A tiny model trained without such lines showed no induction at all: its
+    loss on the second copy of a repeated random token sequence was no lower than on the first.
+    """
+    lines = [rng.choice(_REPEAT_PROMPTS)] if rng.random() < 0.5 else []
+    for _ in range(k):
+        words = " ".join(code_word(rng) for _ in range(rng.randint(2, 6)))
+        lines.append(f"{words} => {words}")
+    return lines
+
+
 def parse_weights(spec: str | None) -> dict[str, float] | None:
     """``"lookup=4,add2=2"`` -> {family: weight}; unnamed families keep weight 1. None/"" -> None."""
     if not spec:
         return None
-    known = list(_SPECS) + [LOOKUP]
+    known = list(_SPECS) + list(EXTRA_FAMILIES)
     weights = {}
     for part in spec.split(","):
         name, _, value = part.strip().partition("=")
@@ -400,15 +422,15 @@ def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES,
     is drawn, e.g. more look-up documents to teach copying from the context.
     """
     rng = random.Random(seed)
-    names = list(_SPECS) + [LOOKUP]
+    names = list(_SPECS) + list(EXTRA_FAMILIES)
     odds = [(weights or {}).get(n, 1.0) for n in names]
     done = 0
     while done < n_lines:
         family = rng.choices(names, odds)[0] if weights else rng.choice(names)
         k = min(rng.randint(4, 12), n_lines - done)
         done += k
-        if family == LOOKUP:
-            yield "\n".join(_lookup_document(rng, k))
+        if family in EXTRA_FAMILIES:
+            yield "\n".join((_lookup_document if family == LOOKUP else _repeat_document)(rng, k))
             continue
         lines = [rng.choice(_SPECS[family].prompts)] if rng.random() < 0.5 else []
         items = [_item(family, _sample_train_key(family, rng), rng) for _ in range(k)]
