@@ -425,6 +425,13 @@ def run(args) -> int:
     opts.check()
     cfg = train_config_from_args(args)
     cfg.log_every = 1          # every step is a PPO update worth seeing (reward, KL, clip fraction)
+    episodes = cfg.max_steps * opts.minibatch // max(1, opts.ppo_epochs)
+    if opts.kl_target is not None and opts.kl_horizon > 4 * episodes:
+        # beta moves by at most 20% x episodes / horizon over the run: a horizon far beyond the run's
+        # length makes the "adaptive" beta a constant (docs/PPO.md, session 4: KL at 26x its target).
+        print(f"note: --kl-horizon {opts.kl_horizon} episodes is far longer than this run (~{episodes} episodes), "
+              f"so beta can change by at most {20 * episodes / opts.kl_horizon:.1f}%; a horizon of a few "
+              f"rollouts (e.g. --kl-horizon {2 * opts.rollout_batch}) lets it hold the KL target", flush=True)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
 
