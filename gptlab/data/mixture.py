@@ -62,7 +62,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
-MIXTURE_VERSION = 6
+MIXTURE_VERSION = 7
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -363,12 +363,15 @@ def _lookup_document(rng: random.Random, k: int) -> list[str]:
     """
     n = rng.randint(1, k + 3)
     zh_words = dict.fromkeys(EN_ZH[_sample_train_key("zh2en", rng)] for _ in range(n))
-    pairs = [(zh, code_word(rng)) for zh in zh_words]
-    if rng.random() < 0.5:
-        pairs = [(b, a) for a, b in pairs]
+    to_code = rng.random() < 0.5    # Chinese -> code word, else the other way round
+    pairs = [(zh, code_word(rng)) for zh in zh_words] if to_code else [(code_word(rng), zh) for zh in zh_words]
     queries = pairs[:k] if len(pairs) >= k else [rng.choice(pairs) for _ in range(k)]
     rng.shuffle(pairs)
-    lines = [rng.choice(_LOOKUP_PROMPTS)] if rng.random() < 0.5 else []
+    # Half the headed documents say "translate": a model that learned to copy only under "Use the
+    # dictionary:" still answered translation prompts from memory, and so never translated a held-out
+    # word (docs/EVALS.md, session 4). Under these headers too, the dictionary is the authority.
+    heads = _LOOKUP_PROMPTS + TASK_PROMPTS["zh2en" if to_code else "en2zh"]
+    lines = [rng.choice(heads)] if rng.random() < 0.5 else []
     return lines + [dictionary_line(pairs)] + [f"{src} => {tgt}" for src, tgt in queries]
 
 
