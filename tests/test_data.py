@@ -256,7 +256,7 @@ def test_heldout_fraction_and_errors():
 
 def test_mixture_cli(tmp_path, capsys, home):
     rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
-    path = tmp_path / "m" / "mixture_v7_seed5_lines500.txt"
+    path = tmp_path / "m" / "mixture_v8_seed5_lines500.txt"
     assert rc == 0 and str(path) in out and path.is_file()
     body = path.read_text(encoding="utf-8")
     assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500

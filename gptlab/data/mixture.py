@@ -52,6 +52,7 @@ import hashlib
 import random
 import re
 import sys
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -62,7 +63,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
-MIXTURE_VERSION = 7
+MIXTURE_VERSION = 8
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -347,6 +348,12 @@ def parse_dictionary_line(line: str) -> list[tuple[str, str]]:
     return [tuple(e.split(" => ", 1)) for e in re.findall(r"\[([^\]]*)\]", line)]
 
 
+@lru_cache(maxsize=1)
+def _lookup_words() -> list[str]:
+    """English words for look-up documents: not in the translation tables and not held out anywhere."""
+    return [w for w in WORDS if w not in EN_ZH and not is_heldout("cycle", w)]
+
+
 def code_word(rng: random.Random) -> str:
     """A pronounceable made-up word (consonant-vowel syllables), e.g. 'vokter'."""
     return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
@@ -364,7 +371,12 @@ def _lookup_document(rng: random.Random, k: int) -> list[str]:
     n = rng.randint(1, k + 3)
     zh_words = dict.fromkeys(EN_ZH[_sample_train_key("zh2en", rng)] for _ in range(n))
     to_code = rng.random() < 0.5    # Chinese -> code word, else the other way round
-    pairs = [(zh, code_word(rng)) for zh in zh_words] if to_code else [(code_word(rng), zh) for zh in zh_words]
+    # Half the documents pair the Chinese words with real English words that have no translation in
+    # the dictionary tables (so no "right" answer is ever memorised): a model that had only seen
+    # made-up words copied those, yet answered a translation prompt about a real word from memory.
+    words = _lookup_words() if rng.random() < 0.5 else None
+    other = [rng.choice(words) if words else code_word(rng) for _ in zh_words]
+    pairs = list(zip(zh_words, other)) if to_code else list(zip(other, zh_words))
     queries = pairs[:k] if len(pairs) >= k else [rng.choice(pairs) for _ in range(k)]
     rng.shuffle(pairs)
     # Half the headed documents say "translate": a model that learned to copy only under "Use the

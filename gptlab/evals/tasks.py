@@ -38,7 +38,7 @@ GROUPS = {
     "all": ARITHMETIC + UNSCRAMBLE + TRANSLATE + ("cloze",),
 }
 SHAKESPEARE_HELDOUT_FRACTION = 0.05
-DICT_DISTRACTORS = 3     # dictionary pairs in a translation prompt besides the query's and the demos'
+DICT_ENTRIES = 12        # pairs in a translation prompt's dictionary: the query's, the demos', distractors
 
 
 @dataclass
@@ -112,10 +112,12 @@ def _dictionary_context(pair_of: Callable[[dict], tuple[str, str]]):
     from gptlab.data.mixture import dictionary_line
 
     def context(item: Item, demos: list[Item]) -> str:
-        entries = [item] + list(demos) + list(item.extra.get("distractors", []))
+        # The same number of entries at every k (distractors fill what demonstrations leave), so
+        # adding shots adds demonstrations only, not a longer dictionary to search.
+        size = max(DICT_ENTRIES, 1 + len(demos))
         seen, pairs = set(), []
-        for e in entries:
-            if e.key in seen:
+        for e in [item] + list(demos) + list(item.extra.get("distractors", [])):
+            if e.key in seen or len(pairs) == size:
                 continue
             seen.add(e.key)
             pairs.append(pair_of(e.extra))
@@ -128,7 +130,7 @@ def _add_distractors(pool: list[Item], name: str, seed: int) -> None:
     rng = random.Random(f"distractors:{name}:{seed}")
     for it in pool:
         others = [p for p in pool if p.key != it.key]
-        it.extra["distractors"] = rng.sample(others, min(DICT_DISTRACTORS, len(others)))
+        it.extra["distractors"] = rng.sample(others, min(DICT_ENTRIES, len(others)))
 
 
 def lookup_task(n: int, seed: int) -> Task:
