@@ -178,6 +178,11 @@ def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    for n in range(1, 300):   # float rounding once put the bound inside 0% / 100% (and broke the plot)
+        lo, hi = wilson(n, n)
+        assert lo <= 1.0 <= hi
+        lo, hi = wilson(0, n)
+        assert lo <= 0.0 <= hi
 
 
 # ----- perplexity and bits per byte ---------------------------------------------------------------
