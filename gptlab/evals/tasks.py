@@ -38,7 +38,7 @@ GROUPS = {
     "all": ARITHMETIC + UNSCRAMBLE + TRANSLATE + ("cloze",),
 }
 SHAKESPEARE_HELDOUT_FRACTION = 0.05
-DICT_ENTRIES = 12        # pairs in a translation prompt's dictionary: the query's, the demos', distractors
+DICT_ENTRIES = 8         # pairs in a translation prompt's dictionary (more at k > 7): query, demos, distractors
 
 
 @dataclass
