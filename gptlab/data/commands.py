@@ -78,16 +78,17 @@ def register(sub) -> None:
     m = dsub.add_parser("mixture", help="generate the multi-task pre-training text",
                         description="Write a deterministic (for a seed) plain-text corpus of small "
                         "tasks: arithmetic, English<->Chinese words, unscrambling, questions and "
-                        "answers, dictionary look-ups; held-out items are kept out for few-shot evals. "
+                        "answers, dictionary look-ups, repeated lines of made-up words; held-out items are kept out for few-shot evals. "
                         "Default output: GPTLAB_HOME/mixture/mixture_v{VERSION}_seed{SEED}.txt (a non-default --lines adds "
                         "_lines{N} to the name). `--data mixture` uses seed 0 and the default size.")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     m.add_argument("--out", metavar="DIR", help="output folder (default GPTLAB_HOME/mixture)")
     m.add_argument("--lines", type=int, default=DEFAULT_LINES, metavar="N",
-                   help=f"number of example lines (default {DEFAULT_LINES}, about 4.1 MB)")
+                   help=f"number of example lines (default {DEFAULT_LINES}, about 4.2 MB)")
     m.add_argument("--weights", metavar="NAME=W,...",
                    help="relative weight of document families (default 1 each; 'lookup' is the "
-                   "dictionary look-up kind), e.g. lookup=6,en2zh=2,zh2en=2; adds _w<hash> to the name")
+                   "dictionary look-up kind, 'repeat' the copied lines), e.g. lookup=6,en2zh=2,zh2en=2; "
+                   "adds _w<hash> to the name")
     m.set_defaults(func=_run_mixture)
 
     r = dsub.add_parser("prepare", help="tokenize corpora into the token cache",

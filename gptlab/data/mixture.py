@@ -27,12 +27,13 @@ description (``TASK_PROMPTS``); documents are separated by a blank line. Repeati
 one context window is what lets a small model learn to continue it in context (few-shot).
 
 Looking things up in the context is the other in-context skill the evals test (translation of words
-the model never saw, from a dictionary in the prompt), so two kinds of document teach it:
+the model never saw, from a dictionary in the prompt), so three kinds of document teach it:
 
 * half the en2zh/zh2en documents carry a ``Dictionary: [桥 => bridge] [猫 => cat] ...`` line after the
   description, listing the document's pairs and three others, shuffled;
-* ``lookup`` documents (one draw in ``len(FAMILIES) + 1``) pair made-up code words with Chinese
-  words at random: ``Dictionary: [桥 => vokter] ...`` then ``桥 => vokter`` (or the other way round).
+* ``lookup`` documents (one draw in ``len(FAMILIES) + 2``) pair Chinese words with made-up code
+  words (or English words that have no translation in the tables) at random:
+  ``Dictionary: [桥 => vokter] ...`` then ``桥 => vokter`` (or the other way round).
   The mapping is new in every document, so copying from the dictionary is the only way to predict
   the answers; memorising translations cannot help. Dictionaries run from one entry up (the easy end);
 * ``repeat`` documents (as often as ``lookup``) copy a line of made-up words after ``=>``:
@@ -389,7 +390,6 @@ def _lookup_document(rng: random.Random, k: int) -> list[str]:
 
 REPEAT = "repeat"
 _REPEAT_PROMPTS = ("Repeat the words:", "Say it again:")
-EXTRA_FAMILIES = (LOOKUP, REPEAT)   # document kinds besides the _SPECS families (no held-out split)
 
 
 def _repeat_document(rng: random.Random, k: int) -> list[str]:
@@ -405,6 +405,11 @@ def _repeat_document(rng: random.Random, k: int) -> list[str]:
         words = " ".join(code_word(rng) for _ in range(rng.randint(2, 6)))
         lines.append(f"{words} => {words}")
     return lines
+
+
+# Document kinds besides the _SPECS families (no items, no held-out split): name -> (rng, k) -> lines.
+_EXTRA_DOCUMENTS = {LOOKUP: _lookup_document, REPEAT: _repeat_document}
+EXTRA_FAMILIES = tuple(_EXTRA_DOCUMENTS)
 
 
 def parse_weights(spec: str | None) -> dict[str, float] | None:
@@ -444,8 +449,8 @@ def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES,
         family = rng.choices(names, odds)[0] if weights else rng.choice(names)
         k = min(rng.randint(4, 12), n_lines - done)
         done += k
-        if family in EXTRA_FAMILIES:
-            yield "\n".join((_lookup_document if family == LOOKUP else _repeat_document)(rng, k))
+        if family in _EXTRA_DOCUMENTS:
+            yield "\n".join(_EXTRA_DOCUMENTS[family](rng, k))
             continue
         lines = [rng.choice(_SPECS[family].prompts)] if rng.random() < 0.5 else []
         items = [_item(family, _sample_train_key(family, rng), rng) for _ in range(k)]

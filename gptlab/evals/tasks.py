@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from gptlab.data.mixture import LOOKUP
 from gptlab.errors import GptlabError
 from gptlab.io import iter_jsonl
 
 ARITHMETIC = ("add2", "add3", "sub2", "sub3")
 UNSCRAMBLE = ("cycle", "anagram1", "anagram2", "reverse")
 TRANSLATE = ("en2zh", "zh2en")
-LOOKUP = "lookup"
 GROUPS = {
     "arithmetic": ARITHMETIC,
     "unscramble": UNSCRAMBLE,
@@ -117,7 +117,9 @@ def _dictionary_context(pair_of: Callable[[dict], tuple[str, str]]):
         size = max(DICT_ENTRIES, 1 + len(demos))
         seen, pairs = set(), []
         for e in [item] + list(demos) + list(item.extra.get("distractors", [])):
-            if e.key in seen or len(pairs) == size:
+            if len(pairs) == size:
+                break
+            if e.key in seen:
                 continue
             seen.add(e.key)
             pairs.append(pair_of(e.extra))
