@@ -52,9 +52,16 @@ def shot(driver, name):
 
 
 def wait_for(predicate, timeout=10.0):
+    """Poll until `predicate` is truthy. The page re-renders rows while it streams, so an element
+    found by one call may be replaced before the next; a stale element means "not yet", not failure."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except (StaleElementReferenceException, NoSuchElementException, IndexError):
+            value = None
         if value:
             return value
         time.sleep(0.05)
