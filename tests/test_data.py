@@ -178,10 +178,14 @@ def test_heldout_items_never_in_corpus(tmp_path):
         assert not {it["prompt"] + it["answer"] for it in held} & lines, family
         train = mixture.train_items(family, 50, seed=0)
         assert not any(mixture.is_heldout(family, it["key"]) for it in train)
-    # Stronger: no corpus line uses a held-out key at all, whatever its rendering.
-    held_dict = {w for en, zh in EN_ZH.items() if mixture.is_heldout("en2zh", en) for w in (en, zh)}
+    # Stronger: no corpus line holds a held-out arithmetic problem or a held-out word next to its
+    # translation, whatever its rendering. (Held-out dictionary words do occur, paired at random in
+    # look-up documents, so that they are ordinary tokens to copy; their translation never occurs.)
+    held_pairs = {p for en, zh in EN_ZH.items() if mixture.is_heldout("en2zh", en) for p in ((en, zh), (zh, en))}
+    held_words = {w for pair in held_pairs for w in pair}
     assert any(l.startswith("Dictionary: ") for l in examples)
     arith = {"+": "add", "-": "sub", "*": "mul"}
+    seen_held_word = False
     for line in examples:
         m = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", line)
         if m:
@@ -191,17 +195,20 @@ def test_heldout_items_never_in_corpus(tmp_path):
             assert not mixture.is_heldout(fam, key), line
             continue
         m = re.fullmatch(r"(\S+) => (\S+)", line)
-        if m:  # a translation or a code-word look-up: neither side may be a held-out dictionary word
-            assert not set(m.groups()) & held_dict, line
+        if m:  # a translation or a look-up: never a held-out word with its translation
+            assert m.groups() not in held_pairs, line
+            seen_held_word |= bool(set(m.groups()) & held_words)
             continue
         if line.startswith("Dictionary: "):
-            words = {w for pair in mixture.parse_dictionary_line(line) for w in pair}
-            assert words
-            assert not words & held_dict, line
+            pairs = mixture.parse_dictionary_line(line)
+            assert pairs and not set(pairs) & held_pairs, line
+            # one entry per word on either side, or a query would have two right answers
+            assert len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(pairs), line
             continue
         m = re.fullmatch(r"([a-z]+) = ([a-z]+)", line)
         if m:
             assert not mixture.is_heldout("cycle", m[2]), line
+    assert seen_held_word   # the look-up documents do use them
 
 
 def test_formats_and_answers():
@@ -256,7 +263,7 @@ def test_heldout_fraction_and_errors():
 
 def test_mixture_cli(tmp_path, capsys, home):
     rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
-    path = tmp_path / "m" / "mixture_v8_seed5_lines500.txt"
+    path = tmp_path / "m" / "mixture_v9_seed5_lines500.txt"
     assert rc == 0 and str(path) in out and path.is_file()
     body = path.read_text(encoding="utf-8")
     assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500

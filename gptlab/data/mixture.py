@@ -32,7 +32,7 @@ the model never saw, from a dictionary in the prompt), so three kinds of documen
 * half the en2zh/zh2en documents carry a ``Dictionary: [桥 => bridge] [猫 => cat] ...`` line after the
   description, listing the document's pairs and three others, shuffled;
 * ``lookup`` documents (one draw in ``len(FAMILIES) + 2``) pair Chinese words with made-up code
-  words (or English words that have no translation in the tables) at random:
+  words (or with real English words, never a word's own translation) at random:
   ``Dictionary: [桥 => vokter] ...`` then ``桥 => vokter`` (or the other way round).
   The mapping is new in every document, so copying from the dictionary is the only way to predict
   the answers; memorising translations cannot help. Dictionaries run from one entry up (the easy end);
@@ -42,8 +42,10 @@ the model never saw, from a dictionary in the prompt), so three kinds of documen
 Held-out split: ``is_heldout(family, key)`` hashes the key (blake2b, not Python's salted hash), so
 membership is the same on every machine and for every seed. Families that share a key space share
 the decision: a held-out dictionary word is absent from both en2zh and zh2en, and a held-out word
-is absent from all four unscrambling families. The corpus never contains a held-out key; the eval
-harness draws its questions from ``heldout_items``.
+is absent from all four unscrambling families. The corpus never contains a held-out item: no
+held-out arithmetic problem, no held-out word next to its translation (the words themselves occur,
+paired at random in ``lookup`` documents, so they are ordinary tokens to copy; since v9), no
+held-out unscrambling word. The eval harness draws its questions from ``heldout_items``.
 
 The corpus is a pure function of (seed, n_lines): ``random.Random(seed)`` drives every choice.
 """
@@ -64,7 +66,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
-MIXTURE_VERSION = 8
+MIXTURE_VERSION = 9
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -350,9 +352,19 @@ def parse_dictionary_line(line: str) -> list[tuple[str, str]]:
 
 
 @lru_cache(maxsize=1)
-def _lookup_words() -> list[str]:
-    """English words for look-up documents: not in the translation tables and not held out anywhere."""
-    return [w for w in WORDS if w not in EN_ZH and not is_heldout("cycle", w)]
+def _lookup_words() -> tuple[list[str], list[str]]:
+    """(English, Chinese) words that look-up documents pair at random: every dictionary-table word,
+    held-out ones included, plus English words without a translation (not held out from
+    unscrambling).
+
+    Held-out table words appear here, never next to their translation (``_lookup_document`` skips
+    true pairs), so their translation stays unknown while the words themselves are ordinary tokens
+    to copy. Mixture v8 left them out, and a model then almost never produced a held-out word after
+    ``=>``: it copied 60-70% of random real words from a dictionary but only 18-31% of table words
+    (docs/EVALS.md, session 5).
+    """
+    en = sorted(set(w for w in WORDS if w not in EN_ZH and not is_heldout("cycle", w)) | set(EN_ZH))
+    return en, sorted(set(EN_ZH.values()))
 
 
 def code_word(rng: random.Random) -> str:
@@ -369,15 +381,23 @@ def _lookup_document(rng: random.Random, k: int) -> list[str]:
     builds on it. Dictionaries of 7-15 entries alone (mixture v4) taught a 4-layer model nothing in
     12M tokens (docs/EVALS.md). Queries repeat when there are fewer entries than lines.
     """
+    en_words, zh_pool = _lookup_words()
     n = rng.randint(1, k + 3)
-    zh_words = dict.fromkeys(EN_ZH[_sample_train_key("zh2en", rng)] for _ in range(n))
+    zh_words = rng.sample(zh_pool, n)
     to_code = rng.random() < 0.5    # Chinese -> code word, else the other way round
-    # Half the documents pair the Chinese words with real English words that have no translation in
-    # the dictionary tables (so no "right" answer is ever memorised): a model that had only seen
-    # made-up words copied those, yet answered a translation prompt about a real word from memory.
-    words = _lookup_words() if rng.random() < 0.5 else None
-    other = [rng.choice(words) if words else code_word(rng) for _ in zh_words]
-    pairs = list(zip(zh_words, other)) if to_code else list(zip(other, zh_words))
+    # Half the documents pair the Chinese words with real English words (a fresh pairing each
+    # document, never a word's true translation, so no answer is ever memorised): a model that had
+    # only seen made-up words copied those, yet answered a translation prompt about a real word from
+    # memory. Drawn without repeats: two entries for one word would make its answer ambiguous.
+    if rng.random() < 0.5:
+        other = [w if EN_ZH.get(w) != zh else code_word(rng)
+                 for w, zh in zip(rng.sample(en_words, n), zh_words)]
+    else:
+        other = [code_word(rng) for _ in zh_words]
+    # Entries keyed by either side are unique (a repeated code word is dropped with its pair).
+    pairs = list({o: (z, o) for z, o in zip(zh_words, other)}.values())
+    if not to_code:
+        pairs = [(o, z) for z, o in pairs]
     queries = pairs[:k] if len(pairs) >= k else [rng.choice(pairs) for _ in range(k)]
     rng.shuffle(pairs)
     # Half the headed documents say "translate": a model that learned to copy only under "Use the

@@ -165,8 +165,9 @@ def mixture_task(family: str, n: int, seed: int) -> Task:
     items, pool = _mixture_items(family, n, seed)
     context = None
     if family in TRANSLATE:
-        # Held-out words were never in pre-training: the model can only answer by looking the word
-        # up in the dictionary line of the prompt, which is what in-context translation tests.
+        # A held-out word's translation was never in pre-training (the word itself only in random
+        # look-up pairings): the model can only answer by looking the word up in the dictionary
+        # line of the prompt, which is what in-context translation tests.
         _add_distractors(pool, family, seed)
         context = _dictionary_context(lambda extra: dictionary_pair(family, extra))
     longest = max(len(it.answer) for it in pool)
