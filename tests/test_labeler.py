@@ -55,7 +55,20 @@ def test_full_ranking_and_ties_deterministic():
     assert order[0] == 4 and order[-1] == 1
     assert rank(ARITH, responses) == order
     assert rank(ARITH, ["same.", "same."]) == [0, 1]
-    assert rank(ARITH, ["b 1.", "a 1."]) == [1, 0]   # equal scores and lengths: text order, not position
+    tied = ["b 1.", "a 1."]
+    assert rank(ARITH, tied) == rank(ARITH, tied[::-1])[::-1]   # ties: by the text, not the position
+
+
+def test_ties_carry_no_length_preference():
+    """Two wrong answers tie; if the shorter one always won, a reward model trained on the rankings
+    would learn "shorter is better" and PPO would cut answers short."""
+    rng = random.Random(0)
+    shorter_first = 0
+    for _ in range(400):
+        a, b = rng.randint(0, 99), rng.randint(1000, 99999)         # both wrong for 23 + 58
+        short, long = f"23 + 58 = {a}.", f"23 + 58 = {b}."
+        shorter_first += rank(ARITH, [long, short])[0] == 1
+    assert 0.4 < shorter_first / 400 < 0.6
 
 
 @pytest.mark.parametrize("k, noise", [(2, 0.27), (4, 0.27), (9, 0.27), (4, 0.1), (4, 0.5)])

@@ -23,6 +23,7 @@ that agrees 73% with the rules).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
@@ -89,10 +90,17 @@ def score(item: dict, response: str) -> float:
     return right + conciseness(item, text) + (ENDS if ends_properly(text) else 0.0)
 
 
+def _tie_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
 def _order(item: dict, responses: list[str]) -> list[int]:
-    # Ties: shorter first, then text, then position, so equal inputs always rank the same way.
+    # Ties (equal scores, e.g. two wrong answers) go by a hash of the text, then position: the same
+    # inputs always rank the same way, and no feature of the text decides them. Breaking ties by
+    # length taught reward models "shorter is better" from the many wrong-vs-wrong pairs, and PPO
+    # then cut answers short ("12 * 5 = 6."; docs/PPO.md, session 5).
     return sorted(range(len(responses)),
-                  key=lambda i: (-score(item, responses[i]), len(responses[i] or ""), responses[i] or "", i))
+                  key=lambda i: (-score(item, responses[i]), _tie_key(responses[i] or ""), i))
 
 
 def _expected_inversions(phi: float, k: int) -> float:
