@@ -25,6 +25,24 @@ def test_dpo_loss_hand_computed():
     assert math.isclose(float(loss), math.log(2), rel_tol=1e-6) and m["reward_accuracy"] == 0.5
 
 
+def test_dpo_positive_penalises_a_falling_winner():
+    """DPO-Positive: lowering both sides raises plain DPO's margin for free; DPOP charges the winner's
+    fall below the reference inside the margin, and is plain DPO while the winner has not fallen."""
+    pairs, group = torch.tensor([[0, 1]]), torch.tensor([0])
+    ref = torch.tensor([-1.0, -1.0])
+    both_down = torch.tensor([-2.0, -4.0])           # winner -1 nat, loser -3 nats
+    plain, _ = dpo_loss(both_down, ref, pairs, group, 1, beta=0.1)
+    dpop, m = dpo_loss(both_down, ref, pairs, group, 1, beta=0.1, positive=5.0)
+    # margin 0.1 * (-1 - -3) = 0.2; penalty 0.1 * 5 * max(0, 1) = 0.5 -> -0.3
+    assert math.isclose(float(plain), math.log1p(math.exp(-0.2)), rel_tol=1e-6)
+    assert math.isclose(float(dpop), math.log1p(math.exp(0.3)), rel_tol=1e-6)
+    assert math.isclose(m["reward_margin"], 0.2, rel_tol=1e-5)      # the logged margin is DPO's own
+    winner_up = torch.tensor([-0.5, -3.0])
+    a, _ = dpo_loss(winner_up, ref, pairs, group, 1, beta=0.1)
+    b, _ = dpo_loss(winner_up, ref, pairs, group, 1, beta=0.1, positive=5.0)
+    assert math.isclose(float(a), float(b), rel_tol=1e-7)
+
+
 def test_dpo_loss_k3_ranking_averages_its_pairs():
     policy = torch.tensor([0.0, -1.0, -3.0])
     ref = torch.zeros(3)
@@ -120,3 +138,5 @@ def test_dpo_bad_input_names_file_and_line(tmp_path, small_tokenizer, capsys):
     err = capsys.readouterr().err
     assert f"{data}:2" in err and "Traceback" not in err
     assert main(["dpo", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "o"), "--beta", "0"]) == 2
+    assert main(["dpo", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "o"), "--dpop", "-1"]) == 2
+    assert "--dpop" in capsys.readouterr().err

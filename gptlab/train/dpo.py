@@ -36,18 +36,27 @@ from gptlab.train.sft import (add_epoch_args, format_accuracy, load_eval_items, 
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor,
-             n_groups, beta: float) -> tuple[torch.Tensor, dict]:
+             n_groups, beta: float, positive: float = 0.0) -> tuple[torch.Tensor, dict]:
     """DPO over the pairs of each prompt, averaged per prompt then over prompts.
 
     policy_logps / ref_logps: [R] summed response log-probs per row; pairs: [P, 2] (winner, loser) rows.
+    ``positive`` > 0 is DPO-Positive (Pal et al. 2024): the margin loses
+    ``positive * max(0, log pi_ref(y_w) - log pi(y_w))``, so lowering the winner's own likelihood
+    below the reference's costs the margin. Plain DPO can raise the margin by lowering both sides,
+    and when a winner and a loser differ in one digit ("49." against "48.") that lowers the right
+    answer's tokens too (docs/PPO.md, session 5).
     """
-    rewards = beta * (policy_logps.float() - ref_logps.float())     # implicit rewards
+    log_ratio = policy_logps.float() - ref_logps.float()
+    rewards = beta * log_ratio                                       # implicit rewards
     margin = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]
+    if positive > 0:
+        margin = margin - beta * positive * (-log_ratio[pairs[:, 0]]).clamp(min=0)
     loss = group_mean(-F.logsigmoid(margin), group, n_groups)
-    rewards, margin = rewards.detach(), margin.detach()
+    rewards = rewards.detach()
     chosen, rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]
-    return loss, {"reward_accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
-                  "reward_margin": float(margin.mean()), "chosen_reward": float(chosen.mean()),
+    gap = chosen - rejected
+    return loss, {"reward_accuracy": float(((gap > 0).float() + 0.5 * (gap == 0).float()).mean()),
+                  "reward_margin": float(gap.mean()), "chosen_reward": float(chosen.mean()),
                   "rejected_reward": float(rejected.mean())}
 
 
@@ -73,8 +82,9 @@ class DPOStage:
                  "rejected_reward", "val_reward_accuracy", "accuracy"]
 
     def __init__(self, train_items, val_items, batch_size: int, seed: int, pad_id: int, beta: float,
-                 tok=None, eval_items=None, eval_max_new_tokens: int = 48):
+                 tok=None, eval_items=None, eval_max_new_tokens: int = 48, positive: float = 0.0):
         self.items, self.val_items = train_items, val_items
+        self.positive = positive
         self.batch_size, self.pad_id, self.beta = batch_size, pad_id, beta
         self.sampler = EpochSampler(len(train_items), seed)
         self.counter = 0
@@ -91,7 +101,8 @@ class DPOStage:
 
     def loss(self, model, batch):
         logps = sequence_logprobs(model, batch["ids"], batch["mask"])
-        return dpo_loss(logps, batch["ref_logps"], batch["pairs"], batch["group"], batch["n_groups"], self.beta)
+        return dpo_loss(logps, batch["ref_logps"], batch["pairs"], batch["group"], batch["n_groups"], self.beta,
+                        self.positive)
 
     def count_tokens(self, batch) -> int:
         return int(batch["lengths"].sum())
@@ -111,7 +122,8 @@ class DPOStage:
             for i in range(0, len(self.val_items), self.batch_size):
                 b = collate_rankings(self.val_items[i:i + self.batch_size], self.pad_id)
                 logps = sequence_logprobs(model, b["ids"].to(device), b["mask"].to(device)).cpu()
-                loss, m = dpo_loss(logps, b["ref_logps"], b["pairs"], b["group"], b["n_groups"], self.beta)
+                loss, m = dpo_loss(logps, b["ref_logps"], b["pairs"], b["group"], b["n_groups"], self.beta,
+                                   self.positive)
                 groups = int(b["n_groups"])
                 losses.append(float(loss) * groups)
                 pairs = len(b["pairs"])
@@ -134,6 +146,8 @@ def run(args) -> int:
     out = Path(args.out)
     if not args.beta > 0:
         raise GptlabError("--beta must be positive")
+    if not args.dpop >= 0:
+        raise GptlabError("--dpop must be 0 (plain DPO) or positive")
     data = resolve_data(args.data, "rankings.jsonl")
     rankings = load_preferences(data)
     eval_items = load_eval_items(args.eval_items, args.eval_max_items) if args.eval_items else None
@@ -159,17 +173,18 @@ def run(args) -> int:
         print(f"reference task accuracy: {format_accuracy(before)}")
 
     stage = DPOStage(train_items, val_items, args.batch_size, args.seed, pad, args.beta, tok, eval_items,
-                     args.eval_max_new_tokens)
+                     args.eval_max_new_tokens, positive=args.dpop)
     derived = resolve_steps(args, len(train_items), args.batch_size)
     cfg = train_config_from_args(args)
     ckpt.write_run_config(out, policy.config, tok, stage="dpo", extra={
         "init": str(args.init), "init_stage": init_cfg.get("stage"), "reference": str(args.init),
         "data": str(data), "train": asdict(cfg),
-        "dpo": {"beta": args.beta, "val_fraction": args.val_fraction, "epochs": args.epochs}})
+        "dpo": {"beta": args.beta, "dpop": args.dpop, "val_fraction": args.val_fraction, "epochs": args.epochs}})
     n_pairs = sum(len(it.pairs) for it in train_items)
     print(f"init and reference: {args.init} ({policy.config.arch} {policy.config.n_layer}x{policy.config.n_embd})")
     print(f"data: {data}: {len(train_items)} train prompts ({n_pairs} pairs of different responses), "
-          f"{len(val_items)} held out; beta {args.beta:g}")
+          f"{len(val_items)} held out; beta {args.beta:g}"
+          + (f", DPO-Positive lambda {args.dpop:g}" if args.dpop else ""))
     print(f"training: {cfg.max_steps} steps of {args.batch_size} prompts" + (f" = {args.epochs:g} epoch(s)" if derived else ""))
     if eval_items:
         print(f"task eval: {len(eval_items)} items from {args.eval_items}")
@@ -215,6 +230,9 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="rankings and/or pairs JSONL")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the implicit KL constraint")
+    p.add_argument("--dpop", type=float, default=0.0, metavar="LAMBDA",
+                   help="DPO-Positive (Pal et al. 2024): penalise the winner's log-prob falling below the "
+                        "reference's by LAMBDA inside the margin (0 = plain DPO; the paper used 50)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out (by hash)")
     p.add_argument("--eval-items", default=None, help="curriculum items with answers: task accuracy at each eval")
     p.add_argument("--eval-max-items", type=int, default=300, help="items used for task accuracy (0 = all)")
