@@ -8,6 +8,8 @@ Rules, most important first (``score`` encodes them so each outweighs everything
 3. ends properly above truncated (a sentence that stops mid-way).
 
 An empty response ranks below everything, right or wrong: it helps nobody.
+Responses with equal scores (two wrong answers, say) are ordered by a hash of their text: the
+ranking says nothing about them, rather than something systematic (such as "shorter wins").
 
 Human labelers disagree with each other: InstructGPT's training labelers agreed on ~73% of
 comparisons (72.6%). ``noise`` reproduces that: ``--noise 0.27`` makes ~27% of all pairwise
