@@ -186,6 +186,22 @@ def test_auto_ranks_correct_first(tmp_path):
     label_rankings([arith_item(i) for i in range(3)], fake_responses, 4, out, auto=True)
     for r in rows(out):
         assert r["ranking"] == [1, 3, 0, 2] and r["labeler"] == "auto" and r["noise"] == 0.0
+        assert r["ties"] == []
+
+
+def test_auto_marks_ties(tmp_path):
+    """Two different wrong answers score the same: the row lists them as tied (no comparison)."""
+    out = tmp_path / "r.jsonl"
+
+    def two_wrong(messages, k):
+        q = messages[-1]["content"][8:-1]
+        a, b = (int(x) for x in q.split(" + "))
+        return [f"{q} = {a + b + 1}.", f"{q} = {a + b}.", f"{q} = {a + b + 2}."]
+    label_rankings([arith_item(0)], two_wrong, 3, out, auto=True)
+    (row,) = rows(out)
+    assert row["ties"] == [[0, 2]] and row["ranking"][0] == 1
+    (r,) = load_preferences(out)
+    assert r.ties == {frozenset((0, 2))}
 
 
 def test_auto_needs_item_info(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptlab.cli import main
-from gptlab.data.formats import Ranking
+from gptlab.data.formats import Ranking, load_preferences
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
@@ -142,3 +142,17 @@ def test_identical_responses_make_no_pairs(small_tokenizer):
     items = encode_rankings(small_tokenizer, [Ranking(prompt, ["yes", "yes", "no"], [0, 1, 2]),
                                               Ranking(prompt, ["no", "no"], [1, 0])], block_size=64)
     assert len(items) == 1 and items[0].pairs == [(0, 2), (1, 2)]
+
+
+def test_tied_pairs_make_no_pairs(small_tokenizer, tmp_path):
+    """A pair the labeler marked as tied is not a comparison: neither training nor the held-out
+    pairwise accuracy uses it; the file format carries the ties."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"prompt": "2 + 2?", "responses": ["4.", "5.", "6."], "ranking": [0, 2, 1],
+                                "ties": [[1, 2]], "family": "arithmetic"}) + "\n")
+    (r,) = load_preferences(path)
+    assert r.ties == {frozenset((1, 2))} and "ties" not in r.meta and r.meta["family"] == "arithmetic"
+    (item,) = encode_rankings(small_tokenizer, [r], block_size=64)
+    assert item.pairs == [(0, 2), (0, 1)]
+    untied = encode_rankings(small_tokenizer, [Ranking(r.prompt, r.responses, r.ranking)], block_size=64)
+    assert untied[0].pairs == [(0, 2), (0, 1), (2, 1)]

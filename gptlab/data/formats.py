@@ -2,7 +2,8 @@
 
 * conversations (SFT demonstrations): ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
 * prompts (RM labelling, PPO): ``{"prompt": str}`` or ``{"messages": [...]}`` ending with a user turn
-* rankings (RM): ``{"prompt": str|messages, "responses": [r0, ..., rK-1], "ranking": [best, ..., worst]}``
+* rankings (RM): ``{"prompt": str|messages, "responses": [r0, ..., rK-1], "ranking": [best, ..., worst]}``,
+  optionally ``"ties": [[i, j], ...]``: pairs judged equally good, which carry no comparison
 * pairs (TRL's preference format): ``{"prompt": str|messages, "chosen": str, "rejected": str}``
 
 Loaders read the whole file before returning, so a typo on line 9,000 stops a command before any
@@ -30,6 +31,9 @@ class Ranking:
     responses: list[str]
     ranking: list[int]
     meta: dict = field(default_factory=dict)
+    # Pairs of response indices the labeler judged equally good: they say nothing about preference,
+    # so training and the pairwise accuracy leave them out (the ranking still orders them somehow).
+    ties: frozenset = frozenset()
 
     @property
     def k(self) -> int:
@@ -129,7 +133,14 @@ def parse_ranking(row: dict, where: str) -> Ranking:
             or sorted(ranking) != list(range(k))):
         raise GptlabError(f"{where}: \"ranking\" must list each response index 0..{k - 1} once, best first "
                           f"(got {ranking!r})")
-    return Ranking(prompt, list(responses), list(ranking), _meta(row, ("prompt", "responses", "ranking")))
+    ties = row.get("ties", [])
+    if (not isinstance(ties, list)
+            or not all(isinstance(t, list) and len(t) == 2 and all(type(i) is int and 0 <= i < k for i in t)
+                       and t[0] != t[1] for t in ties)):
+        raise GptlabError(f"{where}: \"ties\" must be a list of [i, j] pairs of different response indices "
+                          f"0..{k - 1} (got {ties!r})")
+    return Ranking(prompt, list(responses), list(ranking), _meta(row, ("prompt", "responses", "ranking", "ties")),
+                   ties=frozenset(frozenset(t) for t in ties))
 
 
 def parse_pair(row: dict, where: str) -> Ranking:

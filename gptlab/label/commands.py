@@ -138,7 +138,7 @@ def label_rankings(prompts: list, responses_fn: ResponsesFn, k: int, out: str | 
     items = [_as_item(p) for p in prompts]
     if auto:
         check_auto_items(items)
-        from gptlab.label.labeler import rank
+        from gptlab.label.labeler import rank, ties
     done = done_keys(out)
     keyed = [(i, prompt_key(i, it["messages"]), it) for i, it in enumerate(items)]
     todo = [t for t in keyed if t[1] not in done]
@@ -169,6 +169,7 @@ def label_rankings(prompts: list, responses_fn: ResponsesFn, k: int, out: str | 
         meta.update(key=key, prompt_index=i, labeler="auto" if auto else "human")
         if auto:
             meta["noise"] = noise
+            meta["ties"] = ties(item, responses)
         append_jsonl(out, ranking_row(messages, responses, ranking, **meta))
         stats["labelled"] += 1
     return stats

@@ -8,8 +8,9 @@ Rules, most important first (``score`` encodes them so each outweighs everything
 3. ends properly above truncated (a sentence that stops mid-way).
 
 An empty response ranks below everything, right or wrong: it helps nobody.
-Responses with equal scores (two wrong answers, say) are ordered by a hash of their text: the
-ranking says nothing about them, rather than something systematic (such as "shorter wins").
+Responses with equal scores (two wrong answers, say) are ordered by a hash of their text, and
+``gptlab label --auto`` lists them in the row's ``"ties"`` so reward models and DPO skip those pairs:
+ordering them shorter-first taught reward models "shorter is better" (docs/PPO.md, session 5).
 
 Human labelers disagree with each other: InstructGPT's training labelers agreed on ~73% of
 comparisons (72.6%). ``noise`` reproduces that: ``--noise 0.27`` makes ~27% of all pairwise
@@ -148,6 +149,14 @@ def rank(item: dict, responses: list[str], noise: float = 0.0, rng: random.Rando
     return _mallows(order, noise, rng or random.Random())
 
 
+def ties(item: dict, responses: list[str]) -> list[list[int]]:
+    """Index pairs of different responses with equal scores: equally good by the rules, so the
+    ranking's order between them is arbitrary and training should not learn from it."""
+    scores = [score(item, r) for r in responses]
+    return [[i, j] for i in range(len(responses)) for j in range(i + 1, len(responses))
+            if scores[i] == scores[j] and responses[i] != responses[j]]
+
+
 def pairwise_agreement(a: list[int], b: list[int]) -> float:
     """Fraction of the C(K,2) pairs that two rankings of the same responses order the same way."""
     pos_a, pos_b = {x: i for i, x in enumerate(a)}, {x: i for i, x in enumerate(b)}
@@ -182,5 +191,5 @@ def win_rate(items: list[dict], responses_a: list[str], responses_b: list[str]) 
     return wins / len(items), lo, hi
 
 
-__all__ = ["score", "rank", "win_rate", "wilson_interval", "pairwise_agreement", "repetition",
+__all__ = ["score", "rank", "ties", "win_rate", "wilson_interval", "pairwise_agreement", "repetition",
            "conciseness", "ends_properly"]

@@ -142,12 +142,14 @@ def encode_rankings(tok, rankings, block_size: int) -> list[EncodedRanking]:
     """gptlab.data.formats.Ranking records -> EncodedRanking (pairs from formats.expand_pairs).
 
     A pair of two identical responses says nothing about preference (sampled responses often repeat),
-    so it is left out; a prompt whose responses are all the same is left out altogether.
+    nor does a pair the labeler marked as tied; both are left out, and a prompt left with no pairs is
+    left out altogether.
     """
     from gptlab.data.formats import expand_pairs
     out = []
     for r in rankings:
-        pairs = [(w, l) for w, l in expand_pairs(r) if r.responses[w] != r.responses[l]]
+        pairs = [(w, l) for w, l in expand_pairs(r)
+                 if r.responses[w] != r.responses[l] and frozenset((w, l)) not in r.ties]
         if not pairs:
             continue
         enc = [response_ids(tok, r.prompt, resp, block_size) for resp in r.responses]
