@@ -198,3 +198,32 @@ def test_ppo_rejects_non_reward_run(tiny_runs, corpus_file, capsys):
     args[args.index("--reward-model") + 1] = str(tiny_runs / "sft")
     assert main(args) == 2
     assert "not a reward model run" in capsys.readouterr().err
+
+
+def test_ppo_oracle_reward_scores_with_the_labeler(tiny_runs, corpus_file, capsys, monkeypatch):
+    """--oracle-reward: every sampled answer is scored by the labeler's rules, not the reward model."""
+    from gptlab.cli import main
+    from gptlab.label import labeler
+    from gptlab.plots import read_metrics
+    seen = []
+    real_score = labeler.score
+
+    def spy(item, response):
+        seen.append((item["family"], response))
+        return real_score(item, response)
+    monkeypatch.setattr(labeler, "score", spy)
+    out = tiny_runs / "oracle"
+    assert main(_ppo_args(tiny_runs, corpus_file, out, 2, "--oracle-reward", "--eval-n", "0")) == 0
+    assert len(seen) >= 4 and all(fam for fam, _ in seen)          # one call per sampled answer
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert rows and all(labeler.EMPTY <= r["reward"] <= labeler.CORRECT + labeler.CONCISE + labeler.ENDS
+                        for r in rows)
+    # prompts without curriculum fields cannot be scored by the rules: a one-line error
+    bare = tiny_runs / "bare.jsonl"
+    bare.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    args = _ppo_args(tiny_runs, corpus_file, tiny_runs / "o2", 2, "--oracle-reward")
+    args[args.index("--prompts") + 1] = str(bare)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--oracle-reward" in err and "family" in err and "Traceback" not in err

@@ -62,6 +62,7 @@ class PPOOptions:
     ema: float | None = None
     normalize_reward: bool = False
     eval_n: int = 100
+    oracle_reward: bool = False     # score with the programmatic labeler instead of the reward model
 
     def check(self) -> None:
         for name in ("rollout_batch", "ppo_epochs", "minibatch", "max_new_tokens"):
@@ -206,13 +207,19 @@ class PPOStage:
 
     def __init__(self, model: PPOModel, ref: GPT, rm: ScalarHeadModel, tok, prompt_ids: list[list[int]],
                  opts: PPOOptions, ptx_data=None, eval_items: list[dict] | None = None,
-                 eval_ids: list[list[int]] | None = None):
+                 eval_ids: list[list[int]] | None = None, prompt_items: list[dict] | None = None):
         from gptlab.chat.template import end_of_turn_id
         from gptlab.tokenizer import PAD
         if not prompt_ids:
             raise GptlabError("no usable prompts (every prompt is longer than the context allows)")
         self.model, self.ref, self.rm, self.tok = model, ref, rm, tok
         self.prompt_ids, self.opts = prompt_ids, opts
+        self.prompt_items = prompt_items
+        if opts.oracle_reward:
+            from gptlab.label.commands import check_auto_items
+            if prompt_items is None or len(prompt_items) != len(prompt_ids):
+                raise GptlabError("--oracle-reward needs the prompts' curriculum items")
+            check_auto_items(prompt_items, "--oracle-reward")
         self.ptx_data = ptx_data if opts.ptx_coef > 0 else None
         self.eval_items, self.eval_ids = eval_items or [], eval_ids or []
         self.end_id = end_of_turn_id(tok)
@@ -250,6 +257,15 @@ class PPOStage:
         comps = generate(policy, self.tok, prompts, self.opts.max_new_tokens, self.opts.temperature, seeds)
         return prompts, comps
 
+    def _scores(self, which: torch.Tensor, prompts, comps, chunk: int = 32) -> torch.Tensor:
+        """Raw scores of the sampled answers: the reward model's, or with --oracle-reward the
+        labeler's own (the rules the rankings came from: what PPO could reach with a perfect RM)."""
+        if self.opts.oracle_reward:
+            from gptlab.label.labeler import score
+            return torch.tensor([score(self.prompt_items[i], c.text) for i, c in zip(which.tolist(), comps)])
+        return score_sequences(self.rm, [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)],
+                               self.pad_id, chunk=chunk)
+
     def _pick(self, n: int, gen: torch.Generator) -> torch.Tensor:
         if n <= len(self.prompt_ids):
             return torch.randperm(len(self.prompt_ids), generator=gen)[:n]
@@ -261,8 +277,9 @@ class PPOStage:
         subtracts and divides by, so the RL reward starts at mean 0, std 1."""
         self._device()
         gen = torch.Generator().manual_seed(seed)
-        prompts, comps = self._generate(self.ref, self._pick(n, gen), gen)
-        scores = score_sequences(self.rm, [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)], self.pad_id)
+        which = self._pick(n, gen)
+        prompts, comps = self._generate(self.ref, which, gen)
+        scores = self._scores(which, prompts, comps)
         std = float(scores.std()) if len(scores) > 1 else 1.0
         self.reward_mean, self.reward_std = float(scores.mean()), max(std, 1e-3)
         return self.reward_mean, self.reward_std
@@ -274,7 +291,8 @@ class PPOStage:
         o = self.opts
         device = self._device()
         model = self.model
-        prompts, comps = self._generate(model.gpt, self._pick(o.rollout_batch, gen), gen)
+        which = self._pick(o.rollout_batch, gen)
+        prompts, comps = self._generate(model.gpt, which, gen)
         ended = torch.tensor([c.finish_reason == "stop" for c in comps])
         # The end-of-turn token is an action the policy took, so it is part of the trained sequence.
         seqs = [p + c.ids + ([self.end_id] if c.finish_reason == "stop" else []) for p, c in zip(prompts, comps)]
@@ -295,8 +313,7 @@ class PPOStage:
             values.append(v[:, :-1].float().cpu())
             ref_lp.append(rl.token_logprobs(ref_logits[:, :-1], x[:, 1:], o.temperature).cpu())
         old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values) * mask
-        raw = score_sequences(self.rm, [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)],
-                              self.pad_id, chunk=o.minibatch)
+        raw = self._scores(which, prompts, comps, chunk=o.minibatch)
         scores = (raw - self.reward_mean) / self.reward_std
         scores = rl.apply_missing_eos_penalty(scores, ended, o.missing_eos_penalty)
         beta = self.kl_ctl.beta
@@ -413,7 +430,7 @@ def options_from_args(args) -> PPOOptions:
         kl_horizon=args.kl_horizon, ptx_coef=args.ptx_coef, ptx_batch=args.ptx_batch or args.batch_size,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         missing_eos_penalty=args.missing_eos_penalty, ema=args.ema, normalize_reward=args.normalize_reward,
-        eval_n=args.eval_n)
+        eval_n=args.eval_n, oracle_reward=args.oracle_reward)
 
 
 def run(args) -> int:
@@ -465,7 +482,7 @@ def run(args) -> int:
     model = PPOModel(policy, value, opts.ema).to(device)
     ref.to(device)
     rm.to(device)
-    stage = PPOStage(model, ref, rm, tok, prompt_ids, opts, ptx_data, eval_items, eval_ids)
+    stage = PPOStage(model, ref, rm, tok, prompt_ids, opts, ptx_data, eval_items, eval_ids, prompt_items=items)
     # Checkpoints on rollout boundaries make --resume exact (the buffer is not saved).
     spr = stage.steps_per_rollout
     cfg.ckpt_every = max(spr, (cfg.ckpt_every // spr) * spr)
@@ -652,6 +669,10 @@ def register(sub) -> None:
                    help="keep an EMA of the policy weights (InstructGPT: 0.992) and save it as the model")
     g.add_argument("--normalize-reward", action="store_true",
                    help="normalise RM scores to mean 0, std 1 on SFT samples before RL")
+    g.add_argument("--oracle-reward", action="store_true",
+                   help="reward = the programmatic labeler's score of each answer instead of the reward "
+                        "model's (prompts from `gptlab data instruct`): PPO with a perfect reward model, "
+                        "the upper bound an RM is measured against; the value model still starts from the RM")
     add_train_args(p, max_steps=200, batch_size=8, lr=2e-5, warmup_steps=10, eval_every=50, ckpt_every=50,
                    weight_decay=0.0, schedule="constant")
     p.set_defaults(func=run)
