@@ -23,18 +23,13 @@ from tqdm import tqdm
 
 from gptlab.errors import GptlabError
 from gptlab.evals.tasks import Item, Task, build_prompt, choose_demos, prompt_prefix
+from gptlab.label.labeler import wilson_interval
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (sane at 0% and 100%, unlike p ± 2se)."""
-    if n == 0:
-        return 0.0, 0.0
-    p = correct / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    # The interval contains p exactly (at 0% and 100% rounding could put a bound a hair inside it).
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+    """95% Wilson score interval of a binomial proportion (sane at 0% and 100%, unlike p ± 2se);
+    (0, 0) for a task with no items."""
+    return wilson_interval(correct, n, z) if n > 0 else (0.0, 0.0)
 
 
 @dataclass

@@ -173,7 +173,8 @@ def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> t
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval contains p exactly (at 0% and 100% rounding could put a bound a hair inside it).
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def win_rate(items: list[dict], responses_a: list[str], responses_b: list[str]) -> tuple[float, float, float]:
