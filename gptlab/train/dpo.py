@@ -48,13 +48,11 @@ def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, pairs: torch.T
     """
     log_ratio = policy_logps.float() - ref_logps.float()
     rewards = beta * log_ratio                                       # implicit rewards
-    margin = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]
-    if positive > 0:
-        margin = margin - beta * positive * (-log_ratio[pairs[:, 0]]).clamp(min=0)
-    loss = group_mean(-F.logsigmoid(margin), group, n_groups)
-    rewards = rewards.detach()
     chosen, rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]
-    gap = chosen - rejected
+    gap = chosen - rejected                                          # what the logs report
+    margin = gap - beta * positive * (-log_ratio[pairs[:, 0]]).clamp(min=0) if positive > 0 else gap
+    loss = group_mean(-F.logsigmoid(margin), group, n_groups)
+    chosen, rejected, gap = chosen.detach(), rejected.detach(), gap.detach()
     return loss, {"reward_accuracy": float(((gap > 0).float() + 0.5 * (gap == 0).float()).mean()),
                   "reward_margin": float(gap.mean()), "chosen_reward": float(chosen.mean()),
                   "rejected_reward": float(rejected.mean())}
