@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import re
 import tarfile
 from pathlib import Path
@@ -200,15 +201,42 @@ def test_heldout_items_never_in_corpus(tmp_path):
             seen_held_word |= bool(set(m.groups()) & held_words)
             continue
         if line.startswith("Dictionary: "):
-            pairs = mixture.parse_dictionary_line(line)
-            assert pairs and not set(pairs) & held_pairs, line
-            # one entry per word on either side, or a query would have two right answers
-            assert len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(pairs), line
+            entries = mixture.parse_dictionary_line(line)
+            assert entries and len({len(e) for e in entries}) == 1, line
+            # no two columns of an entry are a held-out word and its translation
+            assert not {(e[i], e[j]) for e in entries for i in range(len(e)) for j in range(len(e))
+                        if i != j} & held_pairs, line
+            # one entry per word in every column, or a query would have two right answers
+            assert all(len({e[c] for e in entries}) == len(entries) for c in range(len(entries[0]))), line
             continue
         m = re.fullmatch(r"([a-z]+) = ([a-z]+)", line)
         if m:
             assert not mixture.is_heldout("cycle", m[2]), line
     assert seen_held_word   # the look-up documents do use them
+    assert any(line.startswith("Dictionary: [") and " | " in line for line in examples)   # lookup3
+
+
+def test_lookup3_documents_answer_from_one_column_the_earlier_lines_reveal():
+    rng = random.Random(3)
+    targets = set()
+    for _ in range(300):
+        dictionary, *queries = mixture._lookup3_document(rng, rng.randint(4, 12))
+        entries = mixture.parse_dictionary_line(dictionary)
+        assert entries and all(len(e) == 3 for e in entries)
+        assert not any(l.startswith(("Use", "Translate", "Look")) for l in queries)   # no task line
+        rows = {e[0]: e for e in entries}
+        cols = set()
+        for q in queries:
+            src, tgt = q.split(" => ")
+            hits = [c for c in (1, 2) if rows[src][c] == tgt]
+            assert len(hits) == 1, q
+            cols.add(hits[0])
+        assert len(cols) == 1                      # one column all document long
+        is_zh = [bool(re.search(r"[\u4e00-\u9fff]", e[0])) for e in entries]
+        assert len(set(is_zh)) == 1                # the query column is one language
+        targets.add((is_zh[0], bool(re.search(r"[\u4e00-\u9fff]", tgt)), cols.pop()))
+    # every direction, both target languages (translation or made-up word) and both positions occur
+    assert len(targets) == 6, targets
 
 
 def test_formats_and_answers():
@@ -263,7 +291,7 @@ def test_heldout_fraction_and_errors():
 
 def test_mixture_cli(tmp_path, capsys, home):
     rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
-    path = tmp_path / "m" / "mixture_v9_seed5_lines500.txt"
+    path = tmp_path / "m" / "mixture_v10_seed5_lines500.txt"
     assert rc == 0 and str(path) in out and path.is_file()
     body = path.read_text(encoding="utf-8")
     assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500
@@ -439,11 +467,13 @@ def test_long_documents_are_cut_without_changing_ids(tmp_path, monkeypatch):
 def test_mixture_weights_skew_families_and_name_the_file(tmp_path):
     plain = mixture.write_mixture(tmp_path, seed=3, n_lines=3000)
     heavy = mixture.write_mixture(tmp_path, seed=3, n_lines=3000,
-                                  weights=mixture.parse_weights("lookup=20,add2=0"))
+                                  weights=mixture.parse_weights("lookup=20,lookup3=0,add2=0"))
     assert plain != heavy and "_w" in heavy.name and "_w" not in plain.name
     count = lambda p, pat: sum(1 for line in p.read_text().splitlines() if re.fullmatch(pat, line))
     code_word = r"\S+ => (?:[bcdfghjklmnprstvwz][aeiou]){2,3}"
-    assert count(heavy, code_word) > 5 * count(plain, code_word) > 0
+    assert count(heavy, code_word) > 2 * count(plain, code_word) > 0
+    three_columns = r"Dictionary: \[[^]|]+ \| .*"
+    assert count(heavy, three_columns) == 0 < count(plain, three_columns)
     assert count(heavy, r"\d\d \+ \d\d = \d+") == 0 < count(plain, r"\d\d \+ \d\d = \d+")
     # No weights: the corpus is exactly the default generator's.
     assert plain.read_text() == "\n\n".join(mixture.generate_documents(3, 3000)) + "\n"

@@ -322,3 +322,34 @@ def test_lookup_task_answers_only_from_the_dictionary():
         assert pairs[item.extra["zh"]] == item.answer.strip()
         assert len(pairs) == 8   # the same size at every k up to 7
         assert [d.line() for d in demos] == lines[2:-1]
+
+
+@pytest.mark.parametrize("family", ["en2zh", "zh2en"])
+def test_trilingual_task_only_demonstrations_say_which_column(family):
+    from gptlab.data.mixture import parse_dictionary_line
+    from gptlab.evals.tasks import load_task
+    name = "dict3_" + family
+    task = load_task(name, 30, seed=2)
+    assert task.description is None
+    again = load_task(name, 30, seed=2)
+    assert build_prompt(again, again.items[5], []) == build_prompt(task, task.items[5], [])   # deterministic
+    assert len({it.extra["code"] for it in task.pool}) == len(task.pool)        # unique code words
+    demo_lists = choose_demos(task, 8, seed=0)
+    swapped = 0
+    for item, demos in zip(task.items, demo_lists):
+        orders = set()
+        for k in (0, 1, 4, 8):
+            lines = build_prompt(task, item, demos[:k]).split("\n")
+            assert lines[-1] == item.prompt and len(lines) == k + 2   # no description line
+            assert [d.line() for d in demos[:k]] == lines[1:-1]       # nested demonstrations
+            entries = {e[0]: e[1:] for e in parse_dictionary_line(lines[0])}
+            assert all(len(e) == 2 for e in entries.values())
+            src = item.prompt.removesuffix(" =>")
+            row = entries[src]
+            assert item.answer.strip() in row and item.extra["code"] in row
+            orders.add(row.index(item.answer.strip()))
+            for d in demos[:k]:   # every demonstration's answer is in its own entry
+                assert d.answer.strip() in entries[d.prompt.removesuffix(" =>")]
+        assert len(orders) == 1   # one column order per query, whatever k
+        swapped += orders.pop()
+    assert 0 < swapped < len(task.items)   # both orders occur, so k = 0 cannot know the column

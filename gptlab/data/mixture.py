@@ -27,17 +27,21 @@ description (``TASK_PROMPTS``); documents are separated by a blank line. Repeati
 one context window is what lets a small model learn to continue it in context (few-shot).
 
 Looking things up in the context is the other in-context skill the evals test (translation of words
-the model never saw, from a dictionary in the prompt), so three kinds of document teach it:
+the model never saw, from a dictionary in the prompt), so four kinds of document teach it:
 
 * half the en2zh/zh2en documents carry a ``Dictionary: [桥 => bridge] [猫 => cat] ...`` line after the
   description, listing the document's pairs and three others, shuffled;
-* ``lookup`` documents (one draw in ``len(FAMILIES) + 2``) pair Chinese words with made-up code
+* ``lookup`` documents (one draw in ``len(FAMILIES) + 3``) pair Chinese words with made-up code
   words (or with real English words, never a word's own translation) at random:
   ``Dictionary: [桥 => vokter] ...`` then ``桥 => vokter`` (or the other way round).
   The mapping is new in every document, so copying from the dictionary is the only way to predict
   the answers; memorising translations cannot help. Dictionaries run from one entry up (the easy end);
 * ``repeat`` documents (as often as ``lookup``) copy a line of made-up words after ``=>``:
-  ``gobu lare kesi => gobu lare kesi``, the plainest lesson in copying (induction heads).
+  ``gobu lare kesi => gobu lare kesi``, the plainest lesson in copying (induction heads);
+* ``lookup3`` documents (as often again, since v10) have three columns, ``Dictionary: [apple |
+  vokter | 苹果] ...``, English, Chinese and a made-up word paired at random; every answer of the
+  document comes from the same one of the two other columns, and no line says which, so only the
+  answers already given do: reading the task from demonstrations, GPT-3's few-shot skill.
 
 Held-out split: ``is_heldout(family, key)`` hashes the key (blake2b, not Python's salted hash), so
 membership is the same on every machine and for every seed. Families that share a key space share
@@ -66,7 +70,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
-MIXTURE_VERSION = 9
+MIXTURE_VERSION = 10
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -346,9 +350,9 @@ def dictionary_line(pairs: list[tuple[str, str]]) -> str:
     return "Dictionary: " + " ".join(f"[{src} => {tgt}]" for src, tgt in pairs)
 
 
-def parse_dictionary_line(line: str) -> list[tuple[str, str]]:
-    """The (source, target) pairs of a ``dictionary_line``."""
-    return [tuple(e.split(" => ", 1)) for e in re.findall(r"\[([^\]]*)\]", line)]
+def parse_dictionary_line(line: str) -> list[tuple[str, ...]]:
+    """The entries of a ``dictionary_line`` (source, target) or a ``dictionary3_line`` (3 columns)."""
+    return [tuple(re.split(r" => | \| ", e)) for e in re.findall(r"\[([^\]]*)\]", line)]
 
 
 @lru_cache(maxsize=1)
@@ -427,8 +431,49 @@ def _repeat_document(rng: random.Random, k: int) -> list[str]:
     return lines
 
 
+LOOKUP3 = "lookup3"
+
+
+def dictionary3_line(entries: list[tuple[str, str, str]]) -> str:
+    """A three-column dictionary line, ``Dictionary: [apple | 苹果 | vokter] ...``: the query's word
+    first (bracketed, so its tokens match a line-initial query), then two translations."""
+    return "Dictionary: " + " ".join(f"[{a} | {b} | {c}]" for a, b, c in entries)
+
+
+def _lookup3_document(rng: random.Random, k: int) -> list[str]:
+    """A three-column dictionary (English, Chinese and a made-up word, paired at random), then
+    ``k`` lines that look words up and answer with ONE of the two other columns, the same one all
+    document long. No line says which: only the answers already given do.
+
+    This is the in-context skill GPT-3's few-shot evaluations rest on, reading the task from the
+    demonstrations: the first answer of a document is a coin flip, every later one is determined
+    by the earlier ones. Two-column look-ups (``lookup``) cannot teach it, because the dictionary
+    alone says what the answer is, so demonstrations carry no information (docs/EVALS.md a4).
+    Pairings are fresh per document and never a word's true translation, as in ``lookup``.
+    """
+    en_words, zh_pool = _lookup_words()
+    n = rng.randint(1, k + 3)
+    zh_words = rng.sample(zh_pool, n)
+    en = [w if EN_ZH.get(w) != zh else code_word(rng)
+          for w, zh in zip(rng.sample(en_words, n), zh_words)]
+    codes = [code_word(rng) for _ in range(n)]
+    rows = list({(e, c): (e, z, c) for e, z, c in zip(en, zh_words, codes)}.values())
+    rows = list({r[0]: r for r in rows}.values())          # one entry per English word
+    rows = list({r[2]: r for r in rows}.values())          # and per code word
+    src = rng.randrange(2)                                 # 0: English first, 1: Chinese first
+    others = [1 - src, 2]
+    rng.shuffle(others)                                    # column order is fixed per document
+    target = rng.choice(others)                            # the column every answer comes from
+    entries = [(r[src], r[others[0]], r[others[1]]) for r in rows]
+    answers = {r[src]: r[target] for r in rows}
+    queries = [e[0] for e in entries[:k]] if len(entries) >= k else \
+        [rng.choice(entries)[0] for _ in range(k)]
+    rng.shuffle(entries)
+    return [dictionary3_line(entries)] + [f"{q} => {answers[q]}" for q in queries]
+
+
 # Document kinds besides the _SPECS families (no items, no held-out split): name -> (rng, k) -> lines.
-_EXTRA_DOCUMENTS = {LOOKUP: _lookup_document, REPEAT: _repeat_document}
+_EXTRA_DOCUMENTS = {LOOKUP: _lookup_document, REPEAT: _repeat_document, LOOKUP3: _lookup3_document}
 EXTRA_FAMILIES = tuple(_EXTRA_DOCUMENTS)
 
 

@@ -31,10 +31,13 @@ from gptlab.io import iter_jsonl
 ARITHMETIC = ("add2", "add3", "sub2", "sub3")
 UNSCRAMBLE = ("cycle", "anagram1", "anagram2", "reverse")
 TRANSLATE = ("en2zh", "zh2en")
+TRILINGUAL_PREFIX = "dict3_"
+TRANSLATE3 = tuple(TRILINGUAL_PREFIX + f for f in TRANSLATE)
 GROUPS = {
     "arithmetic": ARITHMETIC,
     "unscramble": UNSCRAMBLE,
     "translate": TRANSLATE,
+    "translate3": TRANSLATE3,
     "all": ARITHMETIC + UNSCRAMBLE + TRANSLATE + ("cloze",),
 }
 SHAKESPEARE_HELDOUT_FRACTION = 0.05
@@ -106,10 +109,13 @@ def _mixture_items(family: str, n: int, seed: int) -> tuple[list[Item], list[Ite
     return items[:n], items
 
 
-def _dictionary_context(pair_of: Callable[[dict], tuple[str, str]]):
+def _dictionary_context(pair_of: Callable[[dict], tuple], line: Callable[[list], str] | None = None,
+                        order: Callable[[Item, tuple], tuple] | None = None):
     """A one-line dictionary listing the query's pair, every demonstration's pair and a few others;
-    ``pair_of(item.extra)`` gives an item's (source, target)."""
+    ``pair_of(item.extra)`` gives an item's entry, (source, target) by default, written by ``line``
+    (``dictionary_line``); ``order(query, entry)`` may rearrange each entry's columns."""
     from gptlab.data.mixture import dictionary_line
+    line = line or dictionary_line
 
     def context(item: Item, demos: list[Item]) -> str:
         # The same number of entries at every k (distractors fill what demonstrations leave), so
@@ -122,9 +128,10 @@ def _dictionary_context(pair_of: Callable[[dict], tuple[str, str]]):
             if e.key in seen:
                 continue
             seen.add(e.key)
-            pairs.append(pair_of(e.extra))
+            entry = pair_of(e.extra)
+            pairs.append(order(item, entry) if order else entry)
         random.Random(f"dict:{item.key}:{len(demos)}").shuffle(pairs)
-        return dictionary_line(pairs)
+        return line(pairs)
     return context
 
 
@@ -173,6 +180,44 @@ def mixture_task(family: str, n: int, seed: int) -> Task:
     longest = max(len(it.answer) for it in pool)
     return Task(family, "gen", items, pool, description=TASK_PROMPTS[family][0],
                 max_new_tokens=min(48, 4 * longest + 4), context=context)
+
+
+def trilingual_task(family: str, n: int, seed: int) -> Task:
+    """Dictionary translation where only the demonstrations say what is asked (``dict3_en2zh``,
+    ``dict3_zh2en``).
+
+    The prompt's dictionary has three columns, ``[apple | 苹果 | vokter]``: the query's word, its
+    translation and a made-up word, the last two in an order drawn once per query. The query
+    ``apple =>`` asks for the translation, but nothing in a zero-shot prompt says so (there is no
+    description line): which column to answer from is the task, and only demonstrations
+    (``banana => 香蕉``) show it, as in the mixture's ``lookup3`` documents. A model that reads
+    the task from its demonstrations rises from about half right at k = 0 (a coin flip between two
+    columns it can copy) towards its look-up accuracy; the held-out words are the ``en2zh``/``zh2en``
+    ones, never seen next to their translation.
+    """
+    from gptlab.data.mixture import code_word, dictionary_pair, dictionary3_line
+    name = TRILINGUAL_PREFIX + family
+    items, pool = _mixture_items(family, n, seed)
+    rng = random.Random(f"{name}:{seed}")
+    codes: set[str] = set()
+    for it in pool:
+        code = code_word(rng)
+        while code in codes:
+            code = code_word(rng)
+        codes.add(code)
+        it.extra["code"] = code
+    _add_distractors(pool, name, seed)
+
+    def order(query: Item, entry: tuple) -> tuple:
+        # One column order per query, the same at every k, so prompts for different k differ
+        # only in their demonstrations.
+        swap = random.Random(f"cols:{name}:{seed}:{query.key}").random() < 0.5
+        return (entry[0], entry[2], entry[1]) if swap else entry
+
+    longest = max(len(it.answer) for it in pool)
+    return Task(name, "gen", items, pool, description=None, max_new_tokens=min(48, 4 * longest + 4),
+                context=_dictionary_context(lambda x: (*dictionary_pair(family, x), x["code"]),
+                                            dictionary3_line, order))
 
 
 _WORD = re.compile(r"^[A-Za-z][a-z']*[a-z]$")
@@ -346,7 +391,9 @@ def load_task(name: str, n: int, seed: int, tokenizer=None) -> Task:
         return blank_task(n, seed, tokenizer)
     if name == LOOKUP:
         return lookup_task(n, seed)
+    if name in TRANSLATE3:
+        return trilingual_task(name[len(TRILINGUAL_PREFIX):], n, seed)
     if name in FAMILIES:
         return mixture_task(name, n, seed)
-    known = ", ".join(list(GROUPS) + ["cloze", "blank", LOOKUP] + list(FAMILIES))
+    known = ", ".join(list(GROUPS) + ["cloze", "blank", LOOKUP, *TRANSLATE3] + list(FAMILIES))
     raise GptlabError(f"--tasks: unknown task {name!r} (choose from {known}, or a .jsonl file)")
