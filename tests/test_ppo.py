@@ -38,6 +38,18 @@ def test_gae_gamma1_lambda095_hand_computed():
     assert torch.allclose(adv1[1, 0], torch.tensor(3.0 - 0.5))
 
 
+def test_group_advantages_leave_one_out_hand_computed():
+    scores = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0])          # two prompts, three samples each
+    kl = torch.tensor([[0.5, 0.5, 9.0]] + [[0.0, 0.0, 0.0]] * 5)   # 9.0 is outside the mask
+    mask = torch.tensor([[1, 1, 0]] + [[1, 1, 1]] * 5)
+    adv = rl.group_advantages(scores, kl, mask, beta=0.2, group=3)
+    # prompt 0: returns 1 - 0.2 * 1 = 0.8, 0, 0 -> 0.8 - 0, 0 - 0.4, 0 - 0.4
+    assert torch.allclose(adv[:3], torch.tensor([[0.8, 0.8, 0.0], [-0.4] * 3, [-0.4] * 3]))
+    assert torch.equal(adv[3:], torch.zeros(3, 3))                 # samples alike: nothing to learn
+    with pytest.raises(GptlabError):
+        rl.group_advantages(scores[:5], kl[:5], mask[:5], beta=0.2, group=3)
+
+
 def test_whiten_masked():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
@@ -227,3 +239,19 @@ def test_ppo_oracle_reward_scores_with_the_labeler(tiny_runs, corpus_file, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--oracle-reward" in err and "family" in err and "Traceback" not in err
+
+
+def test_ppo_group_baseline_runs_without_a_value_model(tiny_runs, corpus_file, capsys):
+    """--group G: each prompt sampled G times, leave-one-out baseline, no value model in the checkpoint."""
+    from gptlab.cli import main
+    from gptlab.plots import read_metrics
+    from gptlab.train import checkpoint as ckpt
+    out = tiny_runs / "rloo"
+    assert main(_ppo_args(tiny_runs, corpus_file, out, 2, "--group", "2", "--eval-n", "0")) == 0
+    assert "leave-one-out baseline over 2 samples" in capsys.readouterr().out
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert rows and all(r["value_loss"] == 0 and math.isfinite(r["policy_loss"]) for r in rows)
+    tensors = ckpt.load_tensors(out / ckpt.CHECKPOINT_FILE)
+    assert not any(".value." in k for k in tensors) and any(".gpt." in k for k in tensors)
+    assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad", 2, "--group", "3")) == 2
+    assert "multiple of --group" in capsys.readouterr().err

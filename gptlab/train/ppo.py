@@ -63,11 +63,16 @@ class PPOOptions:
     normalize_reward: bool = False
     eval_n: int = 100
     oracle_reward: bool = False     # score with the programmatic labeler instead of the reward model
+    group: int = 1                  # samples per prompt; > 1: leave-one-out baseline instead of a value model
 
     def check(self) -> None:
         for name in ("rollout_batch", "ppo_epochs", "minibatch", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.group < 1:
+            raise GptlabError("--group must be at least 1")
+        if self.group > 1 and self.rollout_batch % self.group:
+            raise GptlabError(f"--rollout-batch ({self.rollout_batch}) must be a multiple of --group ({self.group})")
         if self.minibatch > self.rollout_batch:
             raise GptlabError(f"--minibatch ({self.minibatch}) is larger than --rollout-batch ({self.rollout_batch})")
         if not self.temperature > 0:
@@ -104,19 +109,20 @@ def load_scalar_model(run_dir: str | Path, flag: str) -> tuple[ScalarHeadModel, 
 
 class PPOModel(nn.Module):
     """What the training loop trains: the policy as ``.gpt`` (so run folders export it under the usual
-    names), the value model, and optionally an EMA copy of the policy (not trained: no gradients)."""
+    names), the value model (None with a group baseline), and optionally an EMA copy of the policy
+    (not trained: no gradients)."""
 
-    def __init__(self, policy: GPT, value: ScalarHeadModel, ema_decay: float | None = None):
+    def __init__(self, policy: GPT, value: ScalarHeadModel | None, ema_decay: float | None = None):
         super().__init__()
         self.gpt = policy
         self.value = value
         self.ema = copy.deepcopy(policy).requires_grad_(False) if ema_decay else None
 
     def forward(self, idx, ptx_x=None, ptx_y=None):
-        """(policy logits [B,T,V], values [B,T], pre-training LM loss or None): one call, so DDP and
-        torch.compile see every parameter that gets a gradient."""
+        """(policy logits [B,T,V], values [B,T] or None, pre-training LM loss or None): one call, so
+        DDP and torch.compile see every parameter that gets a gradient."""
         logits = self.gpt.lm_logits(self.gpt.hidden(idx))
-        values = self.value.values(idx)
+        values = self.value.values(idx) if self.value is not None else None
         ptx = None
         if ptx_x is not None:
             _, ptx = self.gpt(ptx_x, ptx_y)
@@ -291,7 +297,8 @@ class PPOStage:
         o = self.opts
         device = self._device()
         model = self.model
-        which = self._pick(o.rollout_batch, gen)
+        # With a group baseline each prompt is sampled `group` times (different seeds), side by side.
+        which = self._pick(o.rollout_batch // o.group, gen).repeat_interleave(o.group)
         prompts, comps = self._generate(model.gpt, which, gen)
         ended = torch.tensor([c.finish_reason == "stop" for c in comps])
         # The end-of-turn token is an action the policy took, so it is part of the trained sequence.
@@ -310,7 +317,7 @@ class PPOStage:
                 logits, v, _ = model(x)
                 ref_logits = self.ref.lm_logits(self.ref.hidden(x))
             old_lp.append(rl.token_logprobs(logits[:, :-1], x[:, 1:], o.temperature).cpu())
-            values.append(v[:, :-1].float().cpu())
+            values.append(v[:, :-1].float().cpu() if v is not None else torch.zeros(x.shape[0], T - 1))
             ref_lp.append(rl.token_logprobs(ref_logits[:, :-1], x[:, 1:], o.temperature).cpu())
         old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values) * mask
         raw = self._scores(which, prompts, comps, chunk=o.minibatch)
@@ -318,7 +325,10 @@ class PPOStage:
         scores = rl.apply_missing_eos_penalty(scores, ended, o.missing_eos_penalty)
         beta = self.kl_ctl.beta
         rewards, kl = rl.kl_penalty_rewards(scores, old_lp, ref_lp, mask, beta)
-        adv, returns = rl.gae(rewards, values, mask, o.gamma, o.gae_lambda)
+        if o.group > 1:
+            adv, returns = rl.group_advantages(scores, kl, mask, beta, o.group), torch.zeros_like(values)
+        else:
+            adv, returns = rl.gae(rewards, values, mask, o.gamma, o.gae_lambda)
         adv = rl.whiten(adv, mask)
         kl_seq = kl.sum(1)
         self.kl_ctl.update(float(kl_seq.mean()), len(seqs))
@@ -360,10 +370,14 @@ class PPOStage:
         o = self.opts
         idx, mask = batch["idx"], batch["mask"]
         logits, values, ptx = model(idx, batch.get("ptx_x"), batch.get("ptx_y"))
-        logits, values = logits[:, :-1], values[:, :-1].float()
+        logits = logits[:, :-1]
         logprobs = rl.token_logprobs(logits, idx[:, 1:], o.temperature)
         pg_loss, pg_stats = rl.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, o.clip)
-        vf_loss, vf_stats = rl.value_loss(values, batch["old_values"], batch["returns"], mask, o.vf_clip)
+        if values is not None:
+            vf_loss, vf_stats = rl.value_loss(values[:, :-1].float(), batch["old_values"], batch["returns"],
+                                              mask, o.vf_clip)
+        else:       # group baseline: no value model to fit
+            vf_loss, vf_stats = torch.zeros((), device=logits.device), {}
         loss = pg_loss + o.vf_coef * vf_loss
         with torch.no_grad():
             entropy = rl.masked_mean(rl.entropy_from_logits(logits.detach(), o.temperature), mask)
@@ -430,7 +444,7 @@ def options_from_args(args) -> PPOOptions:
         kl_horizon=args.kl_horizon, ptx_coef=args.ptx_coef, ptx_batch=args.ptx_batch or args.batch_size,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         missing_eos_penalty=args.missing_eos_penalty, ema=args.ema, normalize_reward=args.normalize_reward,
-        eval_n=args.eval_n, oracle_reward=args.oracle_reward)
+        eval_n=args.eval_n, oracle_reward=args.oracle_reward, group=args.group)
 
 
 def run(args) -> int:
@@ -455,7 +469,7 @@ def run(args) -> int:
     policy, tok, sft_cfg = ckpt.load_run(args.init)
     ref, _, _ = ckpt.load_run(args.init)
     rm, rm_tok, _ = load_scalar_model(args.reward_model, "--reward-model")
-    value, _, _ = load_scalar_model(args.reward_model, "--reward-model")
+    value = load_scalar_model(args.reward_model, "--reward-model")[0] if opts.group == 1 else None
     if not _same_tokenizer(tok, rm_tok):
         raise GptlabError(f"--reward-model {args.reward_model} uses a different tokenizer than --init {args.init}")
     if policy.config.arch == "bert":
@@ -493,10 +507,10 @@ def run(args) -> int:
     if not resuming:
         if opts.normalize_reward:
             mean, std = stage.calibrate_reward(max(opts.rollout_batch, 64), cfg.seed + 7)
-            # The value model starts as the RM; put it on the normalised scale too.
-            with torch.no_grad():
-                value.score_head.weight /= std
-                value.score_head.bias.sub_(mean).div_(std)
+            if value is not None:   # the value model starts as the RM; put it on the normalised scale too
+                with torch.no_grad():
+                    value.score_head.weight /= std
+                    value.score_head.bias.sub_(mean).div_(std)
             print(f"reward normalisation on {max(opts.rollout_batch, 64)} SFT samples: mean {mean:.3f}, std {std:.3f}")
         if eval_ids:
             initial = stage.evaluate(model)
@@ -510,7 +524,9 @@ def run(args) -> int:
 
     n = policy.num_params()
     print(f"policy {policy.config.arch} {policy.config.n_layer}x{policy.config.n_embd} ({n / 1e6:.2f}M), "
-          f"value/RM {rm.config.n_layer}x{rm.config.n_embd}; {len(prompt_ids)} prompts, "
+          f"{'value/' if value is not None else ''}RM {rm.config.n_layer}x{rm.config.n_embd}"
+          + (f" (leave-one-out baseline over {opts.group} samples per prompt)" if value is None else "")
+          + f"; {len(prompt_ids)} prompts, "
           f"{len(eval_ids)} held-out; {spr} steps per rollout of {opts.rollout_batch}; "
           + (f"KL target {opts.kl_target}" if opts.kl_target else f"beta {opts.beta}")
           + (f"; ptx {opts.ptx_coef} x {args.ptx_data}" if ptx_data else "; no ptx"))
@@ -673,6 +689,9 @@ def register(sub) -> None:
                    help="reward = the programmatic labeler's score of each answer instead of the reward "
                         "model's (prompts from `gptlab data instruct`): PPO with a perfect reward model, "
                         "the upper bound an RM is measured against; the value model still starts from the RM")
+    g.add_argument("--group", type=int, default=1, metavar="G",
+                   help="sample each prompt G times per rollout and use the other G-1 samples' mean return as "
+                        "the baseline (RLOO, Ahmadian et al. 2024) instead of a value model and GAE; 1 = value model")
     add_train_args(p, max_steps=200, batch_size=8, lr=2e-5, warmup_steps=10, eval_every=50, ckpt_every=50,
                    weight_decay=0.0, schedule="constant")
     p.set_defaults(func=run)
