@@ -191,7 +191,7 @@ def trilingual_task(family: str, n: int, seed: int) -> Task:
     ``apple =>`` asks for the translation, but nothing in a zero-shot prompt says so (there is no
     description line): which column to answer from is the task, and only demonstrations
     (``banana => 香蕉``) show it, as in the mixture's ``lookup3`` documents. A model that reads
-    the task from its demonstrations rises from about half right at k = 0 (a coin flip between two
+    the task from its demonstrations rises from a guess at k = 0 (at best a coin flip between two
     columns it can copy) towards its look-up accuracy; the held-out words are the ``en2zh``/``zh2en``
     ones, never seen next to their translation.
     """
