@@ -46,6 +46,13 @@ def test_group_advantages_leave_one_out_hand_computed():
     # prompt 0: returns 1 - 0.2 * 1 = 0.8, 0, 0 -> 0.8 - 0, 0 - 0.4, 0 - 0.4
     assert torch.allclose(adv[:3], torch.tensor([[0.8, 0.8, 0.0], [-0.4] * 3, [-0.4] * 3]))
     assert torch.equal(adv[3:], torch.zeros(3, 3))                 # samples alike: nothing to learn
+    # normalize: unit std over the sequences, no shift, so the alike prompt still gets exactly 0.
+    # (Token-level whitening would not: lengths differ, so its mean is not 0 and it would move them.)
+    norm = rl.group_advantages(scores, kl, mask, beta=0.2, group=3, normalize=True)
+    per_seq = torch.tensor([0.8, -0.4, -0.4, 0.0, 0.0, 0.0])
+    assert torch.allclose(norm[:, 0], per_seq / per_seq.std(), atol=1e-6)
+    assert torch.equal(norm[3:], torch.zeros(3, 3)) and norm[0, 2] == 0
+    assert not torch.equal(rl.whiten(adv, mask)[3:], torch.zeros(3, 3))
     with pytest.raises(GptlabError):
         rl.group_advantages(scores[:5], kl[:5], mask[:5], beta=0.2, group=3)
 

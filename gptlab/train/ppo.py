@@ -325,11 +325,12 @@ class PPOStage:
         scores = rl.apply_missing_eos_penalty(scores, ended, o.missing_eos_penalty)
         beta = self.kl_ctl.beta
         rewards, kl = rl.kl_penalty_rewards(scores, old_lp, ref_lp, mask, beta)
-        if o.group > 1:
-            adv, returns = rl.group_advantages(scores, kl, mask, beta, o.group), torch.zeros_like(values)
+        if o.group > 1:     # scaled per sequence, not whitened per token (see group_advantages)
+            adv = rl.group_advantages(scores, kl, mask, beta, o.group, normalize=True)
+            returns = torch.zeros_like(values)
         else:
             adv, returns = rl.gae(rewards, values, mask, o.gamma, o.gae_lambda)
-        adv = rl.whiten(adv, mask)
+            adv = rl.whiten(adv, mask)
         kl_seq = kl.sum(1)
         self.kl_ctl.update(float(kl_seq.mean()), len(seqs))
         self.buffer = {"idx": idx, "lengths": lengths, "mask": mask, "old_logprobs": old_lp,

@@ -116,19 +116,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def group_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
-                     group: int) -> torch.Tensor:
+                     group: int, normalize: bool = False, eps: float = 1e-8) -> torch.Tensor:
     """REINFORCE leave-one-out (RLOO, Ahmadian et al. 2024): rows come in runs of ``group`` samples of
     the same prompt; each sample's return is its score minus beta x its summed KL, and its advantage is
     that return minus the mean return of the other ``group - 1`` samples, given to every action.
 
     A per-prompt baseline needs no value model: on a checkable task most prompts are answered alike
     by every sample, so their advantages are 0 and only the prompts where samples differ teach.
+
+    ``normalize`` divides by the std over the batch's sequences and does not shift: the advantages
+    already sum to 0 within every group. Token-level whitening (``whiten``) must not be used here:
+    its mean is weighted by length, so subtracting it gives every prompt whose samples all scored
+    alike the same nonzero advantage, pushing whole rollouts up or down at random (docs/PPO.md,
+    session 8).
     """
     if group < 2 or scores.numel() % group:
         raise GptlabError(f"group_advantages needs rows in groups of >= 2 (got {scores.numel()} rows, group {group})")
     ret = (scores.to(kl.dtype) - beta * (kl * mask).sum(1)).view(-1, group)
     baseline = (ret.sum(1, keepdim=True) - ret) / (group - 1)
-    return (ret - baseline).reshape(-1, 1) * mask.to(kl.dtype)
+    adv = (ret - baseline).reshape(-1, 1)
+    if normalize and adv.numel() > 1:
+        adv = adv / (adv.std() + eps)
+    return adv * mask.to(kl.dtype)
 
 
 # ----- losses --------------------------------------------------------------------------------------------
