@@ -10,6 +10,8 @@ engine (KV cache) on the current policy, scores it, and computes advantages:
 
     reward_t = -beta * (log pi(a_t) - log pi_ref(a_t)) + [t is last] * RM(prompt, response)
     A = GAE(gamma=1, lambda=0.95), whitened over the buffer; returns = A + V_old
+    (--group G: no value model; A = return - mean return of the prompt's other G-1 samples, divided
+    by its std over the buffer's sequences, never shifted)
     loss = clipped policy loss + vf_coef * clipped value loss + ptx_coef * LM loss on pre-training text
 
 Dropout is switched off in all four models (it would make log pi differ between rollout and update).
