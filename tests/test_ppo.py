@@ -262,3 +262,42 @@ def test_ppo_group_baseline_runs_without_a_value_model(tiny_runs, corpus_file, c
     assert not any(".value." in k for k in tensors) and any(".gpt." in k for k in tensors)
     assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad", 2, "--group", "3")) == 2
     assert "multiple of --group" in capsys.readouterr().err
+
+
+def test_filter_groups_keeps_only_groups_whose_samples_differ():
+    """--filter-groups: alike groups are dropped and fresh ones sampled until the buffer is full; the
+    logged reward and episode count cover everything sampled, kept or not."""
+    from types import SimpleNamespace
+    from gptlab.train.ppo import PPOOptions, PPOStage
+    rounds = iter([torch.tensor([2.0, 3.0, 5.0, 5.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])])
+    fake = SimpleNamespace(
+        opts=PPOOptions(rollout_batch=4, minibatch=2, group=2, filter_groups=True),
+        model=SimpleNamespace(gpt=None),
+        _pick=lambda n, gen: torch.tensor([7, 8])[:n],
+        _generate=lambda policy, which, gen: ([[int(w)] for w in which], [f"r{int(w)}" for w in which]),
+        _scores=lambda which, prompts, comps, chunk=32: next(rounds))
+    which = torch.tensor([0, 0, 1, 1])
+    first = torch.tensor([1.0, 1.0, 0.0, 4.0])            # prompt 0 alike (dropped), prompt 1 mixed
+    kept = PPOStage._mixed_groups(fake, None, which, [[0], [0], [1], [1]], ["a", "b", "c", "d"], first)
+    w, prompts, comps, raw, reward, sampled, share = kept
+    assert w.tolist() == [1, 1, 7, 7] and comps == ["c", "d", "r7", "r7"]
+    assert raw.tolist() == [0.0, 4.0, 2.0, 3.0]
+    assert sampled == 8 and reward == pytest.approx((1 + 1 + 0 + 4 + 2 + 3 + 5 + 5) / 8)
+    assert share == pytest.approx(2 / 4)
+    # Nothing mixed in any round: the last round is used as sampled, and the share says 0.
+    rounds = iter([torch.ones(4)] * 3)
+    fake._scores = lambda which, prompts, comps, chunk=32: next(rounds)
+    w, _, comps, raw, _, sampled, share = PPOStage._mixed_groups(fake, None, which, [[0]] * 4, list("abcd"),
+                                                                 torch.ones(4), max_rounds=3)
+    assert share == 0 and sampled == 12 and len(comps) == 4 and raw.tolist() == [1.0] * 4
+
+
+def test_ppo_filter_groups_runs_and_needs_a_group(tiny_runs, corpus_file, capsys):
+    from gptlab.cli import main
+    from gptlab.plots import read_metrics
+    out = tiny_runs / "filtered"
+    assert main(_ppo_args(tiny_runs, corpus_file, out, 2, "--group", "2", "--filter-groups", "--eval-n", "0")) == 0
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert rows and all(0.0 <= r["mixed_groups"] <= 1.0 for r in rows)
+    assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad2", 2, "--filter-groups")) == 2
+    assert "--filter-groups needs --group" in capsys.readouterr().err

@@ -148,6 +148,31 @@ def test_sft_ptx_mix_and_task_eval(tmp_path, small_tokenizer, corpus_file):
     assert 0.0 <= summary["task_accuracy"] <= 1.0 and summary["per_family"]
 
 
+def test_ptx_defaults_to_the_init_chains_pretraining_corpora(tmp_path, small_tokenizer, corpus_file):
+    """Without --ptx-data, SFT's ptx rows come from what --init was pre-trained on, and a run made from
+    that SFT run (PPO's --init) finds the same corpora two hops up the chain."""
+    from gptlab.data.instruct import build_curriculum
+    from gptlab.io import atomic_write_json, atomic_write_jsonl
+    init = make_run(tmp_path / "pt", small_tokenizer)
+    cfg = ckpt.read_run_config(init)
+    cfg["data"] = [f"{corpus_file}:2"]
+    atomic_write_json(init / ckpt.CONFIG_FILE, cfg)
+    assert ckpt.pretraining_sources(init) == [f"{corpus_file}:2"]
+    atomic_write_jsonl(tmp_path / "sft.jsonl", build_curriculum(0, 4, works={})["sft"])
+    out = tmp_path / "sft"
+    assert main(["sft", "--init", str(init), "--data", str(tmp_path / "sft.jsonl"), "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--ptx-fraction", "0.25", "--no-task-eval",
+                 "--no-progress"]) == 0
+    assert ckpt.read_run_config(out)["sft"]["ptx_data"] == [f"{corpus_file}:2"]
+    assert ckpt.pretraining_sources(out) == [f"{corpus_file}:2"]      # SFT -> pretrain
+    # A broken chain (the init folder is gone) or a chain without data gives None, not an error.
+    atomic_write_json(tmp_path / "orphan" / ckpt.CONFIG_FILE, {"model": {}, "stage": "sft",
+                                                                "init": str(tmp_path / "missing")})
+    assert ckpt.pretraining_sources(tmp_path / "orphan") is None
+    atomic_write_json(init / ckpt.CONFIG_FILE, {**cfg, "data": None})
+    assert ckpt.pretraining_sources(out) is None
+
+
 def test_sft_bad_input_names_file_and_line(tmp_path, small_tokenizer, capsys):
     init = make_run(tmp_path / "pt", small_tokenizer)
     data = tmp_path / "bad.jsonl"

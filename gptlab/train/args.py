@@ -65,3 +65,15 @@ def train_config_from_args(args) -> TrainConfig:
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
         compile=args.compile, fsdp=args.fsdp, time_budget_s=args.time_budget, resume=args.resume,
         progress=not args.no_progress)
+
+
+def add_ptx_data_arg(p, what: str) -> None:
+    p.add_argument("--ptx-data", nargs="+", default=None, metavar="SOURCE[:WEIGHT]",
+                   help=f"pre-training corpora for {what} (as in `gptlab pretrain --data`); default: the "
+                        "corpora --init was pre-trained on (read from its run folders), else shakespeare")
+
+
+def ptx_sources(args) -> list[str]:
+    """--ptx-data, or what --init's chain of runs was pre-trained on, or the built-in corpus."""
+    from gptlab.train.checkpoint import pretraining_sources
+    return list(args.ptx_data or pretraining_sources(args.init) or ["shakespeare"])

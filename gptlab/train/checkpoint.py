@@ -120,6 +120,30 @@ def read_run_config(run_dir: str | Path) -> dict:
     return cfg
 
 
+def pretraining_sources(run_dir: str | Path, max_hops: int = 8) -> list[str] | None:
+    """The corpora (``SOURCE:WEIGHT`` specs) the run at ``run_dir`` descends from: its own ``data``
+    if it is a pre-training run, else those of its ``init`` chain (SFT -> pretrain, PPO -> SFT -> ...).
+    None when the chain is broken or records no pre-training data. The ptx losses of SFT and PPO
+    default to these: a mix drawn from another corpus pulls the model toward that corpus instead of
+    holding it where pre-training left it."""
+    run = Path(run_dir)
+    for _ in range(max_hops):
+        try:
+            cfg = read_json(run / CONFIG_FILE)
+        except GptlabError:
+            return None
+        if not isinstance(cfg, dict):
+            return None
+        data = cfg.get("data")
+        if cfg.get("stage") == "pretrain" and isinstance(data, list) and data and all(isinstance(s, str) for s in data):
+            return list(data)
+        init = cfg.get("init")
+        if not isinstance(init, str):
+            return None
+        run = Path(init)
+    return None
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", with_heads: bool = False):
     """(model, tokenizer, config) of a finished or in-progress run; ``with_heads`` adds the head tensors."""
     run_dir = Path(run_dir)

@@ -36,11 +36,11 @@ from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import rl
-from gptlab.train.args import add_train_args, train_config_from_args
+from gptlab.train.args import add_ptx_data_arg, add_train_args, ptx_sources, train_config_from_args
 from gptlab.train.loop import train
 
 PLOT_KEYS = ["reward", "kl", "beta", "entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss",
-             "ptx_loss", "response_len", "eos_rate", "heldout_accuracy", "heldout_label_score"]
+             "ptx_loss", "response_len", "eos_rate", "mixed_groups", "heldout_accuracy", "heldout_label_score"]
 
 
 @dataclass
@@ -66,6 +66,7 @@ class PPOOptions:
     eval_n: int = 100
     oracle_reward: bool = False     # score with the programmatic labeler instead of the reward model
     group: int = 1                  # samples per prompt; > 1: leave-one-out baseline instead of a value model
+    filter_groups: bool = False     # with group > 1: train only on groups whose samples scored differently
 
     def check(self) -> None:
         for name in ("rollout_batch", "ppo_epochs", "minibatch", "max_new_tokens"):
@@ -75,6 +76,8 @@ class PPOOptions:
             raise GptlabError("--group must be at least 1")
         if self.group > 1 and self.rollout_batch % self.group:
             raise GptlabError(f"--rollout-batch ({self.rollout_batch}) must be a multiple of --group ({self.group})")
+        if self.filter_groups and self.group < 2:
+            raise GptlabError("--filter-groups needs --group 2 or more (it keeps groups whose samples differ)")
         if self.minibatch > self.rollout_batch:
             raise GptlabError(f"--minibatch ({self.minibatch}) is larger than --rollout-batch ({self.rollout_batch})")
         if not self.temperature > 0:
@@ -292,6 +295,43 @@ class PPOStage:
         self.reward_mean, self.reward_std = float(scores.mean()), max(std, 1e-3)
         return self.reward_mean, self.reward_std
 
+    def _mixed_groups(self, gen: torch.Generator, which, prompts, comps, raw, max_rounds: int = 8):
+        """--filter-groups: keep only the groups whose samples scored differently, sampling fresh
+        groups (up to ``max_rounds`` rollouts' worth) until a rollout buffer is full.
+
+        Where all G samples of a prompt score alike, leave-one-out advantages are 0 up to the KL term:
+        those rows cost a forward and backward pass and teach nothing, and the few prompts that do
+        teach end up as a small share of each minibatch. Filling the buffer with mixed groups only
+        (DAPO's dynamic sampling, Yu et al. 2025) puts many prompts' signal in every update.
+        Returns the kept rows plus the mean reward, count and mixed share over everything sampled.
+        """
+        o = self.opts
+        keep_w, keep_p, keep_c, keep_r = [], [], [], []
+        all_raw, n_groups, n_mixed = [raw], 0, 0
+        for r in range(max_rounds):
+            if r:
+                which = self._pick(o.rollout_batch // o.group, gen).repeat_interleave(o.group)
+                prompts, comps = self._generate(self.model.gpt, which, gen)
+                raw = self._scores(which, prompts, comps, chunk=o.minibatch)
+                all_raw.append(raw)
+            g = raw.view(-1, o.group)
+            mixed = (g.max(1).values - g.min(1).values) > 1e-6
+            n_groups, n_mixed = n_groups + len(mixed), n_mixed + int(mixed.sum())
+            for i in mixed.nonzero().flatten().tolist():
+                rows = range(i * o.group, (i + 1) * o.group)
+                keep_w += [int(which[j]) for j in rows]
+                keep_p += [prompts[j] for j in rows]
+                keep_c += [comps[j] for j in rows]
+                keep_r.append(raw[rows.start:rows.stop])
+            if len(keep_c) >= o.rollout_batch:
+                break
+        sampled = torch.cat(all_raw)
+        if not keep_c:      # nothing teaches in any round: train on the last round as sampled
+            keep_w, keep_p, keep_c, keep_r = which.tolist(), prompts, comps, [raw]
+        n = min(len(keep_c), o.rollout_batch)
+        return (torch.tensor(keep_w[:n]), keep_p[:n], keep_c[:n], torch.cat(keep_r)[:n],
+                float(sampled.mean()), len(sampled), n_mixed / max(1, n_groups))
+
     @torch.no_grad()
     def rollout(self, gen: torch.Generator) -> None:
         """Sample rollout_batch responses with the current policy; fill the buffer and the minibatch queue."""
@@ -302,6 +342,11 @@ class PPOStage:
         # With a group baseline each prompt is sampled `group` times (different seeds), side by side.
         which = self._pick(o.rollout_batch // o.group, gen).repeat_interleave(o.group)
         prompts, comps = self._generate(model.gpt, which, gen)
+        raw = self._scores(which, prompts, comps, chunk=o.minibatch)
+        sampled_reward, sampled, mixed_share = float(raw.mean()), len(comps), 1.0
+        if o.filter_groups:
+            which, prompts, comps, raw, sampled_reward, sampled, mixed_share = \
+                self._mixed_groups(gen, which, prompts, comps, raw)
         ended = torch.tensor([c.finish_reason == "stop" for c in comps])
         # The end-of-turn token is an action the policy took, so it is part of the trained sequence.
         seqs = [p + c.ids + ([self.end_id] if c.finish_reason == "stop" else []) for p, c in zip(prompts, comps)]
@@ -322,7 +367,6 @@ class PPOStage:
             values.append(v[:, :-1].float().cpu() if v is not None else torch.zeros(x.shape[0], T - 1))
             ref_lp.append(rl.token_logprobs(ref_logits[:, :-1], x[:, 1:], o.temperature).cpu())
         old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values) * mask
-        raw = self._scores(which, prompts, comps, chunk=o.minibatch)
         scores = (raw - self.reward_mean) / self.reward_std
         scores = rl.apply_missing_eos_penalty(scores, ended, o.missing_eos_penalty)
         beta = self.kl_ctl.beta
@@ -338,13 +382,15 @@ class PPOStage:
         self.buffer = {"idx": idx, "lengths": lengths, "mask": mask, "old_logprobs": old_lp,
                        "old_values": values, "advantages": adv, "returns": returns}
         self.last_stats = {
-            "reward": float(raw.mean()), "score": float(scores.mean()), "kl": float(kl_seq.mean()),
+            "reward": sampled_reward, "score": float(scores.mean()), "kl": float(kl_seq.mean()),
             "nonscore_reward": float((-beta * kl_seq).mean()), "beta": beta,
             "response_len": float(mask.sum(1).mean()), "eos_rate": float(ended.float().mean()),
-            "episodes": float(self.episodes + len(seqs)),
+            "episodes": float(self.episodes + sampled),
         }
+        if o.filter_groups:
+            self.last_stats["mixed_groups"] = mixed_share
         self.rollouts += 1
-        self.episodes += len(seqs)
+        self.episodes += sampled
         n = len(seqs)
         self.queue = []
         for _ in range(o.ppo_epochs):
@@ -447,7 +493,8 @@ def options_from_args(args) -> PPOOptions:
         kl_horizon=args.kl_horizon, ptx_coef=args.ptx_coef, ptx_batch=args.ptx_batch or args.batch_size,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         missing_eos_penalty=args.missing_eos_penalty, ema=args.ema, normalize_reward=args.normalize_reward,
-        eval_n=args.eval_n, oracle_reward=args.oracle_reward, group=args.group)
+        eval_n=args.eval_n, oracle_reward=args.oracle_reward, group=args.group,
+        filter_groups=args.filter_groups)
 
 
 def run(args) -> int:
@@ -493,6 +540,7 @@ def run(args) -> int:
     ptx_data = None
     if opts.ptx_coef > 0:
         from gptlab.data.tokens import TokenDataset
+        args.ptx_data = ptx_sources(args)
         ptx_data = TokenDataset.prepare(args.ptx_data, tok, val_fraction=0.1, progress=not args.no_progress)
         ptx_data.check_fits(policy.config.block_size)
 
@@ -677,8 +725,7 @@ def register(sub) -> None:
     g.add_argument("--kl-horizon", type=int, default=10000, help="adaptive controller horizon in episodes")
     g.add_argument("--ptx-coef", type=float, default=1.0,
                    help="gamma: weight of the pre-training LM loss (InstructGPT: 27.8; 0 = plain PPO)")
-    g.add_argument("--ptx-data", nargs="+", default=["shakespeare"], metavar="SOURCE[:WEIGHT]",
-                   help="pre-training corpora for the ptx loss (as pretrain --data)")
+    add_ptx_data_arg(g, "the ptx loss")
     g.add_argument("--ptx-batch", type=int, default=None, help="pre-training windows per step (default: --batch-size)")
     g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (log-probs use it too)")
     g.add_argument("--max-new-tokens", type=int, default=48, help="longest response in tokens")
@@ -695,6 +742,10 @@ def register(sub) -> None:
     g.add_argument("--group", type=int, default=1, metavar="G",
                    help="sample each prompt G times per rollout and use the other G-1 samples' mean return as "
                         "the baseline (RLOO, Ahmadian et al. 2024) instead of a value model and GAE; 1 = value model")
+    g.add_argument("--filter-groups", action="store_true",
+                   help="with --group: fill each rollout buffer only with groups whose samples scored "
+                        "differently, sampling more prompts as needed (DAPO's dynamic sampling); groups "
+                        "that all scored alike have zero advantage and would dilute every update")
     add_train_args(p, max_steps=200, batch_size=8, lr=2e-5, warmup_steps=10, eval_every=50, ckpt_every=50,
                    weight_decay=0.0, schedule="constant")
     p.set_defaults(func=run)

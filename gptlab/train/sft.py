@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import PAD
 from gptlab.train import checkpoint as ckpt
-from gptlab.train.args import add_train_args, train_config_from_args
+from gptlab.train.args import add_ptx_data_arg, add_train_args, ptx_sources, train_config_from_args
 from gptlab.train.loop import train
 from gptlab.train.sequences import EpochSampler, dist_rank_world, heldout_by_hash, pack, steps_for_epochs
 
@@ -256,6 +256,7 @@ def run(args) -> int:
     if args.ptx_fraction > 0:
         from gptlab.data.corpus import parse_sources
         from gptlab.data.tokens import TokenDataset
+        args.ptx_data = ptx_sources(args)
         ptx = TokenDataset.prepare(parse_sources(args.ptx_data), tok, val_fraction=0.1)
         ptx.check_fits(model_cfg.block_size)
     stage = SFTStage(x, y, val, args.batch_size, args.seed, tok, ptx, args.ptx_fraction, eval_items,
@@ -311,8 +312,7 @@ def register(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of conversations held out (by hash)")
     p.add_argument("--ptx-fraction", type=float, default=0.0,
                    help="share of each batch's rows drawn from pre-training data")
-    p.add_argument("--ptx-data", nargs="+", default=["shakespeare"], metavar="SOURCE[:WEIGHT]",
-                   help="pre-training corpora for --ptx-fraction (as in `gptlab pretrain --data`)")
+    add_ptx_data_arg(p, "--ptx-fraction")
     p.add_argument("--eval-items", default=None,
                    help="curriculum items with answers for task accuracy (default: heldout.jsonl beside "
                    "the curriculum's sft.jsonl)")
