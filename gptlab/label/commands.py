@@ -205,7 +205,7 @@ def register(sub) -> None:
         "label", help="rank K sampled responses per prompt (by hand or --auto) -> rankings.jsonl",
         description="Sample K responses per prompt from a policy and rank them best to worst, in the "
         "terminal or with the programmatic labeler (--auto). Resumable: rerun the same command to continue. "
-        "--noise 0.27 mimics InstructGPT's ~73%% inter-labeler agreement.")
+        "--noise 0.27 mimics InstructGPT's ~73% inter-labeler agreement.")
     p.add_argument("--prompts", required=True, help="prompts .jsonl (from `gptlab data instruct` for --auto)")
     p.add_argument("--policy", required=True, help="run folder of the model that writes the responses")
     p.add_argument("-k", "--k", type=int, default=4, help="responses per prompt, 2-9 (default 4)")
