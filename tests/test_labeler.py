@@ -1,10 +1,11 @@
 import json
+import math
 import random
 
 import pytest
 
 from gptlab.errors import GptlabError
-from gptlab.label.labeler import pairwise_agreement, rank, score, wilson_interval, win_rate
+from gptlab.label.labeler import paired_difference, pairwise_agreement, rank, score, wilson_interval, win_rate
 
 ARITH = {"family": "arithmetic", "answer": "81", "reference": "23 + 58 = 81.",
          "messages": [{"role": "user", "content": "What is 23 + 58?"}]}
@@ -103,6 +104,16 @@ def test_win_rate_counts_ties_half():
     assert (lo, hi) == pytest.approx(wilson_interval(2.5, 4))
     with pytest.raises(GptlabError):
         win_rate(items, [GOOD], [GOOD])
+
+
+def test_paired_difference_hand_computed():
+    # differences 1, 0, 0, -1, 1: mean 0.2, sample sd sqrt(0.7), half-width 1.96 sd / sqrt(5)
+    mean, lo, hi = paired_difference([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
+    half = 1.959963984540054 * math.sqrt(0.7) / math.sqrt(5)
+    assert mean == pytest.approx(0.2) and (lo, hi) == pytest.approx((0.2 - half, 0.2 + half))
+    assert paired_difference([3.0], [1.0]) == (2.0, 2.0, 2.0)       # one item: no spread to estimate
+    with pytest.raises(GptlabError):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_curriculum_references_rank_first():

@@ -184,8 +184,8 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     assert Engine(model, tok).generate([[tok.eot_id]], SamplingParams(max_new_tokens=3, temperature=0))[0]
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) >= 4
-    for key in PLOT_KEYS + ["vf_clipfrac", "approx_kl", "train_loss"]:
-        assert any(key in r for r in rows), key
+    for key in [k for k in PLOT_KEYS if k != "mixed_groups"] + ["vf_clipfrac", "approx_kl", "train_loss"]:
+        assert any(key in r for r in rows), key     # (mixed_groups: only with --filter-groups)
     assert all(math.isfinite(r["kl"]) and r["response_len"] > 0 for r in rows if "kl" in r)
     assert (out / "curves.png").is_file() and (out / "summary.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
@@ -204,6 +204,12 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     res = json.loads((tiny_runs / "cmp.json").read_text())
     assert res["n"] == 3 and 0 <= res["win_rate_ci95"][0] <= res["win_rate_a"] <= res["win_rate_ci95"][1] <= 1
     assert "heldout_rm_score" in res["a"] and "heldout_accuracy" in res["b"]
+    # the paired accuracy difference agrees with the two sides' accuracies and its own counts
+    diff = res["a"]["heldout_accuracy"] - res["b"]["heldout_accuracy"]
+    assert res["accuracy_diff"] == pytest.approx(diff)
+    assert res["accuracy_diff"] == pytest.approx((res["only_a_right"] - res["only_b_right"]) / 3)
+    lo, hi = res["accuracy_diff_ci95"]
+    assert lo <= res["accuracy_diff"] <= hi
     # --resume continues from the checkpoint (beta and counters restored)
     assert main(_ppo_args(tiny_runs, corpus_file, out, 6, "--ema", "0.9", "--kl-target", "2.0",
                           "--resume")) == 0

@@ -192,5 +192,20 @@ def win_rate(items: list[dict], responses_a: list[str], responses_b: list[str]) 
     return wins / len(items), lo, hi
 
 
-__all__ = ["score", "rank", "ties", "win_rate", "wilson_interval", "pairwise_agreement", "repetition",
+def paired_difference(a: list[float], b: list[float], z: float = 1.959963984540054) -> tuple[float, float, float]:
+    """Mean of a_i - b_i over the same items, with a 95% interval (normal approximation on the paired
+    differences): (mean, lo, hi). Pairing removes the items' own difficulty from the spread, so two
+    runs answering the same prompts are told apart with far fewer prompts than two unpaired rates."""
+    if len(a) != len(b) or not a:
+        raise GptlabError(f"paired_difference needs the same positive number of values on each side "
+                          f"(got {len(a)} and {len(b)})")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+__all__ = ["score", "rank", "ties", "win_rate", "wilson_interval", "paired_difference", "pairwise_agreement", "repetition",
            "conciseness", "ends_properly"]

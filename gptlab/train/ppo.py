@@ -646,10 +646,19 @@ def compare_runs(run_a: str, run_b: str, prompts_path: str, n: int, max_new_toke
     rate, lo, hi = win_rate(items, texts["a"], texts["b"])
     families = sorted({it["family"] for it in items})
     from gptlab.data.instruct import check_answer
+    from gptlab.label.labeler import paired_difference, score as label_score
+    right = {s: [float(check_answer(it, t)) for it, t in zip(items, texts[s])] for s in ("a", "b")}
+    labels = {s: [label_score(it, t) for it, t in zip(items, texts[s])] for s in ("a", "b")}
+    acc_d = paired_difference(right["a"], right["b"])
+    lab_d = paired_difference(labels["a"], labels["b"])
+    only_a = sum(x > y for x, y in zip(right["a"], right["b"]))
+    only_b = sum(y > x for x, y in zip(right["a"], right["b"]))
     per_family = {f: {s: sum(check_answer(it, t) for it, t in zip(items, texts[s]) if it["family"] == f)
                       / sum(it["family"] == f for it in items) for s in ("a", "b")} for f in families}
     return {"n": len(items), "a": sides["a"], "b": sides["b"], "win_rate_a": rate, "win_rate_ci95": [lo, hi],
-            "per_family_accuracy": per_family, "prompts": str(prompts_path), "max_new_tokens": max_new_tokens}
+            "per_family_accuracy": per_family, "prompts": str(prompts_path), "max_new_tokens": max_new_tokens,
+            "accuracy_diff": acc_d[0], "accuracy_diff_ci95": list(acc_d[1:]), "only_a_right": only_a,
+            "only_b_right": only_b, "label_score_diff": lab_d[0], "label_score_diff_ci95": list(lab_d[1:])}
 
 
 def _pad_id(tok) -> int:
@@ -679,6 +688,11 @@ def run_compare(args) -> int:
         print(f"{'  ' + f:<22}{acc['a']:>12.1%}{acc['b']:>12.1%}")
     lo, hi = res["win_rate_ci95"]
     print(f"labeler win rate of A over B: {res['win_rate_a']:.1%} (95% interval {lo:.1%} - {hi:.1%})")
+    dl, dh = res["accuracy_diff_ci95"]
+    print(f"accuracy A - B, paired: {100 * res['accuracy_diff']:+.1f} points (95% interval {100 * dl:+.1f} to "
+          f"{100 * dh:+.1f}); only A right on {res['only_a_right']}, only B right on {res['only_b_right']}")
+    dl, dh = res["label_score_diff_ci95"]
+    print(f"labeler score A - B, paired: {res['label_score_diff']:+.3f} (95% interval {dl:+.3f} to {dh:+.3f})")
     if args.out:
         atomic_write_json(args.out, res)
         print(f"wrote {args.out}")
