@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
-from gptlab.model.fused import gelu_tanh, linear_cross_entropy
+from gptlab.model.fused import linear_cross_entropy
 
 ARCHS = ("gpt1", "gpt2", "gpt3", "modern", "bert")
 
@@ -417,11 +417,7 @@ class MLP(nn.Module):
         if self.swiglu:
             h = F.silu(_linear(self, "gate_proj", x)) * _linear(self, "c_fc", x)
         else:
-            h = _linear(self, "c_fc", x)
-            if h.requires_grad and h.device.type == "cpu" and h.dtype == torch.float32:
-                h = gelu_tanh(h)      # the same function, ~2x faster forward + backward on CPU (fused.py)
-            else:
-                h = F.gelu(h, approximate="tanh")   # GPT-2's "gelu_new"
+            h = F.gelu(_linear(self, "c_fc", x), approximate="tanh")  # GPT-2's "gelu_new"
         y = _linear(self, "c_proj", h)
         return self.dropout(y) if self.training else y
 
