@@ -210,6 +210,9 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     assert res["accuracy_diff"] == pytest.approx((res["only_a_right"] - res["only_b_right"]) / 3)
     lo, hi = res["accuracy_diff_ci95"]
     assert lo <= res["accuracy_diff"] <= hi
+    for fam in res["per_family_accuracy"].values():     # per family: the same paired figure
+        assert fam["diff"] == pytest.approx(fam["a"] - fam["b"]) and fam["diff_ci95"][0] <= fam["diff"]
+    assert sum(f["n"] for f in res["per_family_accuracy"].values()) == 3
     # --resume continues from the checkpoint (beta and counters restored)
     assert main(_ppo_args(tiny_runs, corpus_file, out, 6, "--ema", "0.9", "--kl-target", "2.0",
                           "--resume")) == 0

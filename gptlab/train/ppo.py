@@ -653,8 +653,13 @@ def compare_runs(run_a: str, run_b: str, prompts_path: str, n: int, max_new_toke
     lab_d = paired_difference(labels["a"], labels["b"])
     only_a = sum(x > y for x, y in zip(right["a"], right["b"]))
     only_b = sum(y > x for x, y in zip(right["a"], right["b"]))
-    per_family = {f: {s: sum(check_answer(it, t) for it, t in zip(items, texts[s]) if it["family"] == f)
-                      / sum(it["family"] == f for it in items) for s in ("a", "b")} for f in families}
+    per_family = {}
+    for f in families:
+        rows = [i for i, it in enumerate(items) if it["family"] == f]
+        fa, fb = [right["a"][i] for i in rows], [right["b"][i] for i in rows]
+        d, dlo, dhi = paired_difference(fa, fb)
+        per_family[f] = {"a": sum(fa) / len(rows), "b": sum(fb) / len(rows), "n": len(rows),
+                         "diff": d, "diff_ci95": [dlo, dhi]}
     return {"n": len(items), "a": sides["a"], "b": sides["b"], "win_rate_a": rate, "win_rate_ci95": [lo, hi],
             "per_family_accuracy": per_family, "prompts": str(prompts_path), "max_new_tokens": max_new_tokens,
             "accuracy_diff": acc_d[0], "accuracy_diff_ci95": list(acc_d[1:]), "only_a_right": only_a,
@@ -685,7 +690,9 @@ def run_compare(args) -> int:
             vb = fmt.format(b[key]) if key in b else "-"
             print(f"{label:<22}{va:>12}{vb:>12}")
     for f, acc in res["per_family_accuracy"].items():
-        print(f"{'  ' + f:<22}{acc['a']:>12.1%}{acc['b']:>12.1%}")
+        dlo, dhi = acc["diff_ci95"]
+        print(f"{'  ' + f:<22}{acc['a']:>12.1%}{acc['b']:>12.1%}   A - B {100 * acc['diff']:+.1f} "
+              f"[{100 * dlo:+.1f}, {100 * dhi:+.1f}] on {acc['n']}")
     lo, hi = res["win_rate_ci95"]
     print(f"labeler win rate of A over B: {res['win_rate_a']:.1%} (95% interval {lo:.1%} - {hi:.1%})")
     dl, dh = res["accuracy_diff_ci95"]
