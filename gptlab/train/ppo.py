@@ -11,8 +11,10 @@ engine (KV cache) on the current policy, scores it, and computes advantages:
     reward_t = -beta * (log pi(a_t) - log pi_ref(a_t)) + [t is last] * RM(prompt, response)
     A = GAE(gamma=1, lambda=0.95), whitened over the buffer; returns = A + V_old
     (--group G: no value model; A = return - mean return of the prompt's other G-1 samples, divided
-    by its std over the buffer's sequences, never shifted)
+    by its std over the buffer's sequences, never shifted; --filter-groups keeps only the groups whose
+    samples scored differently and samples more prompts to fill the buffer)
     loss = clipped policy loss + vf_coef * clipped value loss + ptx_coef * LM loss on pre-training text
+    (by default the corpora the --init chain was pre-trained on)
 
 Dropout is switched off in all four models (it would make log pi differ between rollout and update).
 The output folder is an ordinary GPT run (config stage "ppo") holding the policy, or its EMA.
