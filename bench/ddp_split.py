@@ -27,7 +27,7 @@ if mode == "ddp":
     from torch.nn.parallel import DistributedDataParallel as DDP
     run = DDP(model, bucket_cap_mb=int(os.environ.get("BUCKET", 25)), gradient_as_bucket_view=True)
 B = 12 // world
-x = torch.randint(0, 4096, (B, 64)); y = torch.randint(0, 4096, (B, 64))
+x = torch.randint(0, cfg.vocab_size, (B, cfg.block_size)); y = torch.randint(0, cfg.vocab_size, (B, cfg.block_size))
 def step():
     _, loss = run(x, y); loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
@@ -39,6 +39,7 @@ for r in range(8):
     for _ in range(8): step()
     ts.append((time.perf_counter() - t0) / 8)
 if rank == 0:
-    flops = model.flops_per_token() * 768
-    print(mode, "ms/step min %.1f median %.1f" % (1000 * min(ts), 1000 * sorted(ts)[4]), "GFLOP/s %.1f" % (flops / min(ts) / 1e9))
+    flops = model.flops_per_token() * B * world * cfg.block_size     # the whole global batch per step
+    print(mode, "ms/step min %.1f median %.1f" % (1000 * min(ts), 1000 * sorted(ts)[4]),
+          "GFLOP/s %.1f" % (flops / min(ts) / 1e9))
 if mode == "ddp": dist.destroy_process_group()

@@ -131,7 +131,6 @@ def test_token_logprobs_use_temperature():
     assert math.isclose(float(ent), math.log(4), rel_tol=1e-6)
 
 
-
 def test_rollouts_are_on_policy_at_a_rollout_temperature():
     """PPO at --temperature T trains the tempered policy softmax(logits / T): the engine's samples must
     come from exactly the distribution whose log-probs the update uses, or every ratio is off."""
@@ -143,24 +142,23 @@ def test_rollouts_are_on_policy_at_a_rollout_temperature():
     model = GPT(GPTConfig.preset("tiny", "gpt2", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16,
                                  block_size=8)).eval()
     with torch.no_grad():
-        model.transformer.wte.weight.mul_(12.0)     # a peaked next-token distribution (top token 10% at T=1, 43% at 0.6)
+        model.transformer.wte.weight.mul_(12.0)     # peaked: top token 10% at T=1, 43% at T=0.6
     prompt = [tok.eot_id, 5]
     with torch.no_grad():
         logits = model.lm_logits(model.hidden(torch.tensor([prompt])))[:, -1:]
-    vocab = torch.arange(logits.shape[-1])[None, :]
-
-    def probs(t):
-        return rl.token_logprobs(logits.expand(1, vocab.shape[1], -1).reshape(1, vocab.shape[1], -1),
-                                 vocab, t).exp()[0]
+    V = logits.shape[-1]
+    # The update's own log-probs (rl.token_logprobs) of every token as the next one.
+    p06, p10 = (rl.token_logprobs(logits.expand(1, V, V), torch.arange(V)[None, :], t).exp()[0]
+                for t in (0.6, 1.0))
 
     n = 6000
     comps = Engine(model, tok).generate([prompt] * n, [SamplingParams(max_new_tokens=1, temperature=0.6,
                                                                       seed=i, ignore_eos=True) for i in range(n)])
-    freq = torch.bincount(torch.tensor([c.ids[0] for c in comps]), minlength=vocab.shape[1]).float() / n
+    freq = torch.bincount(torch.tensor([c.ids[0] for c in comps]), minlength=V).float() / n
     tv = lambda p, q: float(0.5 * (p - q).abs().sum())
-    assert tv(probs(0.6), probs(1.0)) > 0.3                 # the two temperatures are far apart here
-    assert tv(freq, probs(0.6)) < 0.08    # sampling noise alone: 0.045-0.061 (50 multinomial draws)
-    assert tv(freq, probs(1.0)) > 0.25
+    assert tv(p06, p10) > 0.3                   # the two temperatures are far apart here
+    assert tv(freq, p06) < 0.08                 # sampling noise alone: 0.045-0.061 (50 multinomial draws)
+    assert tv(freq, p10) > 0.25
 
 # ----- end to end ---------------------------------------------------------------------------------------
 def _save_run(path, module, tok, stage):

@@ -750,7 +750,10 @@ def register(sub) -> None:
                    help="gamma: weight of the pre-training LM loss (InstructGPT: 27.8; 0 = plain PPO)")
     add_ptx_data_arg(g, "the ptx loss")
     g.add_argument("--ptx-batch", type=int, default=None, help="pre-training windows per step (default: --batch-size)")
-    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature; ratios, KL and entropy use the same tempered policy. Below 1 focuses the updates on prompts whose greedy answer is a close call (docs/PPO.md, session 10)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="rollout sampling temperature; ratios, KL and entropy use the same tempered policy. "
+                   "Below 1 focuses the updates on prompts whose greedy answer is a close call "
+                   "(docs/PPO.md, session 10)")
     g.add_argument("--max-new-tokens", type=int, default=48, help="longest response in tokens")
     g.add_argument("--missing-eos-penalty", type=_float_or_off, default=-1.0,
                    help="score of a response that never ends its turn, replacing the RM score ('off' = none)")
