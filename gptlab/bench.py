@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from gptlab.device import autocast, matmul_peak, measure_matmul_peak, pick_device, tune_cpu_allocator
+from gptlab.device import autocast, hardware_name, matmul_peak, measure_matmul_peak, pick_device, tune_cpu_allocator
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_json
 from gptlab.model.gpt import ARCHS, PRESETS, GPT, GPTConfig
@@ -87,7 +87,7 @@ def bench_train(cfg: GPTConfig, batch_size: int, steps: int = 40, warmup: int = 
             "ms_per_step": round(1000 * dt, 2), "flops_per_token": flops,
             "achieved_flops": round(flops * tok_s), "peak_flops": round(peak), "mfu": round(mfu, 4),
             "mfu_vs_best_peak": round(flops * tok_s / peak, 4), "windows": len(windows),
-            "compile": compile, "threads": torch.get_num_threads()}
+            "compile": compile, "threads": torch.get_num_threads(), "hardware": hardware_name(dev)}
 
 
 def bench_generate(cfg: GPTConfig, new_tokens: int = 256, batch: int = 1, device="auto", repeats: int = 3) -> dict:
@@ -125,7 +125,7 @@ def bench_generate(cfg: GPTConfig, new_tokens: int = 256, batch: int = 1, device
 
 def _print(row: dict) -> None:
     if row["what"] == "train":
-        print(f"train   {row['arch']} {row['shape']} on {row['device']} ({row['threads']} threads"
+        print(f"train   {row['arch']} {row['shape']} on {row['device']} ({row['hardware']}; {row['threads']} threads"
               f"{', compiled' if row['compile'] else ''}): {row['tokens_per_s']:,.0f} tokens/s, "
               f"{row['ms_per_step']} ms/step (best of {row['windows']} windows), "
               f"{row['achieved_flops'] / 1e9:.1f} GFLOP/s; MFU {100 * row['mfu']:.1f}% (median over windows "
@@ -136,7 +136,7 @@ def _print(row: dict) -> None:
               f"{row['tokens_per_s_cache']:,.0f} tok/s with KV cache, {row['tokens_per_s_no_cache']:,.0f} "
               f"without: {row['speedup']}x")
     elif row["what"] == "peak":
-        print(f"peak    {row['device']} matmul {row['n']}x{row['n']}: {row['flops'] / 1e9:.1f} GFLOP/s")
+        print(f"peak    {row['device']} ({row['hardware']}) matmul {row['n']}x{row['n']}: {row['flops'] / 1e9:.1f} GFLOP/s")
 
 
 def run(args) -> int:
@@ -145,7 +145,7 @@ def run(args) -> int:
     if what in ("peak", "all"):
         dev = pick_device(args.device)
         peak = matmul_peak(dev, refresh=True)
-        rows.append({"what": "peak", "device": str(dev), "n": 1024, "flops": round(peak)})
+        rows.append({"what": "peak", "device": str(dev), "hardware": hardware_name(dev), "n": 1024, "flops": round(peak)})
         _print(rows[-1])
     if what in ("train", "all"):
         cfg = _config(args)

@@ -25,6 +25,22 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def hardware_name(device: torch.device) -> str:
+    """What the figures were measured on: the GPU's name, or the CPU model and the vector ISA PyTorch's
+    kernels use (MFU against the measured peak differs between, e.g., AVX2 and AVX-512 machines)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{model or platform.processor() or platform.machine()}, {isa}"
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; plain fp32 elsewhere (CPUs without fast bf16 gain nothing)."""
     if device.type == "cuda":

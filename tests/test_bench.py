@@ -1,0 +1,28 @@
+"""`gptlab bench`: the rows docs/BENCHMARKS.md quotes, on a shape small enough for the test suite."""
+import json
+
+import pytest
+
+from gptlab.cli import main
+
+SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300",
+         "--batch-size", "2"]
+
+
+def test_bench_train_and_generate_report_mfu_speedup_and_the_hardware(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "all", *SMALL, "--steps", "8", "--warmup", "1", "--new-tokens", "24",
+                 "--json", str(out)]) == 0
+    rows = {r["what"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"peak", "train", "generate"}
+    peak, train, gen = rows["peak"], rows["train"], rows["generate"]
+    assert peak["flops"] > 1e8 and peak["hardware"] == train["hardware"]
+    # MFU is model FLOPs/token x tokens/s over the peak; the row must agree with its own parts.
+    assert train["flops_per_token"] > 0 and train["tokens_per_s"] > 0
+    assert train["achieved_flops"] == pytest.approx(train["flops_per_token"] * train["tokens_per_s"], rel=1e-3)
+    assert 0 < train["mfu"] < 5
+    assert gen["new_tokens"] == 24 and gen["tokens_per_s_cache"] > 0 and gen["tokens_per_s_no_cache"] > 0
+    assert gen["speedup"] == pytest.approx(gen["tokens_per_s_cache"] / gen["tokens_per_s_no_cache"], rel=0.02)
+    printed = capsys.readouterr().out
+    assert train["hardware"] in printed and "MFU" in printed and "with KV cache" in printed
+
