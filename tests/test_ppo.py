@@ -339,3 +339,46 @@ def test_ppo_filter_groups_runs_and_needs_a_group(tiny_runs, corpus_file, capsys
     assert rows and all(0.0 <= r["mixed_groups"] <= 1.0 for r in rows)
     assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad2", 2, "--filter-groups")) == 2
     assert "--filter-groups needs --group" in capsys.readouterr().err
+
+
+def test_reward_ensemble_pays_the_mean_minus_the_members_disagreement():
+    """Three members scoring two rows [1, 2, 6] and [3, 3, 3]: mean 3 and 3, population std sqrt(14/3)
+    and 0, so with penalty 0.5 the disputed row earns 3 - 0.5 * 2.160 and the agreed one 3."""
+    from gptlab.model.heads import RewardEnsemble
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, scores):
+            super().__init__()
+            self.scores = torch.tensor(scores)
+            self.config = "cfg"
+
+        def forward(self, idx, lengths):
+            return self.scores
+
+    members = [Fixed([1.0, 3.0]), Fixed([2.0, 3.0]), Fixed([6.0, 3.0])]
+    ens = RewardEnsemble(members, penalty=0.5)
+    out = ens(torch.zeros(2, 4, dtype=torch.long), torch.tensor([4, 4]))
+    assert out.tolist() == pytest.approx([3 - 0.5 * math.sqrt(14 / 3), 3.0])
+    assert ens.config == "cfg" and ens.member_scores(None, None).shape == (3, 2)
+    assert RewardEnsemble(members, penalty=0.0)(None, None).tolist() == pytest.approx([3.0, 3.0])
+    with pytest.raises(ValueError):
+        RewardEnsemble(members[:1])
+
+
+def test_ppo_with_a_reward_ensemble(tiny_runs, corpus_file, capsys):
+    """Two --reward-model runs: PPO optimises their penalised mean and records both in its config."""
+    import shutil
+    from gptlab.cli import main
+    from gptlab.train import checkpoint as ckpt
+    shutil.copytree(tiny_runs / "rm", tiny_runs / "rm2")
+    args = _ppo_args(tiny_runs, corpus_file, tiny_runs / "ens", 2, "--group", "2", "--eval-n", "0",
+                     "--ensemble-penalty", "0.5")
+    i = args.index("--reward-model") + 2
+    assert main(args[:i] + [str(tiny_runs / "rm2")] + args[i:]) == 0
+    assert "ensemble of 2: mean - 0.5 x std" in capsys.readouterr().out
+    cfg = ckpt.read_run_config(tiny_runs / "ens")
+    assert cfg["reward_model"] == [str(tiny_runs / "rm"), str(tiny_runs / "rm2")] and cfg["ensemble_penalty"] == 0.5
+    assert main(args[:i] + [str(tiny_runs / "sft")] + args[i:]) == 2     # an SFT run is no reward model
+    assert "--reward-model" in capsys.readouterr().err
+    assert main(args + ["--ensemble-penalty", "-1"]) == 2
+    assert "--ensemble-penalty must be >= 0" in capsys.readouterr().err

@@ -53,6 +53,34 @@ class ScalarHeadModel(nn.Module):
         self.score_head.load_state_dict({"weight": heads["score_head.weight"], "bias": heads["score_head.bias"]})
 
 
+class RewardEnsemble(nn.Module):
+    """Several reward models read as one: the members' mean score minus ``penalty`` x their spread.
+
+    Over-optimisation climbs where a single learned reward is wrong, and independently trained reward
+    models are rarely wrong in the same way, so their disagreement marks the answers a policy should
+    not be paid for (uncertainty-weighted optimisation, Coste et al. 2023). ``penalty`` 0 is the
+    plain mean. The spread is the population std over members."""
+
+    def __init__(self, members: list[ScalarHeadModel], penalty: float = 1.0):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two reward models")
+        self.members = nn.ModuleList(members)
+        self.penalty = penalty
+
+    @property
+    def config(self):
+        return self.members[0].config
+
+    def member_scores(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[M, B]: every member's score of every row."""
+        return torch.stack([m(idx, lengths) for m in self.members])
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        s = self.member_scores(idx, lengths)
+        return s.mean(0) - self.penalty * s.std(0, correction=0)
+
+
 class ClassifierModel(nn.Module):
     """GPT-1 fine-tuning: a linear head on the final hidden state of the extract token."""
 

@@ -35,7 +35,7 @@ from gptlab.device import autocast
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_json, read_json
 from gptlab.model.gpt import GPT
-from gptlab.model.heads import ScalarHeadModel
+from gptlab.model.heads import RewardEnsemble, ScalarHeadModel
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import rl
 from gptlab.train.args import add_ptx_data_arg, add_train_args, ptx_sources, train_config_from_args
@@ -112,6 +112,19 @@ def load_scalar_model(run_dir: str | Path, flag: str) -> tuple[ScalarHeadModel, 
         return load_reward_model(run_dir)
     except GptlabError as e:
         raise GptlabError(f"{flag} {e}") from None
+
+
+def load_reward(paths: list[str], tok, init: str, penalty: float):
+    """The reward PPO optimises: one `gptlab rm` run, or several read as a RewardEnsemble."""
+    if penalty < 0:
+        raise GptlabError("--ensemble-penalty must be >= 0")
+    members = []
+    for path in paths:
+        rm, rm_tok, _ = load_scalar_model(path, "--reward-model")
+        if not _same_tokenizer(tok, rm_tok):
+            raise GptlabError(f"--reward-model {path} uses a different tokenizer than --init {init}")
+        members.append(rm)
+    return members[0] if len(members) == 1 else RewardEnsemble(members, penalty)
 
 
 class PPOModel(nn.Module):
@@ -520,10 +533,8 @@ def run(args) -> int:
 
     policy, tok, sft_cfg = ckpt.load_run(args.init)
     ref, _, _ = ckpt.load_run(args.init)
-    rm, rm_tok, _ = load_scalar_model(args.reward_model, "--reward-model")
-    value = load_scalar_model(args.reward_model, "--reward-model")[0] if opts.group == 1 else None
-    if not _same_tokenizer(tok, rm_tok):
-        raise GptlabError(f"--reward-model {args.reward_model} uses a different tokenizer than --init {args.init}")
+    rm = load_reward(args.reward_model, tok, args.init, args.ensemble_penalty)
+    value = load_scalar_model(args.reward_model[0], "--reward-model")[0] if opts.group == 1 else None
     if policy.config.arch == "bert":
         raise GptlabError(f"--init {args.init}: a BERT run cannot generate; PPO needs a GPT policy")
     model_cfg_dict = policy.config.to_dict()
@@ -568,7 +579,8 @@ def run(args) -> int:
         if eval_ids:
             initial = stage.evaluate(model)
     ckpt.write_run_config(out, policy.config, tok, stage="ppo", extra={
-        "init": str(args.init), "reward_model": str(args.reward_model), "prompts": str(args.prompts),
+        "init": str(args.init), "reward_model": [str(r) for r in args.reward_model],
+        "ensemble_penalty": args.ensemble_penalty if len(args.reward_model) > 1 else None, "prompts": str(args.prompts),
         "ppo": asdict(opts), "ptx_data": args.ptx_data, "train": asdict(cfg)})
     # write_run_config stored the dropout-free config; keep the SFT run's value for later fine-tuning.
     saved = ckpt.read_run_config(out)
@@ -578,6 +590,7 @@ def run(args) -> int:
     n = policy.num_params()
     print(f"policy {policy.config.arch} {policy.config.n_layer}x{policy.config.n_embd} ({n / 1e6:.2f}M), "
           f"{'value/' if value is not None else ''}RM {rm.config.n_layer}x{rm.config.n_embd}"
+          + (f" (ensemble of {len(rm.members)}: mean - {rm.penalty} x std)" if isinstance(rm, RewardEnsemble) else "")
           + (f" (leave-one-out baseline over {opts.group} samples per prompt)" if value is None else "")
           + f"; {len(prompt_ids)} prompts, "
           f"{len(eval_ids)} held-out; {spr} steps per rollout of {opts.rollout_batch}; "
@@ -728,7 +741,13 @@ def register(sub) -> None:
         "score, length) uses --eval-prompts, by default heldout.jsonl next to --prompts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", required=True, help="SFT run: the initial policy and the frozen reference")
-    p.add_argument("--reward-model", required=True, help="reward-model run (gptlab rm): reward and value init")
+    p.add_argument("--reward-model", required=True, nargs="+",
+                   help="reward-model run (gptlab rm): the reward, and the value model's init; several runs "
+                   "make an ensemble whose reward is their mean score minus --ensemble-penalty x their std "
+                   "(the first one initialises the value model)")
+    p.add_argument("--ensemble-penalty", type=float, default=1.0,
+                   help="with several --reward-model runs: weight of their disagreement (std) subtracted "
+                   "from the mean score; 0 = plain mean")
     p.add_argument("--prompts", required=True, help="prompts JSONL ({'prompt': ...} or messages ending with a user turn)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--eval-prompts", default=None, help="held-out prompts JSONL (default: heldout.jsonl beside --prompts)")
