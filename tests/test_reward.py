@@ -156,3 +156,29 @@ def test_tied_pairs_make_no_pairs(small_tokenizer, tmp_path):
     assert item.pairs == [(0, 2), (0, 1)]
     untied = encode_rankings(small_tokenizer, [Ranking(r.prompt, r.responses, r.ranking)], block_size=64)
     assert untied[0].pairs == [(0, 2), (0, 1), (2, 1)]
+
+
+def test_labeler_agreement_scores_the_reward_against_the_noise_free_labeler():
+    """The labeler's own score agrees on every pair it separates, its negation on none, a constant on
+    half; identical responses, pairs the labeler scores alike and rankings without items are skipped."""
+    from gptlab.data.instruct import build_curriculum
+    from gptlab.label.labeler import score
+    from gptlab.train.reward import labeler_agreement
+    items = [it for it in build_curriculum(0, 8, works={})["heldout"] if it["family"] in ("arithmetic", "strings")]
+    rankings = []
+    for it in items:
+        meta = {k: v for k, v in it.items() if k != "messages"}
+        # right, wrong, a copy of wrong, and a second wrong answer the labeler scores like the first
+        rs = [it["reference"], "I think it is zebra.", "I think it is zebra.", "I think it is tapir."]
+        rankings.append(Ranking(it["messages"], rs, [0, 1, 2, 3], meta))
+    rankings.append(Ranking([{"role": "user", "content": "hi"}], ["a", "b"], [0, 1]))   # no item: skipped
+    truth = {id(r): [score({"messages": r.prompt, **r.meta}, x) for x in r.responses] for r in rankings[:-1]}
+    by_prompt = {json.dumps(r.prompt): truth[id(r)] for r in rankings[:-1]}
+    oracle = labeler_agreement(rankings, lambda p, rs: by_prompt[json.dumps(p)])
+    pairs = oracle["all"][1]
+    # each item: the right answer against the 3 wrong ones (two of them alike in text)
+    assert pairs == 3 * len(items) and oracle["all"][0] == 1.0
+    assert set(oracle) == {"all", "arithmetic", "strings"}
+    assert oracle["arithmetic"][1] + oracle["strings"][1] == pairs
+    assert labeler_agreement(rankings, lambda p, rs: [-x for x in by_prompt[json.dumps(p)]])["all"] == (0.0, pairs)
+    assert labeler_agreement(rankings, lambda p, rs: [0.0] * len(rs))["all"] == (0.5, pairs)
