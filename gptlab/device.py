@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import platform
 import sys
 import time
 
@@ -27,7 +28,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def hardware_name(device: torch.device) -> str:
     """What the figures were measured on: the GPU's name, or the CPU model and the vector ISA PyTorch's
-    kernels use (MFU against the measured peak differs between, e.g., AVX2 and AVX-512 machines)."""
+    kernels use. MFU against the measured peak differs from one CPU to another (46-51% on earlier VMs,
+    a median of 60.5% on a Zen 4 one: docs/BENCHMARKS.md, session 11)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = ""
@@ -36,7 +38,6 @@ def hardware_name(device: torch.device) -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    import platform
     isa = torch.backends.cpu.get_cpu_capability()
     return f"{model or platform.processor() or platform.machine()}, {isa}"
 

@@ -56,10 +56,11 @@ class ScalarHeadModel(nn.Module):
 class RewardEnsemble(nn.Module):
     """Several reward models read as one: the members' mean score minus ``penalty`` x their spread.
 
-    Over-optimisation climbs where a single learned reward is wrong, and independently trained reward
-    models are rarely wrong in the same way, so their disagreement marks the answers a policy should
-    not be paid for (uncertainty-weighted optimisation, Coste et al. 2023). ``penalty`` 0 is the
-    plain mean. The spread is the population std over members."""
+    Over-optimisation climbs where a single learned reward is wrong. Where the members disagree, at
+    least one of them is, so the policy is paid less for those answers (uncertainty-weighted
+    optimisation, Coste et al. 2023). Members that share an init and rankings tend to err together,
+    which the penalty cannot see (docs/PPO.md, session 11). ``penalty`` 0 is the plain mean; the
+    spread is the population std over members."""
 
     def __init__(self, members: list[ScalarHeadModel], penalty: float = 1.0):
         super().__init__()
