@@ -28,8 +28,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def hardware_name(device: torch.device) -> str:
     """What the figures were measured on: the GPU's name, or the CPU model and the vector ISA PyTorch's
-    kernels use. MFU against the measured peak differs from one CPU to another (46-51% on earlier VMs,
-    a median of 60.5% on a Zen 4 one: docs/BENCHMARKS.md, session 11)."""
+    kernels use. MFU against the measured peak differs from one CPU to another (docs/BENCHMARKS.md,
+    session 11), so a figure without its hardware cannot be compared."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = ""

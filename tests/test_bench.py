@@ -25,4 +25,3 @@ def test_bench_train_and_generate_report_mfu_speedup_and_the_hardware(tmp_path, 
     assert gen["speedup"] == pytest.approx(gen["tokens_per_s_cache"] / gen["tokens_per_s_no_cache"], rel=0.02)
     printed = capsys.readouterr().out
     assert train["hardware"] in printed and "MFU" in printed and "with KV cache" in printed
-

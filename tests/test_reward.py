@@ -172,8 +172,8 @@ def test_labeler_agreement_scores_the_reward_against_the_noise_free_labeler():
         rs = [it["reference"], "I think it is zebra.", "I think it is zebra.", "I think it is tapir."]
         rankings.append(Ranking(it["messages"], rs, [0, 1, 2, 3], meta))
     rankings.append(Ranking([{"role": "user", "content": "hi"}], ["a", "b"], [0, 1]))   # no item: skipped
-    truth = {id(r): [score({"messages": r.prompt, **r.meta}, x) for x in r.responses] for r in rankings[:-1]}
-    by_prompt = {json.dumps(r.prompt): truth[id(r)] for r in rankings[:-1]}
+    by_prompt = {json.dumps(r.prompt): [score({"messages": r.prompt, **r.meta}, x) for x in r.responses]
+                 for r in rankings[:-1]}
     oracle = labeler_agreement(rankings, lambda p, rs: by_prompt[json.dumps(p)])
     pairs = oracle["all"][1]
     # each item: the right answer against the 3 wrong ones (two of them alike in text)
