@@ -9,10 +9,11 @@ from gptlab.cli import main
 from gptlab.data.formats import Ranking, load_preferences
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPT, GPTConfig
-from gptlab.model.heads import ScalarHeadModel
+from gptlab.model.heads import ScalarHeadModel, response_mask
+from gptlab.tokenizer import ASSISTANT_START
 from gptlab.train import checkpoint as ckpt
 from gptlab.train.reward import (load_reward_model, normalise_to_demonstrations, ranking_loss, score_responses)
-from gptlab.train.sequences import collate_rankings, encode_rankings
+from gptlab.train.sequences import collate_rankings, encode_rankings, pad_batch, response_ids
 
 
 def _nll(d):
@@ -121,6 +122,62 @@ def test_rm_command_saves_a_loadable_reward_run(tmp_path, small_tokenizer):
     assert abs(sum(s) / len(s)) < 1e-4
     with pytest.raises(GptlabError, match="not a reward model"):
         load_reward_model(init)
+
+
+def test_response_mask_covers_the_final_answer_only():
+    S = 9   # the response start token
+    idx = torch.tensor([[1, S, 2, 3, S, 4, 5, 0, 0],     # two assistant turns: only the last counts
+                        [2, 3, 4, 5, 6, 7, 8, 9, 9],     # start token cut off: everything up to the length
+                        [1, 2, S, 4, 0, 0, 0, 0, 0]])
+    mask = response_mask(idx, torch.tensor([7, 6, 4]), S)
+    assert mask.tolist() == [[0, 0, 0, 0, 0, 1, 1, 0, 0],
+                             [1, 1, 1, 1, 1, 1, 0, 0, 0],
+                             [0, 0, 0, 1, 0, 0, 0, 0, 0]]
+
+
+def test_response_tokens_head_sums_the_answer_and_a_shared_prefix_cancels(small_tokenizer):
+    tok = small_tokenizer
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.preset("tiny", "gpt2", vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                               n_embd=32))
+    start = tok.special_id(ASSISTANT_START)
+    rm = ScalarHeadModel(gpt, init_zero=False, reads="response_tokens", response_start_id=start).eval()
+    p = [{"role": "user", "content": "What is 5 + 33?"}]
+    seqs = [response_ids(tok, p, r)[0] for r in ("5 + 33 = 38.", "5 + 33 = 47.")]
+    ids, lengths = pad_batch(seqs, 0)
+    got = rm(ids, lengths)
+    with torch.no_grad():
+        per = gpt.hidden(ids) @ rm.score_head.weight[0]
+    for row, seq in enumerate(seqs):
+        first = len(seq) - seq[::-1].index(start)   # the token after the last start token
+        want = float(per[row, first:len(seq)].sum() + rm.score_head.bias)
+        assert math.isclose(float(got[row]), want, rel_tol=1e-5, abs_tol=1e-5)
+    # The two answers share their tokens up to the sum, so the difference is made after it alone.
+    shared = next(i for i, (a, b) in enumerate(zip(*seqs)) if a != b)
+    assert shared > seqs[0].index(start) + 1
+    diff = float(per[0, shared:len(seqs[0])].sum() - per[1, shared:len(seqs[1])].sum())
+    assert math.isclose(float(got[0] - got[1]), diff, rel_tol=1e-4, abs_tol=1e-5)
+    with pytest.raises(ValueError):
+        ScalarHeadModel(gpt, reads="response_tokens")
+
+
+def test_rm_reading_the_response_tokens_round_trips(tmp_path, small_tokenizer):
+    from test_sft import make_run
+    init = make_run(tmp_path / "sft", small_tokenizer)
+    data = _rankings_file(tmp_path / "rank.jsonl")
+    out = tmp_path / "rm"
+    assert main(["rm", "--init", str(init), "--data", str(data), "--out", str(out), "--batch-size", "4",
+                 "--no-progress", "--reads", "response_tokens", "--lr", "1e-3"]) == 0
+    head = json.loads((out / "config.json").read_text())["heads"]["score_head"]
+    assert head["reads"] == "response_tokens" and head["response_start_id"] == small_tokenizer.special_id(ASSISTANT_START)
+    rm, tok, _ = load_reward_model(out)
+    assert rm.reads == "response_tokens"
+    from gptlab.train.sequences import heldout_by_hash
+    rows, _ = heldout_by_hash(load_preferences(data), lambda r: r.prompt, 0.1, salt="rm")
+    s = score_responses(rm, tok, [r.prompt for r in rows], [r.responses[r.ranking[0]] for r in rows])
+    assert abs(sum(s) / len(s)) < 1e-4   # the bias once per answer still centres the demonstrations
+    with pytest.raises(SystemExit):   # argparse: a one-line usage error, exit 2
+        main(["rm", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "bad"), "--reads", "middle"])
 
 
 def test_rm_bad_input_names_file_and_line(tmp_path, small_tokenizer, capsys):

@@ -22,15 +22,34 @@ def gather_last(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return h[torch.arange(h.size(0), device=h.device), idx]
 
 
+READS = ("last_token", "response_tokens")
+
+
 class ScalarHeadModel(nn.Module):
-    """GPT + a linear scalar head. As a reward model it reads the final token (InstructGPT); as PPO's
-    value function it reads every position (``values``)."""
+    """GPT + a linear scalar head. As PPO's value function it reads every position (``values``). As a
+    reward model it reads either
+
+    * ``last_token``: the head at the final token (InstructGPT), or
+    * ``response_tokens``: the head at every token of the final assistant response (the tokens after
+      the last ``response_start_id``), summed, plus the bias once.
+
+    Why the sum: two responses to one prompt that share a prefix get exactly the same per-token
+    scores there (attention is causal), so their score difference, which is all the ranking loss
+    sees, comes only from the tokens where they differ. A verdict on "58 + 77 = 134." is then learnt
+    at the answer token itself, next to the sum, instead of being carried to the end of the turn.
+    """
 
     head_name = "score_head"
 
-    def __init__(self, gpt: GPT, init_zero: bool = True):
+    def __init__(self, gpt: GPT, init_zero: bool = True, reads: str = "last_token",
+                 response_start_id: int | None = None):
         super().__init__()
+        if reads not in READS:
+            raise ValueError(f"reads must be one of {READS}, not {reads!r}")
+        if reads == "response_tokens" and response_start_id is None:
+            raise ValueError("a head that reads the response tokens needs the response start token id")
         self.gpt = gpt
+        self.reads, self.response_start_id = reads, response_start_id
         self.score_head = nn.Linear(gpt.config.n_embd, 1)
         if init_zero:
             nn.init.zeros_(self.score_head.weight)
@@ -45,12 +64,25 @@ class ScalarHeadModel(nn.Module):
         return self.score_head(self.gpt.hidden(idx)).squeeze(-1).float()
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Scalar at each row's last real token: [B]."""
+        """One score per row (rows are right-padded to ``lengths``): [B]."""
         h = self.gpt.hidden(idx)
-        return self.score_head(gather_last(h, lengths)).squeeze(-1).float()
+        if self.reads == "last_token":
+            return self.score_head(gather_last(h, lengths)).squeeze(-1).float()
+        mask = response_mask(idx, lengths, self.response_start_id)
+        per_token = (h @ self.score_head.weight.squeeze(0)).float()
+        return (per_token * mask).sum(-1) + self.score_head.bias.float()
 
     def load_head(self, heads: dict[str, torch.Tensor]) -> None:
         self.score_head.load_state_dict({"weight": heads["score_head.weight"], "bias": heads["score_head.bias"]})
+
+
+def response_mask(idx: torch.Tensor, lengths: torch.Tensor, start_id: int) -> torch.Tensor:
+    """[B, T] 1.0 on the tokens after each row's last ``start_id`` and before its length. A row whose
+    start token was cut off (a response longer than the context) counts from its first token."""
+    pos = torch.arange(idx.size(1), device=idx.device).unsqueeze(0)
+    real = pos < lengths.to(idx.device).unsqueeze(1)
+    start = torch.where((idx == start_id) & real, pos, torch.full_like(pos, -1)).max(dim=1, keepdim=True).values
+    return ((pos > start) & real).float()
 
 
 class RewardEnsemble(nn.Module):

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
-from gptlab.model.heads import ScalarHeadModel
+from gptlab.model.heads import READS, ScalarHeadModel
+from gptlab.tokenizer import ASSISTANT_START
 from gptlab.train import checkpoint as ckpt
 from gptlab.train.args import add_train_args, train_config_from_args
 from gptlab.train.loop import train
@@ -109,7 +110,8 @@ def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     if "score_head.weight" not in heads or "score_head.bias" not in heads:
         raise GptlabError(f"{run_dir}: not a reward model run (no score head in "
                           f"{ckpt.MODEL_FILE}); train one with `gptlab rm`")
-    rm = ScalarHeadModel(gpt)
+    head = (cfg.get("heads") or {}).get("score_head") or {}
+    rm = ScalarHeadModel(gpt, reads=head.get("reads", "last_token"), response_start_id=head.get("response_start_id"))
     rm.load_head(heads)
     return rm.to(device).eval(), tok, cfg
 
@@ -220,7 +222,8 @@ def run(args) -> int:
         demonstration_pairs(args.demos, [])     # check the file before training
     torch.manual_seed(args.seed)
     gpt, tok, init_cfg = ckpt.load_run(args.init)
-    model = ScalarHeadModel(gpt)
+    start_id = tok.special_id(ASSISTANT_START)
+    model = ScalarHeadModel(gpt, reads=args.reads, response_start_id=start_id)
     block = gpt.config.block_size
     train_r, val_r = heldout_by_hash(rankings, lambda r: r.prompt, args.val_fraction, salt="rm")
     pad = pad_id_of(tok)
@@ -230,12 +233,15 @@ def run(args) -> int:
     stage = RewardStage(train_items, val_items, args.batch_size, args.seed, pad)
     derived = resolve_steps(args, len(train_items), args.batch_size)
     cfg = train_config_from_args(args)
-    heads = {"score_head": {"kind": "scalar", "reads": "last_token", "init": "zeros"}}
+    heads = {"score_head": {"kind": "scalar", "reads": args.reads, "init": "zeros"}}
+    if args.reads == "response_tokens":
+        heads["score_head"]["response_start_id"] = start_id
     ckpt.write_run_config(out, gpt.config, tok, stage="reward", extra={
         "init": str(args.init), "init_stage": init_cfg.get("stage"), "data": str(data), "heads": heads,
         "train": asdict(cfg), "reward": {"val_fraction": args.val_fraction, "epochs": args.epochs,
                                          "demos": args.demos}})
-    print(f"init: {args.init} ({gpt.config.arch} {gpt.config.n_layer}x{gpt.config.n_embd}) + scalar head at the last token")
+    where = "at the last token" if args.reads == "last_token" else "summed over the response's tokens"
+    print(f"init: {args.init} ({gpt.config.arch} {gpt.config.n_layer}x{gpt.config.n_embd}) + scalar head {where}")
     print(f"data: {data}: train {_describe(train_r, train_items)}; held out "
           f"{_describe(val_r, val_items) if val_r else 'nothing'}")
     print(f"training: {cfg.max_steps} steps of {args.batch_size} prompts (all pairs of a prompt in one batch element)"
@@ -292,6 +298,10 @@ def register(sub) -> None:
     p.add_argument("--demos", default=None,
                    help="conversations whose final assistant answers should score 0 on average "
                    "(default: the top-ranked responses of the training data)")
+    p.add_argument("--reads", choices=READS, default="last_token",
+                   help="last_token: the head reads the end-of-turn token (InstructGPT); response_tokens: it "
+                   "scores every token of the response and the scores are summed, so a shared prefix cancels "
+                   "out of every pair and the verdict is learnt where two responses differ")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out (by hash)")
     add_train_args(p, batch_size=8, lr=1e-4, warmup_steps=10, eval_every=100, ckpt_every=100, weight_decay=0.0)
     add_epoch_args(p, epochs=1.0)
