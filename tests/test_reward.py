@@ -9,11 +9,11 @@ from gptlab.cli import main
 from gptlab.data.formats import Ranking, load_preferences
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPT, GPTConfig
-from gptlab.model.heads import ScalarHeadModel, response_mask
+from gptlab.model.heads import READS, ScalarHeadModel, response_mask
 from gptlab.tokenizer import ASSISTANT_START
 from gptlab.train import checkpoint as ckpt
 from gptlab.train.reward import (load_reward_model, normalise_to_demonstrations, ranking_loss, score_responses)
-from gptlab.train.sequences import collate_rankings, encode_rankings, pad_batch, response_ids
+from gptlab.train.sequences import collate_rankings, encode_rankings, pad_batch, response_ids, sequence_logprobs
 
 
 def _nll(d):
@@ -161,17 +161,38 @@ def test_response_tokens_head_sums_the_answer_and_a_shared_prefix_cancels(small_
         ScalarHeadModel(gpt, reads="response_tokens")
 
 
+def test_logprob_feature_adds_the_weighted_log_probability_of_the_answer(small_tokenizer):
+    tok = small_tokenizer
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.preset("tiny", "gpt2", vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                               n_embd=32)).eval()
+    start = tok.special_id(ASSISTANT_START)
+    p = [{"role": "user", "content": "What is 5 + 33?"}]
+    enc = [response_ids(tok, p, r) for r in ("5 + 33 = 38.", "38")]
+    ids, lengths = pad_batch([e[0] for e in enc], 0)
+    mask, _ = pad_batch([e[1] for e in enc], 0, ids.shape[1])
+    for reads in READS:
+        plain = ScalarHeadModel(gpt, init_zero=False, reads=reads, response_start_id=start).eval()
+        rm = ScalarHeadModel(gpt, reads=reads, response_start_id=start, logprob_feature=True).eval()
+        rm.score_head.load_state_dict(plain.score_head.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(rm(ids, lengths), plain(ids, lengths))   # weight 0: the plain head
+            rm.logprob_weight.fill_(0.5)
+            want = plain(ids, lengths) + 0.5 * sequence_logprobs(gpt, ids, mask)
+            assert torch.allclose(rm(ids, lengths), want, atol=1e-5)
+
+
 def test_rm_reading_the_response_tokens_round_trips(tmp_path, small_tokenizer):
     from test_sft import make_run
     init = make_run(tmp_path / "sft", small_tokenizer)
     data = _rankings_file(tmp_path / "rank.jsonl")
     out = tmp_path / "rm"
     assert main(["rm", "--init", str(init), "--data", str(data), "--out", str(out), "--batch-size", "4",
-                 "--no-progress", "--reads", "response_tokens", "--lr", "1e-3"]) == 0
+                 "--no-progress", "--reads", "response_tokens", "--lr", "1e-3", "--logprob-feature"]) == 0
     head = json.loads((out / "config.json").read_text())["heads"]["score_head"]
     assert head["reads"] == "response_tokens" and head["response_start_id"] == small_tokenizer.special_id(ASSISTANT_START)
     rm, tok, _ = load_reward_model(out)
-    assert rm.reads == "response_tokens"
+    assert rm.reads == "response_tokens" and head["logprob_feature"] and float(rm.logprob_weight) != 0.0
     from gptlab.train.sequences import heldout_by_hash
     rows, _ = heldout_by_hash(load_preferences(data), lambda r: r.prompt, 0.1, salt="rm")
     s = score_responses(rm, tok, [r.prompt for r in rows], [r.responses[r.ranking[0]] for r in rows])

@@ -37,16 +37,22 @@ class ScalarHeadModel(nn.Module):
     scores there (attention is causal), so their score difference, which is all the ranking loss
     sees, comes only from the tokens where they differ. A verdict on "58 + 77 = 134." is then learnt
     at the answer token itself, next to the sum, instead of being carried to the end of the turn.
+
+    ``logprob_feature`` adds a learnt multiple of the response's log-probability under the model's own
+    LM head (kept from the SFT run) to either score. A linear head on h_t cannot compute how likely
+    token t was (that is h_{t-1} . E[x_t]), yet on the SFT's own samples that likelihood already
+    agrees with the labeler far more often than a trained last-token head does (docs/PPO.md,
+    session 12). Its weight starts at 0, like the head, so an untrained reward model scores 0.
     """
 
     head_name = "score_head"
 
     def __init__(self, gpt: GPT, init_zero: bool = True, reads: str = "last_token",
-                 response_start_id: int | None = None):
+                 response_start_id: int | None = None, logprob_feature: bool = False):
         super().__init__()
         if reads not in READS:
             raise ValueError(f"reads must be one of {READS}, not {reads!r}")
-        if reads == "response_tokens" and response_start_id is None:
+        if (reads == "response_tokens" or logprob_feature) and response_start_id is None:
             raise ValueError("a head that reads the response tokens needs the response start token id")
         self.gpt = gpt
         self.reads, self.response_start_id = reads, response_start_id
@@ -54,6 +60,7 @@ class ScalarHeadModel(nn.Module):
         if init_zero:
             nn.init.zeros_(self.score_head.weight)
             nn.init.zeros_(self.score_head.bias)
+        self.logprob_weight = nn.Parameter(torch.zeros(1)) if logprob_feature else None
 
     @property
     def config(self):
@@ -66,14 +73,23 @@ class ScalarHeadModel(nn.Module):
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """One score per row (rows are right-padded to ``lengths``): [B]."""
         h = self.gpt.hidden(idx)
+        mask = response_mask(idx, lengths, self.response_start_id) if self.response_start_id is not None else None
         if self.reads == "last_token":
-            return self.score_head(gather_last(h, lengths)).squeeze(-1).float()
-        mask = response_mask(idx, lengths, self.response_start_id)
-        per_token = (h @ self.score_head.weight.squeeze(0)).float()
-        return (per_token * mask).sum(-1) + self.score_head.bias.float()
+            score = self.score_head(gather_last(h, lengths)).squeeze(-1).float()
+        else:
+            per_token = (h @ self.score_head.weight.squeeze(0)).float()
+            score = (per_token * mask).sum(-1) + self.score_head.bias.float()
+        if self.logprob_weight is not None:
+            logp = torch.log_softmax(self.gpt.lm_logits(h[:, :-1]).float(), dim=-1)
+            logp = logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+            score = score + self.logprob_weight.float() * (logp * mask[:, 1:]).sum(-1)
+        return score
 
     def load_head(self, heads: dict[str, torch.Tensor]) -> None:
         self.score_head.load_state_dict({"weight": heads["score_head.weight"], "bias": heads["score_head.bias"]})
+        if self.logprob_weight is not None:
+            with torch.no_grad():
+                self.logprob_weight.copy_(heads["logprob_weight"])
 
 
 def response_mask(idx: torch.Tensor, lengths: torch.Tensor, start_id: int) -> torch.Tensor:

@@ -111,7 +111,8 @@ def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu"):
         raise GptlabError(f"{run_dir}: not a reward model run (no score head in "
                           f"{ckpt.MODEL_FILE}); train one with `gptlab rm`")
     head = (cfg.get("heads") or {}).get("score_head") or {}
-    rm = ScalarHeadModel(gpt, reads=head.get("reads", "last_token"), response_start_id=head.get("response_start_id"))
+    rm = ScalarHeadModel(gpt, reads=head.get("reads", "last_token"), response_start_id=head.get("response_start_id"),
+                         logprob_feature=bool(head.get("logprob_feature")))
     rm.load_head(heads)
     return rm.to(device).eval(), tok, cfg
 
@@ -223,7 +224,7 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     gpt, tok, init_cfg = ckpt.load_run(args.init)
     start_id = tok.special_id(ASSISTANT_START)
-    model = ScalarHeadModel(gpt, reads=args.reads, response_start_id=start_id)
+    model = ScalarHeadModel(gpt, reads=args.reads, response_start_id=start_id, logprob_feature=args.logprob_feature)
     block = gpt.config.block_size
     train_r, val_r = heldout_by_hash(rankings, lambda r: r.prompt, args.val_fraction, salt="rm")
     pad = pad_id_of(tok)
@@ -234,13 +235,16 @@ def run(args) -> int:
     derived = resolve_steps(args, len(train_items), args.batch_size)
     cfg = train_config_from_args(args)
     heads = {"score_head": {"kind": "scalar", "reads": args.reads, "init": "zeros"}}
-    if args.reads == "response_tokens":
+    if args.reads == "response_tokens" or args.logprob_feature:
         heads["score_head"]["response_start_id"] = start_id
+    if args.logprob_feature:
+        heads["score_head"]["logprob_feature"] = True
     ckpt.write_run_config(out, gpt.config, tok, stage="reward", extra={
         "init": str(args.init), "init_stage": init_cfg.get("stage"), "data": str(data), "heads": heads,
         "train": asdict(cfg), "reward": {"val_fraction": args.val_fraction, "epochs": args.epochs,
                                          "demos": args.demos}})
     where = "at the last token" if args.reads == "last_token" else "summed over the response's tokens"
+    where += " + a learnt multiple of the response's log-probability" if args.logprob_feature else ""
     print(f"init: {args.init} ({gpt.config.arch} {gpt.config.n_layer}x{gpt.config.n_embd}) + scalar head {where}")
     print(f"data: {data}: train {_describe(train_r, train_items)}; held out "
           f"{_describe(val_r, val_items) if val_r else 'nothing'}")
@@ -302,6 +306,9 @@ def register(sub) -> None:
                    help="last_token: the head reads the end-of-turn token (InstructGPT); response_tokens: it "
                    "scores every token of the response and the scores are summed, so a shared prefix cancels "
                    "out of every pair and the verdict is learnt where two responses differ")
+    p.add_argument("--logprob-feature", action="store_true",
+                   help="add a learnt weight x the response's log-probability under the reward model's own LM "
+                   "head (from the SFT run) to the score")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out (by hash)")
     add_train_args(p, batch_size=8, lr=1e-4, warmup_steps=10, eval_every=100, ckpt_every=100, weight_decay=0.0)
     add_epoch_args(p, epochs=1.0)
