@@ -12,7 +12,7 @@ from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import READS, ScalarHeadModel, response_mask
 from gptlab.tokenizer import ASSISTANT_START
 from gptlab.train import checkpoint as ckpt
-from gptlab.train.reward import (load_reward_model, normalise_to_demonstrations, ranking_loss, score_responses)
+from gptlab.train.reward import (fit_pair_weight, load_reward_model, normalise_to_demonstrations, ranking_loss, score_responses)
 from gptlab.train.sequences import collate_rankings, encode_rankings, pad_batch, response_ids, sequence_logprobs
 
 
@@ -178,8 +178,21 @@ def test_logprob_feature_adds_the_weighted_log_probability_of_the_answer(small_t
         with torch.no_grad():
             assert torch.allclose(rm(ids, lengths), plain(ids, lengths))   # weight 0: the plain head
             rm.logprob_weight.fill_(0.5)
-            want = plain(ids, lengths) + 0.5 * sequence_logprobs(gpt, ids, mask)
+            want = plain(ids, lengths) - 0.5 * torch.log1p(-sequence_logprobs(gpt, ids, mask))
             assert torch.allclose(rm(ids, lengths), want, atol=1e-5)
+
+
+def test_fit_pair_weight_hand_computed():
+    # One prompt, three pairs with d = +1 and one with d = -1: the loss (3 softplus(-w) + softplus(w)) / 4
+    # is flat where 3 sigmoid(-w) = sigmoid(w), i.e. w = ln 3.
+    d = torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=torch.float64)
+    assert math.isclose(fit_pair_weight(d, torch.zeros(4, dtype=torch.long), 1), math.log(3), abs_tol=1e-6)
+    # Each prompt weighs the same: prompt 0 says d = +1 twice, prompt 1 says d = -1 once -> w = 0.
+    d = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    g = torch.tensor([0, 0, 1])
+    assert fit_pair_weight(d, g, 2) < 1e-6
+    assert math.isclose(fit_pair_weight(torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long), 1, hi=2.5),
+                        2.5, abs_tol=1e-6)   # never wrong: as large as allowed
 
 
 def test_rm_reading_the_response_tokens_round_trips(tmp_path, small_tokenizer):
@@ -192,7 +205,7 @@ def test_rm_reading_the_response_tokens_round_trips(tmp_path, small_tokenizer):
     head = json.loads((out / "config.json").read_text())["heads"]["score_head"]
     assert head["reads"] == "response_tokens" and head["response_start_id"] == small_tokenizer.special_id(ASSISTANT_START)
     rm, tok, _ = load_reward_model(out)
-    assert rm.reads == "response_tokens" and head["logprob_feature"] and float(rm.logprob_weight) != 0.0
+    assert rm.reads == "response_tokens" and head["logprob_feature"] and 0 <= head["logprob_weight_fit"] <= 4
     from gptlab.train.sequences import heldout_by_hash
     rows, _ = heldout_by_hash(load_preferences(data), lambda r: r.prompt, 0.1, salt="rm")
     s = score_responses(rm, tok, [r.prompt for r in rows], [r.responses[r.ranking[0]] for r in rows])

@@ -38,11 +38,14 @@ class ScalarHeadModel(nn.Module):
     sees, comes only from the tokens where they differ. A verdict on "58 + 77 = 134." is then learnt
     at the answer token itself, next to the sum, instead of being carried to the end of the turn.
 
-    ``logprob_feature`` adds a learnt multiple of the response's log-probability under the model's own
-    LM head (kept from the SFT run) to either score. A linear head on h_t cannot compute how likely
-    token t was (that is h_{t-1} . E[x_t]), yet on the SFT's own samples that likelihood already
-    agrees with the labeler far more often than a trained last-token head does (docs/PPO.md,
-    session 12). Its weight starts at 0, like the head, so an untrained reward model scores 0.
+    ``logprob_feature`` adds a learnt weight x the answer's confidence, -log(1 + NLL) with NLL the
+    answer's negative log-likelihood under the model's own LM head (kept from the SFT run), to either
+    score. A linear head on h_t cannot compute how likely token t was (that is h_{t-1} . E[x_t]), yet
+    on the SFT's own samples that likelihood already agrees with the labeler far more often than a
+    trained last-token head does (docs/PPO.md, session 12). The log1p squashes the long tail (a
+    rambling answer's NLL runs into the hundreds), which would otherwise drive the fitted weight to
+    ~0 under label noise; the order of the answers is unchanged. The weight is fitted before
+    training (gptlab.train.reward.fit_logprob_weight).
     """
 
     head_name = "score_head"
@@ -80,10 +83,17 @@ class ScalarHeadModel(nn.Module):
             per_token = (h @ self.score_head.weight.squeeze(0)).float()
             score = (per_token * mask).sum(-1) + self.score_head.bias.float()
         if self.logprob_weight is not None:
-            logp = torch.log_softmax(self.gpt.lm_logits(h[:, :-1]).float(), dim=-1)
-            logp = logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
-            score = score + self.logprob_weight.float() * (logp * mask[:, 1:]).sum(-1)
+            score = score + self.logprob_weight.float() * self._confidence(h, idx, mask)
         return score
+
+    def answer_confidence(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """-log(1 + NLL) of each row's final response under the model's own LM head: [B]."""
+        return self._confidence(self.gpt.hidden(idx), idx, response_mask(idx, lengths, self.response_start_id))
+
+    def _confidence(self, h: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(self.gpt.lm_logits(h[:, :-1]).float(), dim=-1)
+        logp = logp.gather(-1, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+        return -torch.log1p(-(logp * mask[:, 1:]).sum(-1))
 
     def load_head(self, heads: dict[str, torch.Tensor]) -> None:
         self.score_head.load_state_dict({"weight": heads["score_head.weight"], "bias": heads["score_head.bias"]})

@@ -103,6 +103,47 @@ def evaluate_rankings(model, items, pad_id: int, batch_size: int = 16) -> dict:
     return {"val_loss": sum(losses) / len(losses), "pairwise_accuracy": right / max(1, pairs), "val_pairs": pairs}
 
 
+def fit_pair_weight(d: torch.Tensor, group: torch.Tensor, n_groups: int, hi: float = 4.0) -> float:
+    """argmin over w in [0, hi] of the ranking loss of w x a feature, per-prompt mean of softplus(-w d)
+    (``d``: winner minus loser feature per pair). Convex in w, so golden-section search finds it."""
+    def loss(w: float) -> float:
+        return float(group_mean(F.softplus(-w * d), group, n_groups))
+
+    lo, ratio = 0.0, (5 ** 0.5 - 1) / 2
+    for _ in range(48):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if loss(a) < loss(b):
+            hi = b
+        else:
+            lo = a
+    return (lo + hi) / 2
+
+
+@torch.no_grad()
+def fit_logprob_weight(model, items, pad_id: int, batch_size: int = 16, max_items: int = 1000) -> float:
+    """Set the confidence feature's weight (ScalarHeadModel, ``logprob_feature``) to its maximum-
+    likelihood value for the feature alone on the first ``max_items`` training prompts. Why before
+    training: Adam moves a single weight only ~lr per step, so one that starts at 0 stays near 0 for
+    a whole epoch (0.015 after 493 steps at lr 3e-4, where the fit says ~0.8), and one that starts
+    too large makes the ranking gradient reshape the transformer's likelihoods instead. Returns the
+    weight (also set).
+    """
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    diffs, groups, base = [], [], 0
+    for i in range(0, min(len(items), max_items), batch_size):
+        b = collate_rankings(items[i:i + batch_size], pad_id)
+        lp = model.answer_confidence(b["ids"].to(device), b["lengths"].to(device)).cpu()
+        diffs.append(lp[b["pairs"][:, 0]] - lp[b["pairs"][:, 1]])
+        groups.append(b["group"] + base)
+        base += int(b["n_groups"])
+    w = fit_pair_weight(torch.cat(diffs).double(), torch.cat(groups), base)
+    model.logprob_weight.fill_(w)
+    model.train(was)
+    return w
+
+
 # ----- the API for PPO and evaluations ---------------------------------------------------------------
 def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(ScalarHeadModel in eval mode, tokenizer, run config) of a `gptlab rm` run."""
@@ -244,13 +285,17 @@ def run(args) -> int:
         "train": asdict(cfg), "reward": {"val_fraction": args.val_fraction, "epochs": args.epochs,
                                          "demos": args.demos}})
     where = "at the last token" if args.reads == "last_token" else "summed over the response's tokens"
-    where += " + a learnt multiple of the response's log-probability" if args.logprob_feature else ""
+    where += " + a learnt weight x the answer's confidence -log(1 + NLL)" if args.logprob_feature else ""
     print(f"init: {args.init} ({gpt.config.arch} {gpt.config.n_layer}x{gpt.config.n_embd}) + scalar head {where}")
     print(f"data: {data}: train {_describe(train_r, train_items)}; held out "
           f"{_describe(val_r, val_items) if val_r else 'nothing'}")
     print(f"training: {cfg.max_steps} steps of {args.batch_size} prompts (all pairs of a prompt in one batch element)"
           + (f" = {args.epochs:g} epoch(s)" if derived else ""))
     model.eval()   # the training loop switches dropout back on
+    if args.logprob_feature:
+        w = fit_logprob_weight(model, train_items, pad, args.batch_size)
+        heads["score_head"]["logprob_weight_fit"] = w
+        print(f"confidence feature -log(1 + NLL): weight {w:.3f} (fitted alone on training pairs, before training)")
     before = evaluate_rankings(model, val_items, pad, args.batch_size) if val_items else {}
 
     t0 = time.time()
@@ -307,8 +352,8 @@ def register(sub) -> None:
                    "scores every token of the response and the scores are summed, so a shared prefix cancels "
                    "out of every pair and the verdict is learnt where two responses differ")
     p.add_argument("--logprob-feature", action="store_true",
-                   help="add a learnt weight x the response's log-probability under the reward model's own LM "
-                   "head (from the SFT run) to the score")
+                   help="add a weight x the answer's confidence, -log(1 + its negative log-likelihood under the "
+                   "reward model's own LM head, from the SFT run), to the score; the weight is fitted before training")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out (by hash)")
     add_train_args(p, batch_size=8, lr=1e-4, warmup_steps=10, eval_every=100, ckpt_every=100, weight_decay=0.0)
     add_epoch_args(p, epochs=1.0)
