@@ -13,6 +13,9 @@ by default. A pairs file ({prompt, chosen, rejected}) is the K=2 case. After tra
 so demonstrations (the top-ranked responses, or --demos) score 0 on average: rewards are then
 "better or worse than a demonstration", which is what PPO wants to see.
 
+``--reads response_tokens`` sums a per-token head over the answer instead, and ``--logprob-feature`` adds
+the answer's confidence under the model's own LM head (gptlab.model.heads.ScalarHeadModel says why).
+
 ``load_reward_model`` and ``score_responses`` are the API PPO and evaluations use.
 """
 from __future__ import annotations
