@@ -45,3 +45,20 @@ def test_fit_prompt_drops_oldest_turns_and_keeps_system(small_tokenizer):
         fit_prompt(small_tokenizer, long, 5)
     with pytest.raises(GptlabError):
         render(small_tokenizer, [{"role": "wizard", "content": "x"}])
+
+
+def test_transcript_prompt_for_a_pretrained_only_model(small_tokenizer):
+    from gptlab.chat.template import render_transcript, transcript_prompt
+    assert render_transcript(CONVO[:3]) == "System: Be brief.\nUser: What is 2 + 3?\nAssistant: 2 + 3 = 5.\n"
+    demo = [{"role": "user", "content": "What is 1 + 1?\n"}, {"role": "assistant", "content": "1 + 1 = 2."}]
+    ids = transcript_prompt(small_tokenizer, CONVO, [demo, demo], 1000)
+    assert ids[0] == small_tokenizer.eot_id and not set(ids[1:]) & set(small_tokenizer.special_ids)
+    text = small_tokenizer.decode(ids[1:])
+    # newlines inside a turn are folded: a newline is where the model's answer ends
+    assert text == ("User: What is 1 + 1?\nAssistant: 1 + 1 = 2.\n\n" * 2 + render_transcript(CONVO) + "Assistant:")
+    # too long: the oldest demonstrations go first, then it is an error
+    one = transcript_prompt(small_tokenizer, CONVO, [demo, demo], len(ids) - 1)
+    assert one == [small_tokenizer.eot_id] + small_tokenizer.encode(
+        "User: What is 1 + 1?\nAssistant: 1 + 1 = 2.\n\n" + render_transcript(CONVO) + "Assistant:")
+    with pytest.raises(GptlabError):
+        transcript_prompt(small_tokenizer, CONVO, [demo], 5)

@@ -249,6 +249,34 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     assert rows[-1]["step"] == 6 and rows[-1]["episodes"] >= 12
 
 
+def test_compare_asks_a_pretrained_only_run_with_a_fewshot_transcript(tiny_runs, capsys):
+    from gptlab.cli import main
+    from gptlab.data.instruct import build_curriculum
+    from gptlab.io import atomic_write_jsonl
+    from gptlab.train.ppo import fewshot_demos
+    demos = build_curriculum(1, 40, works={})["sft"]
+    items = [json.loads(line) for line in (tiny_runs / "heldout.jsonl").read_text().splitlines()][:4]
+    chosen = fewshot_demos(items, demos, 2)
+    assert chosen == fewshot_demos(items, demos, 2)                 # reproducible
+    for it, shots in zip(items, chosen):                            # two of the item's own family
+        fams = {d["family"] for d in demos if d["messages"] in shots}
+        assert len(shots) == 2 and fams == {it["family"]}
+    with pytest.raises(GptlabError, match="demonstrations of family"):
+        fewshot_demos(items, demos, 10_000)
+    atomic_write_jsonl(tiny_runs / "sft.jsonl", demos)             # the default --demos: beside --prompts
+    out = tiny_runs / "cmp_fewshot.json"
+    assert main(["compare", str(tiny_runs / "sft"), str(tiny_runs / "sft"), "--prompts",
+                 str(tiny_runs / "heldout.jsonl"), "--n", "4", "--max-new-tokens", "6", "--shots-b", "2",
+                 "--out", str(out)]) == 0
+    assert "2-shot" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["a"]["shots"] == 0 and res["b"]["shots"] == 2
+    assert res["b"]["heldout_len"] <= 6 and 0 <= res["b"]["heldout_accuracy"] <= 1
+    assert main(["compare", str(tiny_runs / "sft"), str(tiny_runs / "sft"), "--prompts",
+                 str(tiny_runs / "heldout.jsonl"), "--shots-a", "2", "--demos", str(tiny_runs / "nope.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
 def test_ppo_rejects_non_reward_run(tiny_runs, corpus_file, capsys):
     from gptlab.cli import main
     args = _ppo_args(tiny_runs, corpus_file, tiny_runs / "bad", 2)

@@ -105,3 +105,29 @@ def parse_reply(tok: Tokenizer, ids: list[int]) -> str:
     if end in ids:
         ids = ids[: ids.index(end)]
     return tok.decode(ids, skip_special=True)
+
+
+# ----- a plain-text transcript, for models that never saw the template --------------------------------
+TRANSCRIPT_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def render_transcript(messages: list[dict]) -> str:
+    """A conversation as plain ``Role: content`` lines: the one way to ask a pre-trained-only model
+    (whose reserved chat tokens were never trained) to answer, as GPT-3 was prompted before InstructGPT."""
+    return "".join(f"{TRANSCRIPT_NAMES[m['role']]}: {' '.join(m['content'].split())}\n"
+                   for m in validate_messages(messages))
+
+
+def transcript_prompt(tok: Tokenizer, messages: list[dict], demos: list[list[dict]], max_tokens: int) -> list[int]:
+    """Ids of ``demos`` (whole conversations, k-shot demonstrations) then ``messages``, each a transcript
+    separated by a blank line, ending with ``Assistant:`` for the model to continue; the answer ends at
+    the next newline. The oldest demonstrations are dropped until the prompt fits ``max_tokens``."""
+    query = render_transcript(messages) + TRANSCRIPT_NAMES["assistant"] + ":"
+    shots = [render_transcript(d) for d in demos]
+    while True:
+        ids = [tok.eot_id] + tok.encode("\n".join(shots + [query]))
+        if len(ids) <= max_tokens:
+            return ids
+        if not shots:
+            raise GptlabError(f"the prompt does not fit in the context window ({max_tokens} tokens)")
+        shots = shots[1:]

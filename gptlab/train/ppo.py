@@ -174,11 +174,12 @@ def encode_prompts(tok, items: list[dict], max_prompt_tokens: int) -> tuple[list
 
 
 def generate(policy: GPT, tok, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-             seeds: list[int] | None = None):
-    """Completions from the shared engine (KV cache, stops at end of turn); restores train/eval mode."""
+             seeds: list[int] | None = None, stop: list[str] | None = None):
+    """Completions from the shared engine (KV cache, stops at end of turn or a ``stop`` string);
+    restores train/eval mode."""
     from gptlab.generate.engine import Engine, SamplingParams
     was_training = policy.training
-    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop or [],
                              seed=(seeds[i] if seeds else 0)) for i in range(len(prompt_ids))]
     try:
         return Engine(policy, tok).generate(prompt_ids, params)
@@ -203,14 +204,16 @@ def score_sequences(rm: ScalarHeadModel, seqs: list[list[int]], pad_id: int, chu
 
 
 def heldout_metrics(policy: GPT, tok, items: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
-                    rm: ScalarHeadModel | None = None, pad_id: int = 0) -> tuple[dict, list[str]]:
+                    rm: ScalarHeadModel | None = None, pad_id: int = 0,
+                    transcript: bool = False) -> tuple[dict, list[str]]:
     """Greedy answers to held-out prompts: task accuracy (check_answer), labeler score, mean response
-    length in tokens, the fraction that ended, and the reward model's mean score."""
+    length in tokens, the fraction that ended, and the reward model's mean score. ``transcript``: the
+    prompts are plain-text transcripts (``transcript_prompt``) and an answer ends at a newline."""
     from gptlab.data.instruct import check_answer
     from gptlab.label.labeler import score as label_score
     from gptlab.chat.template import end_of_turn_id
-    comps = generate(policy, tok, prompt_ids, max_new_tokens, temperature=0.0)
-    texts = [reply_text(tok, c) for c in comps]
+    comps = generate(policy, tok, prompt_ids, max_new_tokens, temperature=0.0, stop=["\n"] if transcript else None)
+    texts = [c.text.strip() if transcript else reply_text(tok, c) for c in comps]
     checkable = [(it, t) for it, t in zip(items, texts) if "answer" in it and "family" in it]
     out = {"heldout_len": sum(len(c.ids) for c in comps) / max(1, len(comps)),
            "heldout_ended": sum(c.finish_reason == "stop" for c in comps) / max(1, len(comps))}
@@ -633,16 +636,49 @@ def _fmt(m: dict) -> str:
 
 
 # ----- head-to-head comparison ----------------------------------------------------------------------------
+def fewshot_demos(items: list[dict], demos: list[dict], k: int) -> list[list[list[dict]]]:
+    """For each held-out item, ``k`` demonstration conversations of its own task family, drawn
+    reproducibly (seeded by the item's id) from ``demos`` (sft.jsonl)."""
+    import random
+    by_family: dict[str, list[list[dict]]] = {}
+    for d in demos:
+        if "family" in d and "messages" in d:
+            by_family.setdefault(d["family"], []).append(d["messages"])
+    out = []
+    for i, it in enumerate(items):
+        pool = by_family.get(it["family"], [])
+        if len(pool) < k:
+            raise GptlabError(f"--demos: {len(pool)} demonstrations of family {it['family']!r}, {k} shots asked for")
+        out.append(random.Random(f"{it.get('id', i)}").sample(pool, k))
+    return out
+
+
 def compare_runs(run_a: str, run_b: str, prompts_path: str, n: int, max_new_tokens: int,
-                 reward_model: str | None = None) -> dict:
+                 reward_model: str | None = None, shots: dict[str, int] | None = None,
+                 demos_path: str | None = None) -> dict:
     """Greedy answers of two runs to the same held-out prompts: each side's accuracy, labeler score,
-    RM score and length, and the labeler's win rate of A over B (ties count half) with a 95% interval."""
-    from gptlab.data.formats import load_prompt_items
+    RM score and length, and the labeler's win rate of A over B (ties count half) with a 95% interval.
+
+    ``shots`` ({"a": k, "b": k}): a side with k > 0 is asked GPT-3 style instead of through the chat
+    template, as a plain-text transcript after k same-family demonstrations from ``demos_path`` (the
+    way to give a pre-trained-only model a fair chance; InstructGPT's "GPT-3 (prompted)")."""
+    from gptlab.chat.template import transcript_prompt
+    from gptlab.data.formats import load_conversations, load_prompt_items
     from gptlab.label.labeler import win_rate
+    shots = shots or {}
+    if any(k < 0 for k in shots.values()):
+        raise GptlabError("--shots-a/--shots-b must be >= 0")
     items = load_prompt_items(prompts_path)[:n] if n > 0 else load_prompt_items(prompts_path)
     items = [it for it in items if "answer" in it and "family" in it]
     if not items:
         raise GptlabError(f"{prompts_path}: no curriculum items with 'family' and 'answer' (gptlab data instruct)")
+    demo_sets = {}
+    if any(shots.values()):
+        demos_path = Path(demos_path) if demos_path else Path(prompts_path).with_name("sft.jsonl")
+        if not demos_path.is_file():
+            raise GptlabError(f"--demos {demos_path}: no such file (demonstrations for --shots-a/--shots-b)")
+        demos = load_conversations(demos_path)
+        demo_sets = {side: fewshot_demos(items, demos, k) for side, k in shots.items() if k > 0}
     rm = None
     if reward_model:
         rm, rm_tok, _ = load_scalar_model(reward_model, "--reward-model")
@@ -650,13 +686,19 @@ def compare_runs(run_a: str, run_b: str, prompts_path: str, n: int, max_new_toke
     for name, run_dir in (("a", run_a), ("b", run_b)):
         model, tok, cfg = ckpt.load_run(run_dir)
         room = model.config.block_size - max_new_tokens - 1
-        kept, ids = encode_prompts(tok, items, room)
-        if len(kept) != len(items):
-            raise GptlabError(f"{run_dir}: {len(items) - len(kept)} prompts do not fit its context with "
-                              f"--max-new-tokens {max_new_tokens}; lower it")
-        use_rm = rm if rm is not None and _same_tokenizer(tok, rm_tok) else None
-        m, texts[name] = heldout_metrics(model, tok, items, ids, max_new_tokens, use_rm, _pad_id(tok))
-        m.update({"run": str(run_dir), "stage": cfg.get("stage"), "params": model.num_params()})
+        if name in demo_sets:
+            ids = [transcript_prompt(tok, it["messages"], d, room) for it, d in zip(items, demo_sets[name])]
+        else:
+            kept, ids = encode_prompts(tok, items, room)
+            if len(kept) != len(items):
+                raise GptlabError(f"{run_dir}: {len(items) - len(kept)} prompts do not fit its context with "
+                                  f"--max-new-tokens {max_new_tokens}; lower it")
+        # an RM reads chat-template conversations only
+        use_rm = rm if rm is not None and _same_tokenizer(tok, rm_tok) and name not in demo_sets else None
+        m, texts[name] = heldout_metrics(model, tok, items, ids, max_new_tokens, use_rm, _pad_id(tok),
+                                         transcript=name in demo_sets)
+        m.update({"run": str(run_dir), "stage": cfg.get("stage"), "params": model.num_params(),
+                  "shots": shots.get(name, 0)})
         sides[name] = m
     rate, lo, hi = win_rate(items, texts["a"], texts["b"])
     families = sorted({it["family"] for it in items})
@@ -688,13 +730,17 @@ def _pad_id(tok) -> int:
 
 
 def run_compare(args) -> int:
-    res = compare_runs(args.a, args.b, args.prompts, args.n, args.max_new_tokens, args.reward_model)
+    res = compare_runs(args.a, args.b, args.prompts, args.n, args.max_new_tokens, args.reward_model,
+                       {"a": args.shots_a, "b": args.shots_b}, args.demos)
     a, b = res["a"], res["b"]
     print(f"{res['n']} held-out prompts from {res['prompts']}, greedy, up to {res['max_new_tokens']} tokens")
     print(f"{'':<22}{'A':>12}{'B':>12}")
     print(f"{'run':<22}{Path(a['run']).name:>12}{Path(b['run']).name:>12}")
     desc = {k: f"{v['stage'] or '?'} {v['params'] / 1e6:.2f}M" for k, v in (("a", a), ("b", b))}
     print(f"{'stage, params':<22}{desc['a']:>12}{desc['b']:>12}")
+    if a["shots"] or b["shots"]:
+        how = {k: f"{v['shots']}-shot" if v["shots"] else "chat" for k, v in (("a", a), ("b", b))}
+        print(f"{'prompted as':<22}{how['a']:>12}{how['b']:>12}")
     for key, label, fmt in [("heldout_accuracy", "task accuracy", "{:.1%}"),
                             ("heldout_label_score", "labeler score", "{:.3f}"),
                             ("heldout_rm_score", "RM score", "{:+.3f}"),
@@ -808,5 +854,11 @@ def register(sub) -> None:
     c.add_argument("--n", type=int, default=500, help="first N prompts (0 = all)")
     c.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens")
     c.add_argument("--reward-model", default=None, help="also report this reward model's mean score")
+    c.add_argument("--shots-a", type=int, default=0,
+                   help="ask A GPT-3 style: a plain-text transcript after K same-family demonstrations instead "
+                   "of the chat template (for a pre-trained-only run; 0 = chat template)")
+    c.add_argument("--shots-b", type=int, default=0, help="the same for B")
+    c.add_argument("--demos", default=None,
+                   help="demonstrations for --shots-a/--shots-b (default: sft.jsonl beside --prompts)")
     c.add_argument("--out", default=None, help="write the figures as JSON here")
     c.set_defaults(func=run_compare)
