@@ -312,6 +312,18 @@ def test_ppo_oracle_reward_scores_with_the_labeler(tiny_runs, corpus_file, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--oracle-reward" in err and "family" in err and "Traceback" not in err
+    # the labeler with a group baseline needs no reward model at all (held-out eval included) ...
+    def without_rm(out, *extra):
+        args = _ppo_args(tiny_runs, corpus_file, out, 2, *extra)
+        i = args.index("--reward-model")
+        return args[:i] + args[i + 2:]
+    assert main(without_rm(tiny_runs / "o3", "--oracle-reward", "--group", "2", "--normalize-reward")) == 0
+    assert "no RM" in capsys.readouterr().out
+    assert json.loads((tiny_runs / "o3" / "config.json").read_text())["reward_model"] == []
+    # ... but a learned reward, or a value model, does
+    for extra in ([], ["--oracle-reward"]):
+        assert main(without_rm(tiny_runs / "o4", *extra)) == 2
+        assert "--reward-model is required" in capsys.readouterr().err
 
 
 def test_ppo_group_baseline_runs_without_a_value_model(tiny_runs, corpus_file, capsys):

@@ -264,10 +264,12 @@ class PPOStage:
         self.rollouts = 0
         self.episodes = 0
         self.last_stats: dict = {}
-        for m in (model, ref, rm):
+        # rm None: --oracle-reward with a group baseline needs no reward model
+        for m in (model, ref) + ((rm,) if rm is not None else ()):
             disable_dropout(m)
         ref.requires_grad_(False).eval()
-        rm.requires_grad_(False).eval()
+        if rm is not None:
+            rm.requires_grad_(False).eval()
 
     @property
     def steps_per_rollout(self) -> int:
@@ -276,7 +278,8 @@ class PPOStage:
     def _device(self):
         device = next(self.model.gpt.parameters()).device
         self.ref.to(device)
-        self.rm.to(device)
+        if self.rm is not None:
+            self.rm.to(device)
         return device
 
     # ----- rollouts ---------------------------------------------------------------------------------
@@ -536,13 +539,17 @@ def run(args) -> int:
 
     policy, tok, sft_cfg = ckpt.load_run(args.init)
     ref, _, _ = ckpt.load_run(args.init)
-    rm = load_reward(args.reward_model, tok, args.init, args.ensemble_penalty)
+    args.reward_model = args.reward_model or []
+    if not args.reward_model and not (opts.oracle_reward and opts.group > 1):
+        raise GptlabError("--reward-model is required (only --oracle-reward with --group > 1 needs none: "
+                          "the value model starts from the reward model)")
+    rm = load_reward(args.reward_model, tok, args.init, args.ensemble_penalty) if args.reward_model else None
     value = load_scalar_model(args.reward_model[0], "--reward-model")[0] if opts.group == 1 else None
     if policy.config.arch == "bert":
         raise GptlabError(f"--init {args.init}: a BERT run cannot generate; PPO needs a GPT policy")
     model_cfg_dict = policy.config.to_dict()
 
-    block = min(policy.config.block_size, rm.config.block_size)
+    block = min(policy.config.block_size, rm.config.block_size if rm is not None else policy.config.block_size)
     max_prompt = block - opts.max_new_tokens - 1     # prompt + response + end-of-turn fit every model
     if max_prompt < 8:
         raise GptlabError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for prompts in a "
@@ -562,7 +569,8 @@ def run(args) -> int:
 
     model = PPOModel(policy, value, opts.ema).to(device)
     ref.to(device)
-    rm.to(device)
+    if rm is not None:
+        rm.to(device)
     stage = PPOStage(model, ref, rm, tok, prompt_ids, opts, ptx_data, eval_items, eval_ids, prompt_items=items)
     # Checkpoints on rollout boundaries make --resume exact (the buffer is not saved).
     spr = stage.steps_per_rollout
@@ -592,7 +600,8 @@ def run(args) -> int:
 
     n = policy.num_params()
     print(f"policy {policy.config.arch} {policy.config.n_layer}x{policy.config.n_embd} ({n / 1e6:.2f}M), "
-          f"{'value/' if value is not None else ''}RM {rm.config.n_layer}x{rm.config.n_embd}"
+          + (f"{'value/' if value is not None else ''}RM {rm.config.n_layer}x{rm.config.n_embd}" if rm is not None
+             else "reward: the labeler (--oracle-reward), no RM")
           + (f" (ensemble of {len(rm.members)}: mean - {rm.penalty} x std)" if isinstance(rm, RewardEnsemble) else "")
           + (f" (leave-one-out baseline over {opts.group} samples per prompt)" if value is None else "")
           + f"; {len(prompt_ids)} prompts, "
@@ -787,8 +796,9 @@ def register(sub) -> None:
         "score, length) uses --eval-prompts, by default heldout.jsonl next to --prompts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", required=True, help="SFT run: the initial policy and the frozen reference")
-    p.add_argument("--reward-model", required=True, nargs="+",
-                   help="reward-model run (gptlab rm): the reward, and the value model's init; several runs "
+    p.add_argument("--reward-model", nargs="+",
+                   help="reward-model run (gptlab rm): the reward, and the value model's init (optional with "
+                   "--oracle-reward --group G, which need neither); several runs "
                    "make an ensemble whose reward is their mean score minus --ensemble-penalty x their std "
                    "(the first one initialises the value model)")
     p.add_argument("--ensemble-penalty", type=float, default=1.0,
