@@ -743,13 +743,13 @@ def run_compare(args) -> int:
                        {"a": args.shots_a, "b": args.shots_b}, args.demos)
     a, b = res["a"], res["b"]
     print(f"{res['n']} held-out prompts from {res['prompts']}, greedy, up to {res['max_new_tokens']} tokens")
-    print(f"{'':<22}{'A':>12}{'B':>12}")
-    print(f"{'run':<22}{Path(a['run']).name:>12}{Path(b['run']).name:>12}")
+    print(f"{'':<22}{'A':>14}{'B':>14}")
+    print(f"{'run':<22}{Path(a['run']).name:>14}{Path(b['run']).name:>14}")
     desc = {k: f"{v['stage'] or '?'} {v['params'] / 1e6:.2f}M" for k, v in (("a", a), ("b", b))}
-    print(f"{'stage, params':<22}{desc['a']:>12}{desc['b']:>12}")
+    print(f"{'stage, params':<22}{desc['a']:>14}{desc['b']:>14}")
     if a["shots"] or b["shots"]:
         how = {k: f"{v['shots']}-shot" if v["shots"] else "chat" for k, v in (("a", a), ("b", b))}
-        print(f"{'prompted as':<22}{how['a']:>12}{how['b']:>12}")
+        print(f"{'prompted as':<22}{how['a']:>14}{how['b']:>14}")
     for key, label, fmt in [("heldout_accuracy", "task accuracy", "{:.1%}"),
                             ("heldout_label_score", "labeler score", "{:.3f}"),
                             ("heldout_rm_score", "RM score", "{:+.3f}"),
@@ -758,10 +758,10 @@ def run_compare(args) -> int:
         if key in a or key in b:
             va = fmt.format(a[key]) if key in a else "-"
             vb = fmt.format(b[key]) if key in b else "-"
-            print(f"{label:<22}{va:>12}{vb:>12}")
+            print(f"{label:<22}{va:>14}{vb:>14}")
     for f, acc in res["per_family_accuracy"].items():
         dlo, dhi = acc["diff_ci95"]
-        print(f"{'  ' + f:<22}{acc['a']:>12.1%}{acc['b']:>12.1%}   A - B {100 * acc['diff']:+.1f} "
+        print(f"{'  ' + f:<22}{acc['a']:>14.1%}{acc['b']:>14.1%}   A - B {100 * acc['diff']:+.1f} "
               f"[{100 * dlo:+.1f}, {100 * dhi:+.1f}] on {acc['n']}")
     lo, hi = res["win_rate_ci95"]
     print(f"labeler win rate of A over B: {res['win_rate_a']:.1%} (95% interval {lo:.1%} - {hi:.1%})")
