@@ -145,12 +145,13 @@ def test_response_tokens_head_sums_the_answer_and_a_shared_prefix_cancels(small_
     p = [{"role": "user", "content": "What is 5 + 33?"}]
     seqs = [response_ids(tok, p, r)[0] for r in ("5 + 33 = 38.", "5 + 33 = 47.")]
     ids, lengths = pad_batch(seqs, 0)
-    got = rm(ids, lengths)
     with torch.no_grad():
+        got = rm(ids, lengths)
         per = gpt.hidden(ids) @ rm.score_head.weight[0]
+        bias = float(rm.score_head.bias)
     for row, seq in enumerate(seqs):
         first = len(seq) - seq[::-1].index(start)   # the token after the last start token
-        want = float(per[row, first:len(seq)].sum() + rm.score_head.bias)
+        want = float(per[row, first:len(seq)].sum()) + bias
         assert math.isclose(float(got[row]), want, rel_tol=1e-5, abs_tol=1e-5)
     # The two answers share their tokens up to the sum, so the difference is made after it alone.
     shared = next(i for i, (a, b) in enumerate(zip(*seqs)) if a != b)
