@@ -23,7 +23,7 @@ COMMANDS = [
     ("gptlab.train.finetune", ["finetune", "predict"]),
     ("gptlab.train.sft", ["sft"]),
     ("gptlab.train.reward", ["rm"]),
-    ("gptlab.train.ppo", ["ppo", "compare"]),
+    ("gptlab.train.ppo", ["ppo", "compare", "plot-compare"]),
     ("gptlab.train.dpo", ["dpo"]),
     ("gptlab.label.commands", ["label"]),
     ("gptlab.generate.commands", ["sample"]),

@@ -77,3 +77,30 @@ def plot_loss(rows: list[dict], out: str | Path, title: str = "") -> bool:
     ax.legend()
     save_figure(fig, out)
     return True
+
+
+def plot_comparisons(results: list[dict], labels: list[str], out: str | Path, title: str = "") -> None:
+    """A forest plot of `gptlab compare` results, one row each: the paired accuracy difference A - B
+    (points) and the labeler's win rate of A, both with their 95% intervals, and the line of no effect."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.42 * n), sharey=True)
+    ys = list(range(n))[::-1]
+    panels = [("accuracy_diff", "accuracy_diff_ci95", 100.0, 0.0, "paired accuracy A - B (points)"),
+              ("win_rate_a", "win_rate_ci95", 100.0, 50.0, "labeler win rate of A (%)")]
+    for ax, (key, ci, scale, null, xlabel) in zip(axes, panels):
+        for y, r in zip(ys, results):
+            v, (lo, hi) = r[key] * scale, (c * scale for c in r[ci])
+            clear = lo > null or hi < null
+            ax.errorbar(v, y, xerr=[[v - lo], [hi - v]], fmt="o", capsize=3,
+                        color="tab:blue" if clear else "tab:gray")
+        ax.axvline(null, color="black", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, labels)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, out)

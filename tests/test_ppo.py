@@ -275,6 +275,14 @@ def test_compare_asks_a_pretrained_only_run_with_a_fewshot_transcript(tiny_runs,
     assert main(["compare", str(tiny_runs / "sft"), str(tiny_runs / "sft"), "--prompts",
                  str(tiny_runs / "heldout.jsonl"), "--shots-a", "2", "--demos", str(tiny_runs / "nope.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # several results as one forest plot
+    png = tiny_runs / "cmp.png"
+    assert main(["plot-compare", str(out), str(out), "--labels", "one", "two", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "2 comparisons" in capsys.readouterr().out
+    assert main(["plot-compare", str(out), "--labels", "one", "two", "--out", str(png)]) == 2
+    assert "2 labels for 1 results" in capsys.readouterr().err
+    assert main(["plot-compare", str(tiny_runs / "sft" / "config.json"), "--out", str(png)]) == 2
+    assert "not a `gptlab compare --out` result" in capsys.readouterr().err
 
 
 def test_ppo_rejects_non_reward_run(tiny_runs, corpus_file, capsys):

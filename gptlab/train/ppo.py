@@ -776,6 +776,24 @@ def run_compare(args) -> int:
     return 0
 
 
+def run_plot_compare(args) -> int:
+    from gptlab.io import read_json
+    from gptlab.plots import plot_comparisons
+    if args.labels and len(args.labels) != len(args.results):
+        raise GptlabError(f"--labels: {len(args.labels)} labels for {len(args.results)} results")
+    results = []
+    for path in args.results:
+        res = read_json(path)
+        if not isinstance(res, dict) or not {"accuracy_diff", "accuracy_diff_ci95", "win_rate_a",
+                                             "win_rate_ci95"} <= res.keys():
+            raise GptlabError(f"{path}: not a `gptlab compare --out` result")
+        results.append(res)
+    labels = args.labels or [f"{Path(r['a']['run']).name} vs {Path(r['b']['run']).name}" for r in results]
+    plot_comparisons(results, labels, args.out, args.title)
+    print(f"wrote {args.out} ({len(results)} comparisons)")
+    return 0
+
+
 def _float_or_off(s: str):
     if s.lower() in ("off", "none"):
         return None
@@ -872,3 +890,14 @@ def register(sub) -> None:
                    help="demonstrations for --shots-a/--shots-b (default: sft.jsonl beside --prompts)")
     c.add_argument("--out", default=None, help="write the figures as JSON here")
     c.set_defaults(func=run_compare)
+
+    f = sub.add_parser(
+        "plot-compare", help="forest plot (PNG) of several `gptlab compare --out` results",
+        description="One row per `gptlab compare --out` JSON file: the paired accuracy difference A - B and "
+        "the labeler's win rate of A, each with its 95% interval (blue where the interval excludes no "
+        "effect).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("results", nargs="+", help="JSON files written by gptlab compare --out")
+    f.add_argument("--out", required=True, help="PNG file to write")
+    f.add_argument("--labels", nargs="+", default=None, help="one label per result (default: 'A vs B' run names)")
+    f.add_argument("--title", default="", help="figure title")
+    f.set_defaults(func=run_plot_compare)
