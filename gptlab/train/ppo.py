@@ -264,9 +264,9 @@ class PPOStage:
         self.rollouts = 0
         self.episodes = 0
         self.last_stats: dict = {}
-        # rm None: --oracle-reward with a group baseline needs no reward model
-        for m in (model, ref) + ((rm,) if rm is not None else ()):
-            disable_dropout(m)
+        for m in (model, ref, rm):
+            if m is not None:     # rm None: --oracle-reward with a group baseline needs no reward model
+                disable_dropout(m)
         ref.requires_grad_(False).eval()
         if rm is not None:
             rm.requires_grad_(False).eval()
@@ -539,7 +539,6 @@ def run(args) -> int:
 
     policy, tok, sft_cfg = ckpt.load_run(args.init)
     ref, _, _ = ckpt.load_run(args.init)
-    args.reward_model = args.reward_model or []
     if not args.reward_model and not (opts.oracle_reward and opts.group > 1):
         raise GptlabError("--reward-model is required (only --oracle-reward with --group > 1 needs none: "
                           "the value model starts from the reward model)")
@@ -549,7 +548,7 @@ def run(args) -> int:
         raise GptlabError(f"--init {args.init}: a BERT run cannot generate; PPO needs a GPT policy")
     model_cfg_dict = policy.config.to_dict()
 
-    block = min(policy.config.block_size, rm.config.block_size if rm is not None else policy.config.block_size)
+    block = policy.config.block_size if rm is None else min(policy.config.block_size, rm.config.block_size)
     max_prompt = block - opts.max_new_tokens - 1     # prompt + response + end-of-turn fit every model
     if max_prompt < 8:
         raise GptlabError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for prompts in a "
@@ -814,7 +813,7 @@ def register(sub) -> None:
         "score, length) uses --eval-prompts, by default heldout.jsonl next to --prompts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", required=True, help="SFT run: the initial policy and the frozen reference")
-    p.add_argument("--reward-model", nargs="+",
+    p.add_argument("--reward-model", nargs="+", default=[],
                    help="reward-model run (gptlab rm): the reward, and the value model's init (optional with "
                    "--oracle-reward --group G, which need neither); several runs "
                    "make an ensemble whose reward is their mean score minus --ensemble-penalty x their std "
