@@ -155,7 +155,6 @@ def test_command_bad_input(tmp_path):
 
 
 def test_cli_exit_code(tmp_path, capsys):
-    pytest.importorskip("gptlab.data.commands")
     from gptlab.cli import main
     assert main(["data", "instruct", "--n-per-family", "0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

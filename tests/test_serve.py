@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from openai import OpenAI
 
@@ -515,7 +516,6 @@ def test_web_context_overflow_is_refused_cleanly(server):
 # ----- the same against a real (tiny, random-weights) GPT behind the real engine -----------------------------
 @pytest.fixture(scope="module")
 def real(tok):
-    torch = pytest.importorskip("torch")
     from gptlab.generate.engine import Engine
     from gptlab.model.gpt import GPT, GPTConfig
     from gptlab.serve.app import Backend

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from gptlab.data.formats import parse_conversation, parse_pair
 from gptlab.errors import GptlabError
 from gptlab.serve.store import Store, export_feedback, feedback_datasets
 
@@ -151,11 +152,10 @@ def test_export_formats(store, tmp_path):
 
     # Explicit file paths work too, and the files parse with the stage loaders' own validators.
     export_feedback(store, (tmp_path / "p.jsonl", tmp_path / "s.jsonl"))
-    formats = pytest.importorskip("gptlab.data.formats")
     for i, row in enumerate(pairs):
-        formats.parse_pair(row, f"pairs:{i}")
+        parse_pair(row, f"pairs:{i}")
     for i, row in enumerate(sft):
-        formats.parse_conversation(row, f"sft:{i}")
+        parse_conversation(row, f"sft:{i}")
 
 
 def test_export_empty(store, tmp_path):
