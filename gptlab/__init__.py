@@ -13,7 +13,7 @@ _EXPORTS = {
     "Tokenizer": "gptlab.tokenizer",
     "Engine": "gptlab.generate.engine",
     "SamplingParams": "gptlab.generate.engine",
-    "load_run": "gptlab.train.checkpoint",
+    "load_run": "gptlab.runs",
     "TrainConfig": "gptlab.train.loop",
     "train": "gptlab.train.loop",
     "GptlabError": "gptlab.errors",

@@ -36,9 +36,9 @@ def _hardware() -> str:
 
 def _samples(sr) -> list[str]:
     """A few generations from the final models: free text from the pre-trained model and chat turns."""
-    from gptlab.chat.template import render_prompt
+    from gptlab.tokenizer.chat_template import render_prompt
     from gptlab.generate.engine import Engine, SamplingParams
-    from gptlab.train.checkpoint import load_run
+    from gptlab.runs import load_run
     lines = []
     pre = sr.d["pretrain"]
     if (pre / "model.safetensors").is_file():

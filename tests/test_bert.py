@@ -96,10 +96,10 @@ def test_fill_errors(small_tokenizer, tmp_path, capsys):
     with pytest.raises(GptlabError):
         split_blanks("no blank here")
     from gptlab.cli import main
-    from gptlab.train import checkpoint as ckpt
+    from gptlab import runs
     model = tiny(small_tokenizer, "bert")
-    ckpt.write_run_config(tmp_path / "r", model.config, small_tokenizer, stage="pretrain")
-    ckpt.save_tensors(tmp_path / "r" / "model.safetensors", ckpt.gpt_state(model))
+    runs.write_run_config(tmp_path / "r", model.config, small_tokenizer, stage="pretrain")
+    runs.save_tensors(tmp_path / "r" / "model.safetensors", runs.gpt_state(model))
     assert main(["fill", str(tmp_path / "r"), "nothing to fill"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert main(["fill", str(tmp_path / "r"), "To be or not to ___", "--top-k", "2"]) == 0

@@ -82,7 +82,7 @@ def test_streamed_answer_equals_engine_greedy(engine):
     out = Out()
     s = session(engine, ["hello"], out, params=SamplingParams(max_new_tokens=8, temperature=0))
     s.run()
-    from gptlab.chat.template import render_prompt
+    from gptlab.tokenizer.chat_template import render_prompt
     expect = engine.generate([render_prompt(engine.tok, [{"role": "user", "content": "hello"}])],
                              SamplingParams(max_new_tokens=8, temperature=0))[0].text
     assert s.turns[-1] == {"role": "assistant", "content": expect}
@@ -101,7 +101,7 @@ def test_history_truncation_keeps_system(engine):
     assert s.messages[0] == {"role": "system", "content": "You are a helpful assistant."}
     assert s.turns[-2]["content"] == lines[-1]            # the newest turn always survives
     assert "message number 0" not in " ".join(m["content"] for m in s.turns)
-    from gptlab.chat.template import render_prompt
+    from gptlab.tokenizer.chat_template import render_prompt
     assert len(render_prompt(engine.tok, s.messages[:-1])) <= s.prompt_budget()
 
 

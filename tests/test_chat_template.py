@@ -1,7 +1,7 @@
 """The chat template: exact rendering, Jinja twin, assistant-only mask, truncation, no forged turns."""
 import pytest
 
-from gptlab.chat.template import (CHAT_TEMPLATE_JINJA, end_of_turn_id, fit_prompt, parse_reply, render,
+from gptlab.tokenizer.chat_template import (CHAT_TEMPLATE_JINJA, end_of_turn_id, fit_prompt, parse_reply, render,
                                   render_prompt)
 from gptlab.errors import GptlabError
 
@@ -48,7 +48,7 @@ def test_fit_prompt_drops_oldest_turns_and_keeps_system(small_tokenizer):
 
 
 def test_transcript_prompt_for_a_pretrained_only_model(small_tokenizer):
-    from gptlab.chat.template import render_transcript, transcript_prompt
+    from gptlab.tokenizer.chat_template import render_transcript, transcript_prompt
     assert render_transcript(CONVO[:3]) == "System: Be brief.\nUser: What is 2 + 3?\nAssistant: 2 + 3 = 5.\n"
     demo = [{"role": "user", "content": "What is 1 + 1?\n"}, {"role": "assistant", "content": "1 + 1 = 2."}]
     ids = transcript_prompt(small_tokenizer, CONVO, [demo, demo], 1000)

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from gptlab import runs
 from gptlab.cli import main
 from gptlab.data.instruct import build_curriculum
 from gptlab.io import atomic_write_jsonl
 from gptlab.model.gpt import GPT, GPTConfig
-from gptlab.train import checkpoint as ckpt
 from test_pretrain import run_torchrun
 
 
@@ -22,8 +22,8 @@ def test_sft_two_processes_match_one(tmp_path, small_tokenizer):
     cfg = GPTConfig.preset("tiny", "gpt2", vocab_size=small_tokenizer.vocab_size, n_layer=2, n_head=2,
                            n_embd=64, block_size=128)
     base = tmp_path / "base"
-    ckpt.write_run_config(base, cfg, small_tokenizer, stage="pretrain")
-    ckpt.save_tensors(base / ckpt.MODEL_FILE, GPT(cfg).state_dict())
+    runs.write_run_config(base, cfg, small_tokenizer, stage="pretrain")
+    runs.save_tensors(base / runs.MODEL_FILE, GPT(cfg).state_dict())
     items = build_curriculum(seed=0, n_per_family=20, works={})["sft"]
     data = tmp_path / "sft.jsonl"
     atomic_write_jsonl(data, [{"messages": it["messages"]} for it in items])
@@ -36,7 +36,7 @@ def test_sft_two_processes_match_one(tmp_path, small_tokenizer):
     assert [r["step"] for r in r1] == [r["step"] for r in r2] and r1
     for a, b in zip(r1, r2):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
-    w1, w2 = ckpt.load_tensors(one / ckpt.MODEL_FILE), ckpt.load_tensors(two / ckpt.MODEL_FILE)
+    w1, w2 = runs.load_tensors(one / runs.MODEL_FILE), runs.load_tensors(two / runs.MODEL_FILE)
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
 
@@ -63,7 +63,7 @@ def test_rm_under_fsdp_matches_one_process(tmp_path, small_tokenizer):
     assert s2["parallel"] == "fsdp"
     for key in ("pairwise_accuracy", "val_loss", "demo_mean_before_bias"):
         assert s1[key] == pytest.approx(s2[key], abs=1e-4), key
-    w1, w2 = ckpt.load_tensors(one / ckpt.MODEL_FILE), ckpt.load_tensors(two / ckpt.MODEL_FILE)
+    w1, w2 = runs.load_tensors(one / runs.MODEL_FILE), runs.load_tensors(two / runs.MODEL_FILE)
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k

@@ -5,8 +5,8 @@ import random
 
 import torch
 
+from gptlab import runs
 from gptlab.cli import main
-from gptlab.train import checkpoint as ckpt
 from gptlab.train.dpo import dpo_loss
 
 
@@ -101,7 +101,8 @@ def _curriculum(tmp_path):
 
 def test_sft_rm_dpo_chain_produces_loadable_runs(tmp_path, small_tokenizer):
     from test_sft import make_run
-    from gptlab.train.reward import load_reward_model, score_responses
+    from gptlab.runs import load_reward_model
+    from gptlab.train.reward import score_responses
     folder, rankings = _curriculum(tmp_path)
     pt = make_run(tmp_path / "pt", small_tokenizer)
     common = ["--no-progress", "--batch-size", "4", "--warmup-steps", "1"]
@@ -117,7 +118,7 @@ def test_sft_rm_dpo_chain_produces_loadable_runs(tmp_path, small_tokenizer):
     for run, stage in ((sft, "sft"), (rm, "reward"), (dpo, "dpo")):
         assert json.loads((run / "config.json").read_text())["stage"] == stage
         assert (run / "metrics.jsonl").is_file() and (run / "loss.png").is_file() and (run / "summary.json").is_file()
-        model, tok, _ = ckpt.load_run(run)       # every run loads as a GPT
+        model, tok, _ = runs.load_run(run)       # every run loads as a GPT
     reward, tok, _ = load_reward_model(rm)
     scores = score_responses(reward, tok, [{"role": "user", "content": "What is 2 + 2?"}], ["2 + 2 = 4.", "apple"])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)

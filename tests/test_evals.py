@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptlab import runs
 from gptlab.errors import GptlabError
 from gptlab.evals import fewshot
-from gptlab.evals.fewshot import evaluate_task, wilson
+from gptlab.evals.fewshot import evaluate_task
 from gptlab.evals.perplexity import perplexity, score_continuations, windows
 from gptlab.evals.tasks import (Item, Task, blank_task, build_prompt, choose_demos, cloze_task,
                                 load_jsonl_task, mixture_task, task_names)
 from gptlab.model.gpt import GPT, GPTConfig
-from gptlab.train import checkpoint as ckpt
 
 LINES = [
     "Now is the winter of our discontent made glorious summer",
@@ -34,8 +34,8 @@ def tiny(tok, arch="gpt2", block=96, seed=0):
 
 
 def save_run(path, model, tok):
-    ckpt.write_run_config(path, model.config, tok, stage="pretrain")
-    ckpt.save_tensors(path / "model.safetensors", ckpt.gpt_state(model))
+    runs.write_run_config(path, model.config, tok, stage="pretrain")
+    runs.save_tensors(path / "model.safetensors", runs.gpt_state(model))
     return path
 
 
@@ -172,17 +172,6 @@ def test_gold_answer_probability_is_the_teacher_forced_likelihood(small_tokenize
         assert [p["gold_logprob"] for p in rows] == pytest.approx([lp for lp, _ in want], abs=1e-3)
         assert res[str(k)]["gold_prob"] == pytest.approx(sum(math.exp(lp) for lp, _ in want) / len(want), rel=1e-4)
         assert 0 < res[str(k)]["gold_prob"] < 1 and res[str(k)]["gold_logprob_per_token"] < 0
-
-
-def test_wilson_interval():
-    lo, hi = wilson(50, 100)
-    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
-    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
-    for n in range(1, 300):   # float rounding once put the bound inside 0% / 100% (and broke the plot)
-        lo, hi = wilson(n, n)
-        assert lo <= 1.0 <= hi
-        lo, hi = wilson(0, n)
-        assert lo <= 0.0 <= hi
 
 
 # ----- perplexity and bits per byte ---------------------------------------------------------------

@@ -5,12 +5,12 @@ import random
 import pytest
 import torch
 
+from gptlab import runs
 from gptlab.cli import main
 from gptlab.data.finetune_tasks import Example, builtin_task, load_file
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.tokenizer import DELIM, EXTRACT, START
-from gptlab.train import checkpoint as ckpt
 from gptlab.train.finetune import (FineTuneModel, TaskEncoder, collate, finetune_loss, fit_parts,
                                    predict_probs)
 
@@ -26,8 +26,8 @@ def base_run(tmp_path, small_tokenizer):
     """A 'pre-trained' run folder (random weights: enough to exercise the command)."""
     run = tmp_path / "base"
     model = tiny_gpt(small_tokenizer.vocab_size)
-    ckpt.write_run_config(run, model.config, small_tokenizer, stage="pretrain")
-    ckpt.save_tensors(run / ckpt.MODEL_FILE, ckpt.gpt_state(model))
+    runs.write_run_config(run, model.config, small_tokenizer, stage="pretrain")
+    runs.save_tensors(run / runs.MODEL_FILE, runs.gpt_state(model))
     return run
 
 
@@ -250,7 +250,7 @@ def test_end_to_end_finetune_beats_chance_and_predict(tmp_path, base_run, capsys
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["finetune"]["task_type"] == "classification" and cfg["finetune"]["labels"] == ["calm", "storm"]
     assert cfg["finetune"]["lm_coef"] == 0.5
-    assert "heads.clf_head.weight" in ckpt.load_tensors(out / "model.safetensors")
+    assert "heads.clf_head.weight" in runs.load_tensors(out / "model.safetensors")
     assert (out / "curves.png").is_file() and (out / "metrics.jsonl").is_file()
 
     rc, stdout, _ = _run(["predict", str(out), "to sleep and dream", "the sea of troubles"], capsys)
@@ -292,9 +292,9 @@ def test_from_scratch_reinitialises(tmp_path, base_run, capsys):
     for name, flag in (("pre", []), ("scratch", ["--from-scratch"])):
         assert main(["finetune", "--init", str(base_run), "--task", str(data), "--out", str(tmp_path / name),
                      "--max-steps", "1", "--lr", "1e-9", "--no-progress", "--eval-every", "1", *flag]) == 0
-    base = ckpt.load_tensors(base_run / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
-    pre = ckpt.load_tensors(tmp_path / "pre" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
-    fresh = ckpt.load_tensors(tmp_path / "scratch" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
+    base = runs.load_tensors(base_run / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
+    pre = runs.load_tensors(tmp_path / "pre" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
+    fresh = runs.load_tensors(tmp_path / "scratch" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"]
     assert torch.allclose(base, pre, atol=1e-5) and not torch.allclose(base, fresh, atol=1e-3)
     with pytest.raises(GptlabError):
         TaskEncoder(type("T", (), {"special_id": lambda self, t: None})(), "classification", 8)

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from gptlab import runs
 from gptlab.cli import main
 from gptlab.generate.engine import Engine, SamplingParams
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.tokenizer import ASSISTANT_END, USER_START, Tokenizer
-from gptlab.train import checkpoint as ckpt
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,8 +36,8 @@ def make_run(path, tok, arch, **kw):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ckpt.write_run_config(path, cfg, tok, "pretrain")
-    ckpt.save_tensors(path / ckpt.MODEL_FILE, ckpt.gpt_state(model))
+    runs.write_run_config(path, cfg, tok, "pretrain")
+    runs.save_tensors(path / runs.MODEL_FILE, runs.gpt_state(model))
     return model.eval()
 
 
@@ -55,7 +55,7 @@ def test_export_matches_transformers(tmp_path, small_tokenizer, arch, kw):
     files = {p.name for p in (tmp_path / "hf").iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json"} <= files
-    assert ckpt.load_metadata(tmp_path / "hf" / "model.safetensors")["format"] == "pt"
+    assert runs.load_metadata(tmp_path / "hf" / "model.safetensors")["format"] == "pt"
     hf_model, hf_tok = hf_load(tmp_path / "hf")
     assert type(hf_model).__name__ == ("GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM")
 
@@ -87,7 +87,7 @@ def test_export_then_import_is_lossless(tmp_path, small_tokenizer):
         model = make_run(tmp_path / arch, small_tokenizer, arch)
         main(["export", str(tmp_path / arch), str(tmp_path / f"hf_{arch}")])
         assert main(["import", str(tmp_path / f"hf_{arch}"), "--out", str(tmp_path / f"back_{arch}")]) == 0
-        back, tok, cfg = ckpt.load_run(tmp_path / f"back_{arch}")
+        back, tok, cfg = runs.load_run(tmp_path / f"back_{arch}")
         assert cfg["stage"] == "import" and back.config.arch == arch
         assert tok.vocab_size == small_tokenizer.vocab_size
         for k, v in model.state_dict().items():
@@ -107,7 +107,7 @@ def hf_gpt2(vocab_size=448, tie=True):
 
 
 def compare_logits(hf_model, run_dir, ids):
-    model, _, _ = ckpt.load_run(run_dir)
+    model, _, _ = runs.load_run(run_dir)
     x = torch.tensor([ids])
     with torch.no_grad():
         return (model(x)[0] - hf_model(x).logits).abs().max().item()
@@ -187,7 +187,7 @@ def test_add_chat_tokens(tmp_path, small_tokenizer, capsys):
     assert main(["sample", str(tmp_path / "plain"), "--chat", "--prompt", "hi"]) == 2
 
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "chat"), "--add-chat-tokens"]) == 0
-    model, tok, cfg = ckpt.load_run(tmp_path / "chat")
+    model, tok, cfg = runs.load_run(tmp_path / "chat")
     n_old = gpt2_tok.vocab_size
     uid = tok.special_id(USER_START)
     assert len(cfg["added_tokens"]) == 19 and uid >= n_old            # everything but <|endoftext|>

@@ -1,11 +1,10 @@
 import json
-import math
 import random
 
 import pytest
 
 from gptlab.errors import GptlabError
-from gptlab.label.labeler import paired_difference, pairwise_agreement, rank, score, wilson_interval, win_rate
+from gptlab.label.labeler import pairwise_agreement, rank, score
 
 ARITH = {"family": "arithmetic", "answer": "81", "reference": "23 + 58 = 81.",
          "messages": [{"role": "user", "content": "What is 23 + 58?"}]}
@@ -87,33 +86,6 @@ def test_noise_reproducible_with_seeded_rng():
     assert a[0] == a[1] == a[2] and sorted(a[0]) == [0, 1, 2, 3]
     with pytest.raises(GptlabError):
         rank(ARITH, responses, noise=1.5)
-
-
-def test_wilson_known_cases():
-    lo, hi = wilson_interval(8, 10)
-    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
-    lo, hi = wilson_interval(50, 100)
-    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
-
-
-def test_win_rate_counts_ties_half():
-    items = [ARITH] * 4
-    rate, lo, hi = win_rate(items, [GOOD, GOOD, GOOD, WRONG], [WRONG, GOOD, "", GOOD])
-    assert rate == pytest.approx((1 + 0.5 + 1 + 0) / 4)
-    assert (lo, hi) == pytest.approx(wilson_interval(2.5, 4))
-    with pytest.raises(GptlabError):
-        win_rate(items, [GOOD], [GOOD])
-
-
-def test_paired_difference_hand_computed():
-    # differences 1, 0, 0, -1, 1: mean 0.2, sample sd sqrt(0.7), half-width 1.96 sd / sqrt(5)
-    mean, lo, hi = paired_difference([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
-    half = 1.959963984540054 * math.sqrt(0.7) / math.sqrt(5)
-    assert mean == pytest.approx(0.2) and (lo, hi) == pytest.approx((0.2 - half, 0.2 + half))
-    assert paired_difference([3.0], [1.0]) == (2.0, 2.0, 2.0)       # one item: no spread to estimate
-    with pytest.raises(GptlabError):
-        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_curriculum_references_rank_first():

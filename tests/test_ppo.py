@@ -162,9 +162,9 @@ def test_rollouts_are_on_policy_at_a_rollout_temperature():
 
 # ----- end to end ---------------------------------------------------------------------------------------
 def _save_run(path, module, tok, stage):
-    from gptlab.train import checkpoint as ckpt
-    ckpt.write_run_config(path, module.config, tok, stage=stage)
-    ckpt.save_tensors(path / ckpt.MODEL_FILE, ckpt.gpt_state(module))
+    from gptlab import runs
+    runs.write_run_config(path, module.config, tok, stage=stage)
+    runs.save_tensors(path / runs.MODEL_FILE, runs.gpt_state(module))
 
 
 @pytest.fixture
@@ -200,7 +200,7 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     from gptlab.cli import main
     from gptlab.generate.engine import Engine, SamplingParams
     from gptlab.plots import read_metrics
-    from gptlab.train import checkpoint as ckpt
+    from gptlab import runs
     from gptlab.train.ppo import PLOT_KEYS
     out = tiny_runs / "ppo"
     rc = main(_ppo_args(tiny_runs, corpus_file, out, 4, "--ema", "0.9", "--normalize-reward",
@@ -208,7 +208,7 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "held-out after" in printed and "rollouts: reward" in printed
-    model, tok, cfg = ckpt.load_run(out)           # a plain GPT run
+    model, tok, cfg = runs.load_run(out)           # a plain GPT run
     assert cfg["stage"] == "ppo" and cfg["ppo"]["ema"] == 0.9 and cfg["model"]["dropout"] == 0.1
     assert Engine(model, tok).generate([[tok.eot_id]], SamplingParams(max_new_tokens=3, temperature=0))[0]
     rows = read_metrics(out / "metrics.jsonl")
@@ -220,7 +220,7 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert "heldout_accuracy" in summary["initial"] and summary["episodes"] >= 8
     # the exported weights are the EMA, not the raw policy
-    tensors = ckpt.load_tensors(out / ckpt.CHECKPOINT_FILE)
+    tensors = runs.load_tensors(out / runs.CHECKPOINT_FILE)
     raw = tensors["module.gpt.transformer.wte.weight"]
     ema = tensors["module.ema.transformer.wte.weight"]
     assert torch.equal(model.transformer.wte.weight, ema) and not torch.equal(raw, ema)
@@ -253,7 +253,7 @@ def test_compare_asks_a_pretrained_only_run_with_a_fewshot_transcript(tiny_runs,
     from gptlab.cli import main
     from gptlab.data.instruct import build_curriculum
     from gptlab.io import atomic_write_jsonl
-    from gptlab.train.ppo import fewshot_demos
+    from gptlab.evals.compare import fewshot_demos
     demos = build_curriculum(1, 40, works={})["sft"]
     items = [json.loads(line) for line in (tiny_runs / "heldout.jsonl").read_text().splitlines()][:4]
     chosen = fewshot_demos(items, demos, 2)
@@ -338,13 +338,13 @@ def test_ppo_group_baseline_runs_without_a_value_model(tiny_runs, corpus_file, c
     """--group G: each prompt sampled G times, leave-one-out baseline, no value model in the checkpoint."""
     from gptlab.cli import main
     from gptlab.plots import read_metrics
-    from gptlab.train import checkpoint as ckpt
+    from gptlab import runs
     out = tiny_runs / "rloo"
     assert main(_ppo_args(tiny_runs, corpus_file, out, 2, "--group", "2", "--eval-n", "0")) == 0
     assert "leave-one-out baseline over 2 samples" in capsys.readouterr().out
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
     assert rows and all(r["value_loss"] == 0 and math.isfinite(r["policy_loss"]) for r in rows)
-    tensors = ckpt.load_tensors(out / ckpt.CHECKPOINT_FILE)
+    tensors = runs.load_tensors(out / runs.CHECKPOINT_FILE)
     assert not any(".value." in k for k in tensors) and any(".gpt." in k for k in tensors)
     assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad", 2, "--group", "3")) == 2
     assert "multiple of --group" in capsys.readouterr().err
@@ -417,14 +417,14 @@ def test_ppo_with_a_reward_ensemble(tiny_runs, corpus_file, capsys):
     """Two --reward-model runs: PPO optimises their penalised mean and records both in its config."""
     import shutil
     from gptlab.cli import main
-    from gptlab.train import checkpoint as ckpt
+    from gptlab import runs
     shutil.copytree(tiny_runs / "rm", tiny_runs / "rm2")
     args = _ppo_args(tiny_runs, corpus_file, tiny_runs / "ens", 2, "--group", "2", "--eval-n", "0",
                      "--ensemble-penalty", "0.5")
     i = args.index("--reward-model") + 2
     assert main(args[:i] + [str(tiny_runs / "rm2")] + args[i:]) == 0
     assert "ensemble of 2: mean - 0.5 x std" in capsys.readouterr().out
-    cfg = ckpt.read_run_config(tiny_runs / "ens")
+    cfg = runs.read_run_config(tiny_runs / "ens")
     assert cfg["reward_model"] == [str(tiny_runs / "rm"), str(tiny_runs / "rm2")] and cfg["ensemble_penalty"] == 0.5
     assert main(args[:i] + [str(tiny_runs / "sft")] + args[i:]) == 2     # an SFT run is no reward model
     assert "--reward-model" in capsys.readouterr().err

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptlab import runs
 from gptlab.cli import main
 from gptlab.errors import GptlabError
-from gptlab.train import checkpoint as ckpt
 from gptlab.train.loop import TrainConfig, lr_at
 
 SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32",
@@ -46,7 +46,7 @@ def test_pretrain_learns_and_writes_run_folder(tmp_path, corpus_file, tok_dir):
     for key in ["step", "tokens", "elapsed_s", "train_loss", "val_loss"]:
         assert all(key in r for r in evals)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5   # it really learns the corpus
-    model, tok, cfg = ckpt.load_run(out)
+    model, tok, cfg = runs.load_run(out)
     assert cfg["stage"] == "pretrain" and model.config.n_layer == 2
 
 
@@ -72,19 +72,19 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, corpus_file, tok_dir):
 
     proc = _run_cli(pretrain_args(corpus_file, tok_dir, killed, *common))
     deadline = time.time() + 120
-    while not (killed / ckpt.CHECKPOINT_FILE).exists() and time.time() < deadline and proc.poll() is None:
+    while not (killed / runs.CHECKPOINT_FILE).exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / ckpt.SUMMARY_FILE).exists(), "the run finished before it could be killed"
-    step_at_kill = int(ckpt.load_metadata(killed / ckpt.CHECKPOINT_FILE)["step"])
+    assert not (killed / runs.SUMMARY_FILE).exists(), "the run finished before it could be killed"
+    step_at_kill = int(runs.load_metadata(killed / runs.CHECKPOINT_FILE)["step"])
     assert 0 < step_at_kill < 120
 
     # Without --resume the folder is protected; with it training continues exactly.
     assert main(pretrain_args(corpus_file, tok_dir, killed, *common)) == 2
     assert main(pretrain_args(corpus_file, tok_dir, killed, *common, "--resume")) == 0
-    a = ckpt.load_tensors(full / ckpt.MODEL_FILE)
-    b = ckpt.load_tensors(killed / ckpt.MODEL_FILE)
+    a = runs.load_tensors(full / runs.MODEL_FILE)
+    b = runs.load_tensors(killed / runs.MODEL_FILE)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -141,7 +141,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path, 
             assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["parallel"] == "fsdp"
-    w1, w2 = ckpt.load_tensors(one / ckpt.MODEL_FILE), ckpt.load_tensors(two / ckpt.MODEL_FILE)
+    w1, w2 = runs.load_tensors(one / runs.MODEL_FILE), runs.load_tensors(two / runs.MODEL_FILE)
     assert w1.keys() == w2.keys()
     for k in w1:   # gathered full tensors, not one rank's shard
         assert w1[k].shape == w2[k].shape and torch.allclose(w1[k], w2[k], atol=1e-4), k
@@ -151,7 +151,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path, 
     run_torchrun(*pretrain_args(corpus_file, tok_dir, cut, *common, "--max-steps", "4", "--fsdp"))
     assert main(pretrain_args(corpus_file, tok_dir, cut, *common, "--max-steps", "8", "--grad-accum", "2",
                               "--resume")) == 0
-    w3 = ckpt.load_tensors(cut / ckpt.MODEL_FILE)
+    w3 = runs.load_tensors(cut / runs.MODEL_FILE)
     for k in w1:
         assert torch.allclose(w1[k], w3[k], atol=1e-4), k
 
@@ -160,24 +160,24 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, corpus_file, tok_dir, capsy
     out = tmp_path / "run"
     assert main(pretrain_args(corpus_file, tok_dir, out, "--max-steps", "5", "--eval-batches", "1")) == 0
     # Truncated weights.
-    data = (out / ckpt.MODEL_FILE).read_bytes()
-    (out / ckpt.MODEL_FILE).write_bytes(data[: len(data) // 2])
+    data = (out / runs.MODEL_FILE).read_bytes()
+    (out / runs.MODEL_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(GptlabError, match="truncated or corrupted"):
-        ckpt.load_run(out)
+        runs.load_run(out)
     # Truncated resume state: the CLI prints one line and exits 2.
-    state = (out / ckpt.CHECKPOINT_FILE).read_bytes()
-    (out / ckpt.CHECKPOINT_FILE).write_bytes(state[:100])
+    state = (out / runs.CHECKPOINT_FILE).read_bytes()
+    (out / runs.CHECKPOINT_FILE).write_bytes(state[:100])
     capsys.readouterr()
     assert main(pretrain_args(corpus_file, tok_dir, out, "--max-steps", "10", "--resume")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "corrupted" in err[0]
     # Shapes that do not match the config.
-    (out / ckpt.MODEL_FILE).write_bytes(data)
+    (out / runs.MODEL_FILE).write_bytes(data)
     cfg = json.loads((out / "config.json").read_text())
     cfg["model"]["n_embd"] = 96
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(GptlabError, match="shape"):
-        ckpt.load_run(out)
+        runs.load_run(out)
 
 
 def test_bad_input_is_one_line(tmp_path, tok_dir, capsys):

@@ -5,14 +5,15 @@ import math
 import pytest
 import torch
 
+from gptlab import runs
 from gptlab.cli import main
 from gptlab.data.formats import Ranking, load_preferences
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import READS, ScalarHeadModel, response_mask
+from gptlab.runs import load_reward_model
 from gptlab.tokenizer import ASSISTANT_START
-from gptlab.train import checkpoint as ckpt
-from gptlab.train.reward import (fit_pair_weight, load_reward_model, normalise_to_demonstrations, ranking_loss, score_responses)
+from gptlab.train.reward import fit_pair_weight, normalise_to_demonstrations, ranking_loss, score_responses
 from gptlab.train.sequences import collate_rankings, encode_rankings, pad_batch, response_ids, sequence_logprobs
 
 
@@ -108,7 +109,7 @@ def test_rm_command_saves_a_loadable_reward_run(tmp_path, small_tokenizer):
                  "--no-progress", "--val-fraction", "0.25"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["stage"] == "reward" and "score_head" in cfg["heads"]
-    tensors = ckpt.load_tensors(out / ckpt.MODEL_FILE)
+    tensors = runs.load_tensors(out / runs.MODEL_FILE)
     assert "heads.score_head.weight" in tensors and "heads.score_head.bias" in tensors
     from gptlab.data.formats import load_preferences
     from gptlab.train.sequences import heldout_by_hash

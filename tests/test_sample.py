@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT
+from gptlab import runs
 from gptlab.cli import main
 from gptlab.generate.engine import Engine, SamplingParams
 from gptlab.model.gpt import GPT, GPTConfig
-from gptlab.train import checkpoint as ckpt
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,8 +33,8 @@ def run_dir(tmp_path_factory, small_tokenizer):
         model(x, y)[1].backward()
         opt.step()
     model.eval()
-    ckpt.write_run_config(path, cfg, small_tokenizer, "pretrain")
-    ckpt.save_tensors(path / ckpt.MODEL_FILE, ckpt.gpt_state(model))
+    runs.write_run_config(path, cfg, small_tokenizer, "pretrain")
+    runs.save_tensors(path / runs.MODEL_FILE, runs.gpt_state(model))
     return path
 
 
@@ -69,7 +69,7 @@ def test_single_prompt_streams(run_dir, monkeypatch, capsys):
     assert rec.writes[0] == "To be" and len([w for w in rec.writes if w]) > 3   # token by token
     err = capsys.readouterr().err
     assert "tokens/s" in err and "12 tokens" in err
-    model, tok, _ = ckpt.load_run(run_dir)
+    model, tok, _ = runs.load_run(run_dir)
     expect = Engine(model, tok).generate([tok.encode("To be")], SamplingParams(max_new_tokens=12, temperature=0))
     assert rec.text == "To be" + expect[0].text + "\n"
     # The same text without streaming, and without the KV cache (the reference path).
@@ -116,8 +116,8 @@ def test_bad_inputs(run_dir, tmp_path, monkeypatch, capsys, small_tokenizer):
     assert sample([run_dir, "--num-samples", 0], monkeypatch)[0] == 2
     bert = tmp_path / "bert"
     cfg = GPTConfig.preset("tiny", "bert", vocab_size=448, block_size=32, n_layer=1, n_embd=32)
-    ckpt.write_run_config(bert, cfg, small_tokenizer, "pretrain")
-    ckpt.save_tensors(bert / ckpt.MODEL_FILE, ckpt.gpt_state(GPT(cfg)))
+    runs.write_run_config(bert, cfg, small_tokenizer, "pretrain")
+    runs.save_tensors(bert / runs.MODEL_FILE, runs.gpt_state(GPT(cfg)))
     capsys.readouterr()
     assert sample([bert, "--prompt", "x"], monkeypatch)[0] == 2
     err = capsys.readouterr().err
@@ -125,10 +125,10 @@ def test_bad_inputs(run_dir, tmp_path, monkeypatch, capsys, small_tokenizer):
 
 
 def test_chat_flag_wraps_user_turn(run_dir, monkeypatch):
-    from gptlab.chat.template import render_prompt
+    from gptlab.tokenizer.chat_template import render_prompt
     rc, rec = sample([run_dir, "--chat", "--prompt", "hi", "--max-new-tokens", 6, "--temperature", 0], monkeypatch)
     assert rc == 0
-    model, tok, _ = ckpt.load_run(run_dir)
+    model, tok, _ = runs.load_run(run_dir)
     expect = Engine(model, tok).generate([render_prompt(tok, [{"role": "user", "content": "hi"}])],
                                          SamplingParams(max_new_tokens=6, temperature=0))[0].text
     assert rec.text == expect + "\n"

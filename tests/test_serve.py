@@ -19,7 +19,7 @@ import torch
 import uvicorn
 from openai import OpenAI
 
-from gptlab.chat.template import render_prompt
+from gptlab.tokenizer.chat_template import render_prompt
 from gptlab.errors import GptlabError
 from gptlab.serve.app import Limits, create_app
 from gptlab.serve.commands import check_bind

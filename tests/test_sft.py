@@ -4,11 +4,11 @@ import math
 
 import torch
 
-from gptlab.chat.template import render
+from gptlab import runs
+from gptlab.tokenizer.chat_template import render
 from gptlab.cli import main
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.tokenizer import ASSISTANT_END
-from gptlab.train import checkpoint as ckpt
 from gptlab.train.sequences import (EpochSampler, pack, pad_batch, response_ids, sequence_logprobs,
                                     token_logprobs)
 
@@ -20,8 +20,8 @@ def make_run(path, tok, n_layer=1, n_embd=32, block_size=64, seed=0):
     torch.manual_seed(seed)
     cfg = GPTConfig.preset("tiny", "gpt2", vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer,
                            n_head=2, n_embd=n_embd)
-    ckpt.write_run_config(path, cfg, tok, "pretrain")
-    ckpt.save_tensors(path / ckpt.MODEL_FILE, ckpt.gpt_state(GPT(cfg)))
+    runs.write_run_config(path, cfg, tok, "pretrain")
+    runs.save_tensors(path / runs.MODEL_FILE, runs.gpt_state(GPT(cfg)))
     return path
 
 
@@ -126,7 +126,7 @@ def test_sft_command_trains_and_learns(tmp_path, small_tokenizer, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert "val_loss" in rows[-1] and (out / "loss.png").is_file()
-    model, tok, _ = ckpt.load_run(out)
+    model, tok, _ = runs.load_run(out)
     assert model.config.block_size == 64
 
 
@@ -154,23 +154,23 @@ def test_ptx_defaults_to_the_init_chains_pretraining_corpora(tmp_path, small_tok
     from gptlab.data.instruct import build_curriculum
     from gptlab.io import atomic_write_json, atomic_write_jsonl
     init = make_run(tmp_path / "pt", small_tokenizer)
-    cfg = ckpt.read_run_config(init)
+    cfg = runs.read_run_config(init)
     cfg["data"] = [f"{corpus_file}:2"]
-    atomic_write_json(init / ckpt.CONFIG_FILE, cfg)
-    assert ckpt.pretraining_sources(init) == [f"{corpus_file}:2"]
+    atomic_write_json(init / runs.CONFIG_FILE, cfg)
+    assert runs.pretraining_sources(init) == [f"{corpus_file}:2"]
     atomic_write_jsonl(tmp_path / "sft.jsonl", build_curriculum(0, 4, works={})["sft"])
     out = tmp_path / "sft"
     assert main(["sft", "--init", str(init), "--data", str(tmp_path / "sft.jsonl"), "--out", str(out),
                  "--max-steps", "2", "--batch-size", "4", "--ptx-fraction", "0.25", "--no-task-eval",
                  "--no-progress"]) == 0
-    assert ckpt.read_run_config(out)["sft"]["ptx_data"] == [f"{corpus_file}:2"]
-    assert ckpt.pretraining_sources(out) == [f"{corpus_file}:2"]      # SFT -> pretrain
+    assert runs.read_run_config(out)["sft"]["ptx_data"] == [f"{corpus_file}:2"]
+    assert runs.pretraining_sources(out) == [f"{corpus_file}:2"]      # SFT -> pretrain
     # A broken chain (the init folder is gone) or a chain without data gives None, not an error.
-    atomic_write_json(tmp_path / "orphan" / ckpt.CONFIG_FILE, {"model": {}, "stage": "sft",
+    atomic_write_json(tmp_path / "orphan" / runs.CONFIG_FILE, {"model": {}, "stage": "sft",
                                                                 "init": str(tmp_path / "missing")})
-    assert ckpt.pretraining_sources(tmp_path / "orphan") is None
-    atomic_write_json(init / ckpt.CONFIG_FILE, {**cfg, "data": None})
-    assert ckpt.pretraining_sources(out) is None
+    assert runs.pretraining_sources(tmp_path / "orphan") is None
+    atomic_write_json(init / runs.CONFIG_FILE, {**cfg, "data": None})
+    assert runs.pretraining_sources(out) is None
 
 
 def test_sft_bad_input_names_file_and_line(tmp_path, small_tokenizer, capsys):

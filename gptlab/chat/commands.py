@@ -12,7 +12,7 @@ def run(args) -> int:
     from gptlab.chat.repl import ChatSession, setup_readline
     from gptlab.generate.commands import load_for_generation
     from gptlab.generate.engine import SamplingParams
-    from gptlab.interop.hf import require_chat_tokens
+    from gptlab.tokenizer.chat_template import require_chat_tokens
     from gptlab.io import gptlab_home
 
     engine, tok, _ = load_for_generation(args.run_dir, args.device)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import replace
 from typing import Callable, TextIO
 
-from gptlab.chat.template import fit_prompt
+from gptlab.tokenizer.chat_template import fit_prompt
 from gptlab.errors import GptlabError
 from gptlab.generate.engine import Engine, SamplingParams
 from gptlab.io import atomic_write_jsonl

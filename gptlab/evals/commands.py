@@ -22,7 +22,7 @@ def parse_shots(spec: str) -> list[int]:
 
 def _load(run_dir: str, device: str):
     from gptlab.device import pick_device
-    from gptlab.train.checkpoint import load_run
+    from gptlab.runs import load_run
     model, tok, cfg = load_run(run_dir, pick_device(device))
     return model, tok, cfg
 

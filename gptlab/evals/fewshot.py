@@ -23,13 +23,7 @@ from tqdm import tqdm
 
 from gptlab.errors import GptlabError
 from gptlab.evals.tasks import Item, Task, build_prompt, choose_demos, prompt_prefix
-from gptlab.label.labeler import wilson_interval
-
-
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (sane at 0% and 100%, unlike p ± 2se);
-    (0, 0) for a task with no items."""
-    return wilson_interval(correct, n, z) if n > 0 else (0.0, 0.0)
+from gptlab.evals.stats import wilson_interval
 
 
 @dataclass
@@ -199,7 +193,7 @@ def evaluate_task(model, tok, task: Task, shots: list[int], seed: int = 0, norma
                 rows = [{"prediction": q.item.choices[c], "logprobs": [round(x[0], 4) for x in s]}
                         for c, q, s in zip(chosen, queries, scores)]
         correct = sum(hits)
-        lo, hi = wilson(correct, len(queries))
+        lo, hi = wilson_interval(correct, len(queries))
         results[str(k)] = {"acc": correct / len(queries), "ci95": [lo, hi], "correct": correct,
                            "n": len(queries), "shots_used": sum(len(q.demos) for q in queries) / len(queries),
                            **extra}

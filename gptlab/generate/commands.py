@@ -38,8 +38,8 @@ def read_prompts(args) -> list[str]:
 def encode_prompt(tok, prompt: str, chat: bool, run_dir) -> list[int]:
     if not chat:
         return tok.encode(prompt)
-    from gptlab.chat.template import render_prompt
-    from gptlab.interop.hf import require_chat_tokens
+    from gptlab.tokenizer.chat_template import render_prompt
+    from gptlab.tokenizer.chat_template import require_chat_tokens
     require_chat_tokens(tok, run_dir)
     return render_prompt(tok, [{"role": "user", "content": prompt}])
 
@@ -65,7 +65,7 @@ def load_for_generation(run_dir, device: str = "auto"):
     """(engine, tokenizer, model config) of a causal LM run; bert cannot generate left to right."""
     from gptlab.device import pick_device
     from gptlab.generate.engine import Engine
-    from gptlab.train.checkpoint import load_run
+    from gptlab.runs import load_run
     model, tok, _ = load_run(run_dir, pick_device(device))
     if not model.config.causal:
         raise GptlabError(f"{run_dir}: a {model.config.arch} model is bidirectional and cannot generate text; "

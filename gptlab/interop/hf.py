@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from gptlab import runs
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_json, atomic_write_text, read_json
 from gptlab.model.gpt import GPT, GPTConfig
-from gptlab.tokenizer import (ASSISTANT_END, EOT, PAD, SPECIAL_TOKENS, Tokenizer)
-from gptlab.train import checkpoint as ckpt
+from gptlab.tokenizer import ASSISTANT_END, EOT, SPECIAL_TOKENS, Tokenizer
 
 EXPORTABLE = {"gpt2": "GPT2LMHeadModel", "modern": "LlamaForCausalLM"}
 NO_HF_EQUIVALENT = {
@@ -141,9 +141,9 @@ def stop_token_ids(tok: Tokenizer) -> list[int]:
 
 
 def _write_tokenizer(out: Path, tok: Tokenizer, block_size: int) -> None:
-    from gptlab.chat.template import CHAT_TEMPLATE_JINJA
+    from gptlab.tokenizer.chat_template import CHAT_TEMPLATE_JINJA
     atomic_write_text(out / "tokenizer.json", tok.hf.to_str(pretty=True))
-    pad = PAD if tok.special_id(PAD) is not None else EOT
+    pad = tok.id_to_token(tok.pad_id)
     has_chat = tok.special_id(ASSISTANT_END) is not None
     specials = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": pad}
     cfg = {
@@ -164,7 +164,7 @@ def _write_tokenizer(out: Path, tok: Tokenizer, block_size: int) -> None:
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     """Write ``run_dir``'s model as a transformers checkpoint folder; returns a short summary."""
-    model, tok, run_cfg = ckpt.load_run(run_dir)
+    model, tok, run_cfg = runs.load_run(run_dir)
     cfg = model.config
     if cfg.arch in NO_HF_EQUIVALENT:
         raise GptlabError(f"arch {cfg.arch} has no Hugging Face equivalent ({NO_HF_EQUIVALENT[cfg.arch]}); "
@@ -176,12 +176,12 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     config["gptlab"] = {"arch": cfg.arch, "source_stage": run_cfg.get("stage")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_tensors(out / "model.safetensors", tensors)
+    runs.save_tensors(out / "model.safetensors", tensors)
     atomic_write_json(out / "config.json", config)
     stops = stop_token_ids(tok)
     atomic_write_json(out / "generation_config.json", {
         "bos_token_id": tok.eot_id, "eos_token_id": stops if len(stops) > 1 else stops[0],
-        "pad_token_id": tok.special_id(PAD) if tok.special_id(PAD) is not None else tok.eot_id,
+        "pad_token_id": tok.pad_id,
     })
     _write_tokenizer(out, tok, cfg.block_size)
     return {"arch": cfg.arch, "hf_class": EXPORTABLE[cfg.arch], "params": model.num_params(),
@@ -193,14 +193,14 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.is_file():
-        return ckpt.load_tensors(single)
+        return runs.load_tensors(single)
     if index.is_file():   # sharded checkpoints: the index maps each tensor to its shard file
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         if not shards:
             raise GptlabError(f"{index}: empty weight_map")
         tensors: dict[str, torch.Tensor] = {}
         for s in shards:
-            tensors.update(ckpt.load_tensors(folder / s))
+            tensors.update(runs.load_tensors(folder / s))
         return tensors
     if any((folder / n).is_file() for n in ("pytorch_model.bin", "model.pt")):
         raise GptlabError(f"{folder}: only pickle weights (pytorch_model.bin) found; gptlab reads safetensors "
@@ -351,7 +351,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, with_chat_tokens: bool = 
         raise GptlabError(f"{src}: model_type {model_type or '?'!r} is not supported (gpt2 or llama)")
     tok = Tokenizer.load(src)
     model = GPT(cfg)
-    ckpt.load_gpt_weights(model, sd, str(src))
+    runs.load_gpt_weights(model, sd, str(src))
     if tok.vocab_size > cfg.vocab_size:
         raise GptlabError(f"{src}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} rows")
     added: list[str] = []
@@ -360,21 +360,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, with_chat_tokens: bool = 
         cfg = model.config
     out = Path(out_dir)
     extra = {"source": str(src.resolve()), "hf_model_type": model_type, "added_tokens": added}
-    ckpt.write_run_config(out, cfg, tok, stage="import", extra=extra)
-    ckpt.save_tensors(out / ckpt.MODEL_FILE, ckpt.gpt_state(model))
+    runs.write_run_config(out, cfg, tok, stage="import", extra=extra)
+    runs.save_tensors(out / runs.MODEL_FILE, runs.gpt_state(model))
     summary = {"stage": "import", "arch": cfg.arch, "params": model.num_params(), "vocab_size": cfg.vocab_size,
                "tokenizer_size": tok.vocab_size, "added_tokens": added, "source": str(src)}
-    atomic_write_json(out / ckpt.SUMMARY_FILE, summary)   # written last: the import finished
+    atomic_write_json(out / runs.SUMMARY_FILE, summary)   # written last: the import finished
     return summary
-
-
-def has_chat_tokens(tok: Tokenizer) -> bool:
-    from gptlab.tokenizer import ASSISTANT_START, USER_END, USER_START
-    return all(tok.special_id(t) is not None for t in (USER_START, USER_END, ASSISTANT_START, ASSISTANT_END))
-
-
-def require_chat_tokens(tok: Tokenizer, run_dir) -> None:
-    """Chat needs the role tokens; imported GPT-2 tokenizers do not have them."""
-    if not has_chat_tokens(tok):
-        raise GptlabError(f"{run_dir}: the tokenizer has no chat tokens (<|user_start|> ...); re-import with "
-                          "`gptlab import HF_DIR --out RUN --add-chat-tokens` and fine-tune with `gptlab sft`")

@@ -179,9 +179,9 @@ def label_rankings(prompts: list, responses_fn: ResponsesFn, k: int, out: str | 
 def policy_responses_fn(run_dir: str | os.PathLike, temperature: float = 1.0, top_p: float = 1.0,
                         max_new_tokens: int = 96, seed: int = 0, device: str = "cpu") -> ResponsesFn:
     """K samples from a run folder's model, seeded by the prompt so a resumed run samples the same."""
-    from gptlab.chat.template import fit_prompt
+    from gptlab.tokenizer.chat_template import fit_prompt
     from gptlab.generate.engine import Engine, SamplingParams
-    from gptlab.train.checkpoint import load_run
+    from gptlab.runs import load_run
     model, tok, _ = load_run(run_dir, device=device)
     engine = Engine(model, tok)
     room = model.config.block_size - max_new_tokens

@@ -27,7 +27,6 @@ that agrees 73% with the rules).
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
 from functools import lru_cache
@@ -165,47 +164,4 @@ def pairwise_agreement(a: list[int], b: list[int]) -> float:
     return same / len(pairs) if pairs else 1.0
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a proportion (works at 0 and n, unlike the normal approximation)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # The interval contains p exactly (at 0% and 100% rounding could put a bound a hair inside it).
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
-
-
-def win_rate(items: list[dict], responses_a: list[str], responses_b: list[str]) -> tuple[float, float, float]:
-    """How often A's response beats B's (ties count half), with a Wilson 95% interval: (rate, lo, hi)."""
-    if not (len(items) == len(responses_a) == len(responses_b)):
-        raise GptlabError(f"win_rate needs one response from each side per item "
-                          f"(got {len(items)} items, {len(responses_a)} and {len(responses_b)} responses)")
-    if not items:
-        raise GptlabError("win_rate needs at least one item")
-    wins = 0.0
-    for item, a, b in zip(items, responses_a, responses_b):
-        sa, sb = score(item, a), score(item, b)
-        wins += 1.0 if sa > sb else 0.5 if sa == sb else 0.0
-    lo, hi = wilson_interval(wins, len(items))
-    return wins / len(items), lo, hi
-
-
-def paired_difference(a: list[float], b: list[float], z: float = 1.959963984540054) -> tuple[float, float, float]:
-    """Mean of a_i - b_i over the same items, with a 95% interval (normal approximation on the paired
-    differences): (mean, lo, hi). Pairing removes the items' own difficulty from the spread, so two
-    runs answering the same prompts are told apart with far fewer prompts than two unpaired rates."""
-    if len(a) != len(b) or not a:
-        raise GptlabError(f"paired_difference needs the same positive number of values on each side "
-                          f"(got {len(a)} and {len(b)})")
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
-    half = z * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-__all__ = ["score", "rank", "ties", "win_rate", "wilson_interval", "paired_difference", "pairwise_agreement", "repetition",
-           "conciseness", "ends_properly"]
+__all__ = ["score", "rank", "ties", "pairwise_agreement", "repetition", "conciseness", "ends_properly"]

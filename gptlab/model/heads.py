@@ -1,7 +1,7 @@
 """Task heads on top of a GPT: what fine-tuning, reward models and PPO's value function read.
 
 Each wrapper keeps the transformer as ``.gpt`` so run folders store it under the usual names and the
-head under ``heads.<name>.*`` (see gptlab.train.checkpoint.gpt_state); any consumer of the run can
+head under ``heads.<name>.*`` (see gptlab.runs.gpt_state); any consumer of the run can
 still load the bare GPT.
 """
 from __future__ import annotations

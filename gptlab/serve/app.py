@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from gptlab.chat.template import fit_prompt
+from gptlab.tokenizer.chat_template import fit_prompt
 from gptlab.errors import GptlabError
 from gptlab.serve.store import Store
 
@@ -89,7 +89,7 @@ class Backend:
     def from_run(cls, run_dir: str | Path, device: str = "auto", max_batch: int = 16) -> "Backend":
         from gptlab.device import pick_device
         from gptlab.generate.engine import Engine
-        from gptlab.train.checkpoint import load_run
+        from gptlab.runs import load_run
         dev = pick_device(device)
         model, tok, _ = load_run(run_dir, dev)
         return cls(Engine(model, tok), Path(run_dir).resolve().name, max_batch)

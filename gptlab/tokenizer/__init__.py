@@ -159,6 +159,17 @@ class Tokenizer:
         return self.hf.id_to_token(i)
 
     @property
+    def pad_id(self) -> int:
+        """<|pad|>'s id, or end-of-text's where there is none (imported GPT-2 tokenizers): padded
+        positions are masked out, so any id serves, but one the model knows keeps exports sane."""
+        pid = self.special_id(PAD)
+        return self.eot_id if pid is None else pid
+
+    def same_as(self, other: "Tokenizer") -> bool:
+        """The same vocabulary, merges and special tokens (two runs' ids mean the same text)."""
+        return self.hf.to_str() == other.hf.to_str()
+
+    @property
     def special_ids(self) -> set[int]:
         return {i for t in SPECIAL_TOKENS if (i := self.hf.token_to_id(t)) is not None}
 

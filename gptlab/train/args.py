@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
+from gptlab.errors import GptlabError
 from gptlab.model.gpt import ARCHS, PRESETS, GPTConfig
 from gptlab.train.loop import TrainConfig
 
@@ -75,5 +78,42 @@ def add_ptx_data_arg(p, what: str) -> None:
 
 def ptx_sources(args) -> list[str]:
     """--ptx-data, or what --init's chain of runs was pre-trained on, or the built-in corpus."""
-    from gptlab.train.checkpoint import pretraining_sources
+    from gptlab.runs import pretraining_sources
     return list(args.ptx_data or pretraining_sources(args.init) or ["shakespeare"])
+
+
+# ----- the InstructGPT stages (sft, rm, dpo): epochs and data ------------------------------------------
+def add_epoch_args(p: argparse.ArgumentParser, epochs: float) -> None:
+    """--epochs, and --max-steps defaulting to "whatever --epochs needs" (the loop needs a number)."""
+    for action in p._actions:
+        if action.dest == "max_steps":
+            action.default = argparse.SUPPRESS   # absent unless given; resolve_steps fills it in
+            action.help = "optimizer steps (default: as many as --epochs takes)"
+    p.add_argument("--epochs", type=float, default=epochs,
+                   help="passes over the training examples when --max-steps is not given")
+
+
+def resolve_steps(args, n_examples: int, rows_per_batch: int) -> bool:
+    """Fill args.max_steps from --epochs when the user did not give it (then return True)."""
+    if getattr(args, "max_steps", None) is not None:
+        return False
+    if not args.epochs > 0:
+        raise GptlabError("--epochs must be positive")
+    from gptlab.train.sequences import steps_for_epochs
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.max_steps = steps_for_epochs(args.epochs, n_examples, rows_per_batch, args.grad_accum, world)
+    return True
+
+
+def resolve_data(spec: str, name: str = "sft.jsonl") -> Path:
+    """A file path, or "instruct" for the built-in curriculum written by `gptlab data instruct`."""
+    if spec == "instruct":
+        from gptlab.io import gptlab_home
+        path = gptlab_home() / "instruct" / name
+        if not path.is_file():
+            raise GptlabError(f"--data instruct: {path} not found; run `gptlab data instruct` first")
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise GptlabError(f"--data {spec}: no such file")
+    return path

@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gptlab import runs
 from gptlab.errors import GptlabError
-from gptlab.train import checkpoint as ckpt
-from gptlab.train.args import add_train_args, train_config_from_args
+from gptlab.train.args import add_epoch_args, add_train_args, resolve_data, resolve_steps, train_config_from_args
+from gptlab.train.heldout import format_accuracy, load_eval_items, task_accuracy
 from gptlab.train.loop import train
 from gptlab.train.sequences import (EpochSampler, collate_rankings, dist_rank_world, encode_rankings, group_mean,
-                                    heldout_by_hash, sequence_logprobs)
-from gptlab.train.sft import (add_epoch_args, format_accuracy, load_eval_items, pad_id_of, resolve_data,
-                              resolve_steps, task_accuracy, update_summary)
+                                    heldout_by_hash, require_pairs, sequence_logprobs)
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor,
@@ -150,14 +149,13 @@ def run(args) -> int:
     rankings = load_preferences(data)
     eval_items = load_eval_items(args.eval_items, args.eval_max_items) if args.eval_items else None
     torch.manual_seed(args.seed)
-    policy, tok, init_cfg = ckpt.load_run(args.init)
+    policy, tok, init_cfg = runs.load_run(args.init)
     block = policy.config.block_size
-    pad = pad_id_of(tok)
+    pad = tok.pad_id
     train_r, val_r = heldout_by_hash(rankings, lambda r: r.prompt, args.val_fraction, salt="dpo")
     train_items = encode_rankings(tok, train_r, block)
     val_items = encode_rankings(tok, val_r, block)
-    from gptlab.train.reward import check_items
-    check_items(train_items, data)
+    require_pairs(train_items, data)
 
     # The reference is the SFT model itself before any update: score everything with it once.
     from gptlab.device import pick_device
@@ -174,7 +172,7 @@ def run(args) -> int:
                      args.eval_max_new_tokens, positive=args.dpop)
     derived = resolve_steps(args, len(train_items), args.batch_size)
     cfg = train_config_from_args(args)
-    ckpt.write_run_config(out, policy.config, tok, stage="dpo", extra={
+    runs.write_run_config(out, policy.config, tok, stage="dpo", extra={
         "init": str(args.init), "init_stage": init_cfg.get("stage"), "reference": str(args.init),
         "data": str(data), "train": asdict(cfg),
         "dpo": {"beta": args.beta, "dpop": args.dpop, "val_fraction": args.val_fraction, "epochs": args.epochs}})
@@ -202,8 +200,10 @@ def run(args) -> int:
         extra.update(task_accuracy=acc["accuracy"], per_family=acc["per_family"],
                      mean_response_tokens=acc["mean_response_tokens"])
         print(f"held-out task accuracy: {format_accuracy(acc)}")
-        from gptlab.label.labeler import win_rate
-        rate, lo, hi = win_rate(eval_items, acc["responses"], before["responses"])
+        from gptlab.evals.stats import win_rate
+        from gptlab.label.labeler import score
+        rate, lo, hi = win_rate([score(it, r) for it, r in zip(eval_items, acc["responses"])],
+                                [score(it, r) for it, r in zip(eval_items, before["responses"])])
         extra.update(win_rate_vs_init={"rate": rate, "lo95": lo, "hi95": hi, "n": len(eval_items),
                                        "judge": "gptlab.label.labeler.score, ties count half"},
                      init_task_accuracy=before["accuracy"], init_per_family=before["per_family"],
@@ -211,7 +211,7 @@ def run(args) -> int:
         print(f"labeler win rate vs {args.init}: {100 * rate:.1f}% (95% interval {100 * lo:.1f}-{100 * hi:.1f}%, "
               f"{len(eval_items)} held-out prompts, greedy answers); mean answer length "
               f"{before['mean_response_tokens']:.1f} -> {acc['mean_response_tokens']:.1f} tokens")
-    update_summary(out, extra)
+    runs.update_summary(out, extra)
     print(f"run folder: {out} (a GPT run: model.safetensors, config.json stage 'dpo', metrics.jsonl, curves.png)")
     return 0
 

@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptlab import runs
 from gptlab.data.finetune_tasks import BUILTIN_TASKS, TASK_TYPES, Example, TaskData, load_task
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_json, read_json
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ClassifierModel, gather_last
-from gptlab.tokenizer import DELIM, EXTRACT, PAD, START, Tokenizer
-from gptlab.train import checkpoint as ckpt
+from gptlab.tokenizer import DELIM, EXTRACT, START, Tokenizer
 from gptlab.train.args import add_train_args, train_config_from_args
 from gptlab.train.loop import train
 
@@ -74,8 +74,7 @@ class TaskEncoder:
             raise GptlabError(f"unknown task type {task_type!r}")
         self.tok, self.task_type, self.block_size = tok, task_type, block_size
         self.start, self.delim, self.extract = ids[START], ids[DELIM], ids[EXTRACT]
-        pad = tok.special_id(PAD)
-        self.pad = pad if pad is not None else tok.eot_id
+        self.pad = tok.pad_id
 
     def layout(self, parts: list[list[int]]) -> list[int]:
         """<start> a [<delim> b] <extract>, truncated to the context window."""
@@ -226,7 +225,7 @@ def run(args) -> int:
                      args.data_seed, n_train=args.max_train or 4000)
     if args.max_train:
         task.train = task.train[:args.max_train]
-    gpt, tok, init_cfg = ckpt.load_run(args.init)
+    gpt, tok, init_cfg = runs.load_run(args.init)
     model_cfg = gpt.config
     if model_cfg.arch == "bert" and args.lm_coef > 0:
         raise GptlabError("a bert run has no next-token objective: pass --lm-coef 0")
@@ -246,7 +245,7 @@ def run(args) -> int:
                "n_choices": task.n_choices, "lm_coef": args.lm_coef, "from_scratch": args.from_scratch,
                "clf_dropout": args.clf_dropout, "source": task.source, "init": str(args.init),
                "n_train": len(task.train), "n_heldout": len(task.heldout)}
-    ckpt.write_run_config(out, model_cfg, tok, stage="finetune", extra={
+    runs.write_run_config(out, model_cfg, tok, stage="finetune", extra={
         "finetune": section, "heads": {"clf_head": {"outputs": task.n_outputs}}, "train": asdict(cfg)})
     print(f"task: {task.name} ({task.task_type}, {task.source}): labels {task.labels}")
     print(f"data: {len(task.train):,} training / {len(task.heldout):,} held-out examples; chance "
@@ -257,7 +256,7 @@ def run(args) -> int:
     t0 = time.time()
     result = train(model, stage, cfg, out, summary_extra={"finetune": section, "baselines": base})
     acc = result.metrics.get("heldout_accuracy")
-    summary_path = out / ckpt.SUMMARY_FILE
+    summary_path = out / runs.SUMMARY_FILE
     summary = read_json(summary_path)
     summary["heldout_accuracy"] = acc
     atomic_write_json(summary_path, summary)
@@ -272,7 +271,7 @@ def run(args) -> int:
 
 def load_finetuned(run_dir: str | Path, device: str = "cpu"):
     """(FineTuneModel in eval mode, TaskEncoder, finetune config section) of a fine-tuned run."""
-    gpt, tok, cfg, heads = ckpt.load_run(run_dir, device, with_heads=True)
+    gpt, tok, cfg, heads = runs.load_run(run_dir, device, with_heads=True)
     section = cfg.get("finetune")
     if not isinstance(section, dict) or "clf_head.weight" not in heads:
         raise GptlabError(f"{run_dir}: not a fine-tuned run (train one with gptlab finetune)")

@@ -34,11 +34,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from gptlab import runs
 from gptlab.device import autocast, matmul_peak, pick_device, tune_cpu_allocator
 from gptlab.errors import GptlabError
 from gptlab.io import append_jsonl, atomic_write_json, atomic_write_jsonl
 from gptlab.plots import plot_curves, plot_loss, read_metrics
-from gptlab.train import checkpoint as ckpt
 
 
 @dataclass
@@ -170,12 +170,12 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
     metrics_path = run_dir / "metrics.jsonl"
 
     start_step, elapsed0, tokens_seen = 0, 0.0, 0
-    has_ckpt = (run_dir / ckpt.CHECKPOINT_FILE).is_file()
+    has_ckpt = (run_dir / runs.CHECKPOINT_FILE).is_file()
     if has_ckpt and not cfg.resume:
         raise GptlabError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, "
                           "or choose another --out")
     if has_ckpt:
-        start_step, saved = ckpt.load_checkpoint(run_dir, model, optimizer)
+        start_step, saved = runs.load_checkpoint(run_dir, model, optimizer)
         elapsed0, tokens_seen = saved.get("elapsed_s", 0.0), saved.get("tokens", 0)
         if hasattr(stage, "load_state") and saved.get("stage") is not None:
             stage.load_state(saved["stage"])
@@ -257,11 +257,11 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         if not d.main:
             return
         export = (stage.export_state(model) if hasattr(stage, "export_state")
-                  else ckpt.gpt_state(model, model_state))
-        ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, export, {"step": str(step)})
+                  else runs.gpt_state(model, model_state))
+        runs.save_tensors(run_dir / runs.MODEL_FILE, export, {"step": str(step)})
         state = {"elapsed_s": elapsed, "tokens": tokens_seen,
                  "stage": stage.state() if hasattr(stage, "state") else None}
-        ckpt.save_checkpoint(run_dir, model, optimizer, step, state, model_state, optim_state)
+        runs.save_checkpoint(run_dir, model, optimizer, step, state, model_state, optim_state)
 
     model.train()
     t_start = time.perf_counter()
@@ -363,7 +363,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                    "train_config": asdict(cfg), "world_size": d.world,
                    "parallel": "fsdp" if fsdp else "ddp" if d.world > 1 else "single"}
         summary.update(summary_extra or {})
-        atomic_write_json(run_dir / ckpt.SUMMARY_FILE, summary)
+        atomic_write_json(run_dir / runs.SUMMARY_FILE, summary)
     if d.world > 1:
         dist.barrier()
     return result

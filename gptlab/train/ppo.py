@@ -31,14 +31,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gptlab import runs
 from gptlab.device import autocast
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_json, read_json
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import RewardEnsemble, ScalarHeadModel
-from gptlab.train import checkpoint as ckpt
 from gptlab.train import rl
 from gptlab.train.args import add_ptx_data_arg, add_train_args, ptx_sources, train_config_from_args
+from gptlab.train.heldout import encode_prompts, generate, heldout_metrics, score_sequences
 from gptlab.train.loop import train
 
 PLOT_KEYS = ["reward", "kl", "beta", "entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss",
@@ -105,23 +106,14 @@ def disable_dropout(module: nn.Module) -> None:
             m.config.dropout = 0.0
 
 
-def load_scalar_model(run_dir: str | Path, flag: str) -> tuple[ScalarHeadModel, object, dict]:
-    """A `gptlab rm` run as a ScalarHeadModel (GPT + the head stored as heads.score_head.*)."""
-    from gptlab.train.reward import load_reward_model
-    try:
-        return load_reward_model(run_dir)
-    except GptlabError as e:
-        raise GptlabError(f"{flag} {e}") from None
-
-
 def load_reward(paths: list[str], tok, init: str, penalty: float):
     """The reward PPO optimises: one `gptlab rm` run, or several read as a RewardEnsemble."""
     if penalty < 0:
         raise GptlabError("--ensemble-penalty must be >= 0")
     members = []
     for path in paths:
-        rm, rm_tok, _ = load_scalar_model(path, "--reward-model")
-        if not _same_tokenizer(tok, rm_tok):
+        rm, rm_tok, _ = runs.load_reward_model(path, flag="--reward-model")
+        if not tok.same_as(rm_tok):
             raise GptlabError(f"--reward-model {path} uses a different tokenizer than --init {init}")
         members.append(rm)
     return members[0] if len(members) == 1 else RewardEnsemble(members, penalty)
@@ -157,76 +149,6 @@ def _unwrap(model):
     return getattr(model, "_orig_mod", model)      # torch.compile
 
 
-# ----- generation helpers -------------------------------------------------------------------------------
-def encode_prompts(tok, items: list[dict], max_prompt_tokens: int) -> tuple[list[dict], list[list[int]]]:
-    """Render each prompt with the chat template, dropping its oldest turns to fit; prompts whose last
-    message alone does not fit are skipped. Returns the kept items and their ids."""
-    from gptlab.chat.template import fit_prompt
-    kept, ids = [], []
-    for it in items:
-        try:
-            fitted = fit_prompt(tok, it["messages"], max_prompt_tokens)
-        except GptlabError:
-            continue
-        kept.append(it)
-        ids.append(fitted.ids)
-    return kept, ids
-
-
-def generate(policy: GPT, tok, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-             seeds: list[int] | None = None, stop: list[str] | None = None):
-    """Completions from the shared engine (KV cache, stops at end of turn or a ``stop`` string);
-    restores train/eval mode."""
-    from gptlab.generate.engine import Engine, SamplingParams
-    was_training = policy.training
-    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop or [],
-                             seed=(seeds[i] if seeds else 0)) for i in range(len(prompt_ids))]
-    try:
-        return Engine(policy, tok).generate(prompt_ids, params)
-    finally:
-        policy.train(was_training)
-
-
-def reply_text(tok, completion) -> str:
-    return tok.decode(completion.ids, skip_special=True)
-
-
-@torch.no_grad()
-def score_sequences(rm: ScalarHeadModel, seqs: list[list[int]], pad_id: int, chunk: int = 32) -> torch.Tensor:
-    """Reward-model score of each (prompt + response + end-of-turn) sequence, read at its last token."""
-    from gptlab.train.sequences import pad_batch
-    device = next(rm.parameters()).device
-    out = []
-    for i in range(0, len(seqs), chunk):
-        ids, lengths = pad_batch(seqs[i:i + chunk], pad_id)
-        out.append(rm(ids.to(device), lengths.to(device)).float().cpu())
-    return torch.cat(out)
-
-
-def heldout_metrics(policy: GPT, tok, items: list[dict], prompt_ids: list[list[int]], max_new_tokens: int,
-                    rm: ScalarHeadModel | None = None, pad_id: int = 0,
-                    transcript: bool = False) -> tuple[dict, list[str]]:
-    """Greedy answers to held-out prompts: task accuracy (check_answer), labeler score, mean response
-    length in tokens, the fraction that ended, and the reward model's mean score. ``transcript``: the
-    prompts are plain-text transcripts (``transcript_prompt``) and an answer ends at a newline."""
-    from gptlab.data.instruct import check_answer
-    from gptlab.label.labeler import score as label_score
-    from gptlab.chat.template import end_of_turn_id
-    comps = generate(policy, tok, prompt_ids, max_new_tokens, temperature=0.0, stop=["\n"] if transcript else None)
-    texts = [c.text.strip() if transcript else reply_text(tok, c) for c in comps]
-    checkable = [(it, t) for it, t in zip(items, texts) if "answer" in it and "family" in it]
-    out = {"heldout_len": sum(len(c.ids) for c in comps) / max(1, len(comps)),
-           "heldout_ended": sum(c.finish_reason == "stop" for c in comps) / max(1, len(comps))}
-    if checkable:
-        out["heldout_accuracy"] = sum(check_answer(it, t) for it, t in checkable) / len(checkable)
-        out["heldout_label_score"] = sum(label_score(it, t) for it, t in checkable) / len(checkable)
-    if rm is not None:
-        end = end_of_turn_id(tok)
-        seqs = [p + c.ids + [end] for p, c in zip(prompt_ids, comps)]
-        out["heldout_rm_score"] = float(score_sequences(rm, seqs, pad_id).mean())
-    return out, texts
-
-
 # ----- the stage ----------------------------------------------------------------------------------------
 class PPOStage:
     """Rollouts + PPO minibatches for the shared loop (see the module docstring)."""
@@ -237,8 +159,7 @@ class PPOStage:
     def __init__(self, model: PPOModel, ref: GPT, rm: ScalarHeadModel, tok, prompt_ids: list[list[int]],
                  opts: PPOOptions, ptx_data=None, eval_items: list[dict] | None = None,
                  eval_ids: list[list[int]] | None = None, prompt_items: list[dict] | None = None):
-        from gptlab.chat.template import end_of_turn_id
-        from gptlab.tokenizer import PAD
+        from gptlab.tokenizer.chat_template import end_of_turn_id
         if not prompt_ids:
             raise GptlabError("no usable prompts (every prompt is longer than the context allows)")
         self.model, self.ref, self.rm, self.tok = model, ref, rm, tok
@@ -252,8 +173,7 @@ class PPOStage:
         self.ptx_data = ptx_data if opts.ptx_coef > 0 else None
         self.eval_items, self.eval_ids = eval_items or [], eval_ids or []
         self.end_id = end_of_turn_id(tok)
-        pad = tok.special_id(PAD)
-        self.pad_id = pad if pad is not None else tok.eot_id
+        self.pad_id = tok.pad_id
         if opts.kl_target is not None:
             self.kl_ctl = rl.AdaptiveKLController(opts.beta, opts.kl_target, opts.kl_horizon)
         else:
@@ -497,10 +417,6 @@ class PPOStage:
 
 
 # ----- the command ----------------------------------------------------------------------------------------
-def _same_tokenizer(a, b) -> bool:
-    return a.hf.to_str() == b.hf.to_str()
-
-
 def _default_eval_file(prompts: Path) -> Path | None:
     cand = prompts.parent / "heldout.jsonl"
     return cand if cand.is_file() and cand.resolve() != prompts.resolve() else None
@@ -537,13 +453,13 @@ def run(args) -> int:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
 
-    policy, tok, sft_cfg = ckpt.load_run(args.init)
-    ref, _, _ = ckpt.load_run(args.init)
+    policy, tok, sft_cfg = runs.load_run(args.init)
+    ref, _, _ = runs.load_run(args.init)
     if not args.reward_model and not (opts.oracle_reward and opts.group > 1):
         raise GptlabError("--reward-model is required (only --oracle-reward with --group > 1 needs none: "
                           "the value model starts from the reward model)")
     rm = load_reward(args.reward_model, tok, args.init, args.ensemble_penalty) if args.reward_model else None
-    value = load_scalar_model(args.reward_model[0], "--reward-model")[0] if opts.group == 1 else None
+    value = runs.load_reward_model(args.reward_model[0], flag="--reward-model")[0] if opts.group == 1 else None
     if policy.config.arch == "bert":
         raise GptlabError(f"--init {args.init}: a BERT run cannot generate; PPO needs a GPT policy")
     model_cfg_dict = policy.config.to_dict()
@@ -575,7 +491,7 @@ def run(args) -> int:
     spr = stage.steps_per_rollout
     cfg.ckpt_every = max(spr, (cfg.ckpt_every // spr) * spr)
 
-    resuming = cfg.resume and (out / ckpt.CHECKPOINT_FILE).is_file()
+    resuming = cfg.resume and (out / runs.CHECKPOINT_FILE).is_file()
     t0 = time.time()
     initial = {}
     if not resuming:
@@ -588,14 +504,14 @@ def run(args) -> int:
             print(f"reward normalisation on {max(opts.rollout_batch, 64)} SFT samples: mean {mean:.3f}, std {std:.3f}")
         if eval_ids:
             initial = stage.evaluate(model)
-    ckpt.write_run_config(out, policy.config, tok, stage="ppo", extra={
+    runs.write_run_config(out, policy.config, tok, stage="ppo", extra={
         "init": str(args.init), "reward_model": [str(r) for r in args.reward_model],
         "ensemble_penalty": args.ensemble_penalty if len(args.reward_model) > 1 else None, "prompts": str(args.prompts),
         "ppo": asdict(opts), "ptx_data": args.ptx_data, "train": asdict(cfg)})
     # write_run_config stored the dropout-free config; keep the SFT run's value for later fine-tuning.
-    saved = ckpt.read_run_config(out)
+    saved = runs.read_run_config(out)
     saved["model"] = model_cfg_dict
-    atomic_write_json(out / ckpt.CONFIG_FILE, saved)
+    atomic_write_json(out / runs.CONFIG_FILE, saved)
 
     n = policy.num_params()
     print(f"policy {policy.config.arch} {policy.config.n_layer}x{policy.config.n_embd} ({n / 1e6:.2f}M), "
@@ -610,7 +526,7 @@ def run(args) -> int:
     if initial:
         print("before PPO (SFT policy, greedy): " + _fmt(initial))
     result = train(model, stage, cfg, out, summary_extra={"initial": initial, "params": n})
-    summary_path = out / ckpt.SUMMARY_FILE
+    summary_path = out / runs.SUMMARY_FILE
     if summary_path.is_file():   # what is only known after training
         summary = read_json(summary_path)
         summary.update({"episodes": stage.episodes, "rollouts": stage.rollouts, "beta": stage.kl_ctl.beta,
@@ -641,156 +557,6 @@ def _fmt(m: dict) -> str:
     keys = [("heldout_accuracy", "accuracy {:.1%}"), ("heldout_label_score", "labeler {:.2f}"),
             ("heldout_rm_score", "RM {:+.3f}"), ("heldout_len", "length {:.1f}"), ("heldout_ended", "ended {:.0%}")]
     return ", ".join(f.format(m[k]) for k, f in keys if k in m)
-
-
-# ----- head-to-head comparison ----------------------------------------------------------------------------
-def fewshot_demos(items: list[dict], demos: list[dict], k: int) -> list[list[list[dict]]]:
-    """For each held-out item, ``k`` demonstration conversations of its own task family, drawn
-    reproducibly (seeded by the item's id) from ``demos`` (sft.jsonl)."""
-    import random
-    by_family: dict[str, list[list[dict]]] = {}
-    for d in demos:
-        if "family" in d and "messages" in d:
-            by_family.setdefault(d["family"], []).append(d["messages"])
-    out = []
-    for i, it in enumerate(items):
-        pool = by_family.get(it["family"], [])
-        if len(pool) < k:
-            raise GptlabError(f"--demos: {len(pool)} demonstrations of family {it['family']!r}, {k} shots asked for")
-        out.append(random.Random(f"{it.get('id', i)}").sample(pool, k))
-    return out
-
-
-def compare_runs(run_a: str, run_b: str, prompts_path: str, n: int, max_new_tokens: int,
-                 reward_model: str | None = None, shots: dict[str, int] | None = None,
-                 demos_path: str | None = None) -> dict:
-    """Greedy answers of two runs to the same held-out prompts: each side's accuracy, labeler score,
-    RM score and length, and the labeler's win rate of A over B (ties count half) with a 95% interval.
-
-    ``shots`` ({"a": k, "b": k}): a side with k > 0 is asked GPT-3 style instead of through the chat
-    template, as a plain-text transcript after k same-family demonstrations from ``demos_path`` (the
-    way to give a pre-trained-only model a fair chance; InstructGPT's "GPT-3 (prompted)")."""
-    from gptlab.chat.template import transcript_prompt
-    from gptlab.data.formats import load_conversations, load_prompt_items
-    from gptlab.label.labeler import win_rate
-    shots = shots or {}
-    if any(k < 0 for k in shots.values()):
-        raise GptlabError("--shots-a/--shots-b must be >= 0")
-    items = load_prompt_items(prompts_path)[:n] if n > 0 else load_prompt_items(prompts_path)
-    items = [it for it in items if "answer" in it and "family" in it]
-    if not items:
-        raise GptlabError(f"{prompts_path}: no curriculum items with 'family' and 'answer' (gptlab data instruct)")
-    demo_sets = {}
-    if any(shots.values()):
-        demos_path = Path(demos_path) if demos_path else Path(prompts_path).with_name("sft.jsonl")
-        if not demos_path.is_file():
-            raise GptlabError(f"--demos {demos_path}: no such file (demonstrations for --shots-a/--shots-b)")
-        demos = load_conversations(demos_path)
-        demo_sets = {side: fewshot_demos(items, demos, k) for side, k in shots.items() if k > 0}
-    rm = None
-    if reward_model:
-        rm, rm_tok, _ = load_scalar_model(reward_model, "--reward-model")
-    sides, texts = {}, {}
-    for name, run_dir in (("a", run_a), ("b", run_b)):
-        model, tok, cfg = ckpt.load_run(run_dir)
-        room = model.config.block_size - max_new_tokens - 1
-        if name in demo_sets:
-            ids = [transcript_prompt(tok, it["messages"], d, room) for it, d in zip(items, demo_sets[name])]
-        else:
-            kept, ids = encode_prompts(tok, items, room)
-            if len(kept) != len(items):
-                raise GptlabError(f"{run_dir}: {len(items) - len(kept)} prompts do not fit its context with "
-                                  f"--max-new-tokens {max_new_tokens}; lower it")
-        # an RM reads chat-template conversations only
-        use_rm = rm if rm is not None and _same_tokenizer(tok, rm_tok) and name not in demo_sets else None
-        m, texts[name] = heldout_metrics(model, tok, items, ids, max_new_tokens, use_rm, _pad_id(tok),
-                                         transcript=name in demo_sets)
-        m.update({"run": str(run_dir), "stage": cfg.get("stage"), "params": model.num_params(),
-                  "shots": shots.get(name, 0)})
-        sides[name] = m
-    rate, lo, hi = win_rate(items, texts["a"], texts["b"])
-    families = sorted({it["family"] for it in items})
-    from gptlab.data.instruct import check_answer
-    from gptlab.label.labeler import paired_difference, score as label_score
-    right = {s: [float(check_answer(it, t)) for it, t in zip(items, texts[s])] for s in ("a", "b")}
-    labels = {s: [label_score(it, t) for it, t in zip(items, texts[s])] for s in ("a", "b")}
-    acc_d = paired_difference(right["a"], right["b"])
-    lab_d = paired_difference(labels["a"], labels["b"])
-    only_a = sum(x > y for x, y in zip(right["a"], right["b"]))
-    only_b = sum(y > x for x, y in zip(right["a"], right["b"]))
-    per_family = {}
-    for f in families:
-        rows = [i for i, it in enumerate(items) if it["family"] == f]
-        fa, fb = [right["a"][i] for i in rows], [right["b"][i] for i in rows]
-        d, dlo, dhi = paired_difference(fa, fb)
-        per_family[f] = {"a": sum(fa) / len(rows), "b": sum(fb) / len(rows), "n": len(rows),
-                         "diff": d, "diff_ci95": [dlo, dhi]}
-    return {"n": len(items), "a": sides["a"], "b": sides["b"], "win_rate_a": rate, "win_rate_ci95": [lo, hi],
-            "per_family_accuracy": per_family, "prompts": str(prompts_path), "max_new_tokens": max_new_tokens,
-            "accuracy_diff": acc_d[0], "accuracy_diff_ci95": list(acc_d[1:]), "only_a_right": only_a,
-            "only_b_right": only_b, "label_score_diff": lab_d[0], "label_score_diff_ci95": list(lab_d[1:])}
-
-
-def _pad_id(tok) -> int:
-    from gptlab.tokenizer import PAD
-    pad = tok.special_id(PAD)
-    return pad if pad is not None else tok.eot_id
-
-
-def run_compare(args) -> int:
-    res = compare_runs(args.a, args.b, args.prompts, args.n, args.max_new_tokens, args.reward_model,
-                       {"a": args.shots_a, "b": args.shots_b}, args.demos)
-    a, b = res["a"], res["b"]
-    print(f"{res['n']} held-out prompts from {res['prompts']}, greedy, up to {res['max_new_tokens']} tokens")
-    print(f"{'':<22}{'A':>14}{'B':>14}")
-    print(f"{'run':<22}{Path(a['run']).name:>14}{Path(b['run']).name:>14}")
-    desc = {k: f"{v['stage'] or '?'} {v['params'] / 1e6:.2f}M" for k, v in (("a", a), ("b", b))}
-    print(f"{'stage, params':<22}{desc['a']:>14}{desc['b']:>14}")
-    if a["shots"] or b["shots"]:
-        how = {k: f"{v['shots']}-shot" if v["shots"] else "chat" for k, v in (("a", a), ("b", b))}
-        print(f"{'prompted as':<22}{how['a']:>14}{how['b']:>14}")
-    for key, label, fmt in [("heldout_accuracy", "task accuracy", "{:.1%}"),
-                            ("heldout_label_score", "labeler score", "{:.3f}"),
-                            ("heldout_rm_score", "RM score", "{:+.3f}"),
-                            ("heldout_len", "response tokens", "{:.1f}"),
-                            ("heldout_ended", "ended turn", "{:.0%}")]:
-        if key in a or key in b:
-            va = fmt.format(a[key]) if key in a else "-"
-            vb = fmt.format(b[key]) if key in b else "-"
-            print(f"{label:<22}{va:>14}{vb:>14}")
-    for f, acc in res["per_family_accuracy"].items():
-        dlo, dhi = acc["diff_ci95"]
-        print(f"{'  ' + f:<22}{acc['a']:>14.1%}{acc['b']:>14.1%}   A - B {100 * acc['diff']:+.1f} "
-              f"[{100 * dlo:+.1f}, {100 * dhi:+.1f}] on {acc['n']}")
-    lo, hi = res["win_rate_ci95"]
-    print(f"labeler win rate of A over B: {res['win_rate_a']:.1%} (95% interval {lo:.1%} - {hi:.1%})")
-    dl, dh = res["accuracy_diff_ci95"]
-    print(f"accuracy A - B, paired: {100 * res['accuracy_diff']:+.1f} points (95% interval {100 * dl:+.1f} to "
-          f"{100 * dh:+.1f}); only A right on {res['only_a_right']}, only B right on {res['only_b_right']}")
-    dl, dh = res["label_score_diff_ci95"]
-    print(f"labeler score A - B, paired: {res['label_score_diff']:+.3f} (95% interval {dl:+.3f} to {dh:+.3f})")
-    if args.out:
-        atomic_write_json(args.out, res)
-        print(f"wrote {args.out}")
-    return 0
-
-
-def run_plot_compare(args) -> int:
-    from gptlab.io import read_json
-    from gptlab.plots import plot_comparisons
-    if args.labels and len(args.labels) != len(args.results):
-        raise GptlabError(f"--labels: {len(args.labels)} labels for {len(args.results)} results")
-    results = []
-    for path in args.results:
-        res = read_json(path)
-        if not isinstance(res, dict) or not {"accuracy_diff", "accuracy_diff_ci95", "win_rate_a",
-                                             "win_rate_ci95"} <= res.keys():
-            raise GptlabError(f"{path}: not a `gptlab compare --out` result")
-        results.append(res)
-    labels = args.labels or [f"{Path(r['a']['run']).name} vs {Path(r['b']['run']).name}" for r in results]
-    plot_comparisons(results, labels, args.out, args.title)
-    print(f"wrote {args.out} ({len(results)} comparisons)")
-    return 0
 
 
 def _float_or_off(s: str):
@@ -867,36 +633,3 @@ def register(sub) -> None:
     add_train_args(p, max_steps=200, batch_size=8, lr=2e-5, warmup_steps=10, eval_every=50, ckpt_every=50,
                    weight_decay=0.0, schedule="constant")
     p.set_defaults(func=run)
-
-    c = sub.add_parser(
-        "compare", help="head-to-head: labeler win rate of run A over run B on held-out prompts",
-        description="Greedy answers of two GPT runs (e.g. PPO vs its SFT start, DPO vs SFT, a small PPO vs "
-        "a large SFT model) to the same held-out curriculum prompts. Prints each side's task accuracy "
-        "(per family too), labeler score, reward-model score (with --reward-model), response length and "
-        "how often the programmatic labeler prefers A's answer (ties count half), with a 95% Wilson interval.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("a", help="run folder A")
-    c.add_argument("b", help="run folder B")
-    c.add_argument("--prompts", required=True, help="held-out curriculum prompts (heldout.jsonl)")
-    c.add_argument("--n", type=int, default=500, help="first N prompts (0 = all)")
-    c.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens")
-    c.add_argument("--reward-model", default=None, help="also report this reward model's mean score")
-    c.add_argument("--shots-a", type=int, default=0,
-                   help="ask A GPT-3 style: a plain-text transcript after K same-family demonstrations instead "
-                   "of the chat template (for a pre-trained-only run; 0 = chat template)")
-    c.add_argument("--shots-b", type=int, default=0, help="the same for B")
-    c.add_argument("--demos", default=None,
-                   help="demonstrations for --shots-a/--shots-b (default: sft.jsonl beside --prompts)")
-    c.add_argument("--out", default=None, help="write the figures as JSON here")
-    c.set_defaults(func=run_compare)
-
-    f = sub.add_parser(
-        "plot-compare", help="forest plot (PNG) of several `gptlab compare --out` results",
-        description="One row per `gptlab compare --out` JSON file: the paired accuracy difference A - B and "
-        "the labeler's win rate of A, each with its 95% interval (blue where the interval excludes no "
-        "effect).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    f.add_argument("results", nargs="+", help="JSON files written by gptlab compare --out")
-    f.add_argument("--out", required=True, help="PNG file to write")
-    f.add_argument("--labels", nargs="+", default=None, help="one label per result (default: 'A vs B' run names)")
-    f.add_argument("--title", default="", help="figure title")
-    f.set_defaults(func=run_plot_compare)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
+from gptlab import runs
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPT
 from gptlab.tokenizer import MASK, Tokenizer
-from gptlab.train import checkpoint as ckpt
 from gptlab.train.args import add_model_args, add_train_args, model_config_from_args, train_config_from_args
 from gptlab.train.loop import train
 
@@ -87,7 +87,7 @@ def run(args) -> int:
     out = Path(args.out)
     torch.manual_seed(args.seed)
     if args.init:
-        model, tok, _ = ckpt.load_run(args.init)
+        model, tok, _ = runs.load_run(args.init)
         model_cfg = model.config
     else:
         if not args.tokenizer:
@@ -103,7 +103,7 @@ def run(args) -> int:
         stage = MaskedLanguageModeling(dataset, cfg.batch_size, model_cfg.block_size, tok)
     else:
         stage = LanguageModeling(dataset, cfg.batch_size, model_cfg.block_size)
-    ckpt.write_run_config(out, model_cfg, tok, stage="pretrain",
+    runs.write_run_config(out, model_cfg, tok, stage="pretrain",
                           extra={"data": args.data, "train": asdict(cfg)})
     n_params = model.num_params()
     print(f"model: {model_cfg.arch} {model_cfg.n_layer}x{model_cfg.n_embd} ({model_cfg.n_head} heads), "
@@ -128,7 +128,7 @@ def _print_sample(out: Path) -> None:
         from gptlab.generate.engine import Engine, SamplingParams
     except ModuleNotFoundError:
         return
-    model, tok, _ = ckpt.load_run(out)
+    model, tok, _ = runs.load_run(out)
     text = Engine(model, tok).generate([[tok.eot_id]], SamplingParams(max_new_tokens=120, temperature=0.8,
                                                                        top_k=50, seed=0))[0].text
     print("sample:\n" + text.strip()[:600])

@@ -16,7 +16,7 @@ so demonstrations (the top-ranked responses, or --demos) score 0 on average: rew
 ``--reads response_tokens`` sums a per-token head over the answer instead, and ``--logprob-feature`` adds
 the answer's confidence under the model's own LM head (gptlab.model.heads.ScalarHeadModel says why).
 
-``load_reward_model`` and ``score_responses`` are the API PPO and evaluations use.
+``score_responses`` is the API PPO and evaluations use (``gptlab.runs.load_reward_model`` loads a run).
 """
 from __future__ import annotations
 
@@ -28,15 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptlab import runs
 from gptlab.errors import GptlabError
 from gptlab.model.heads import READS, ScalarHeadModel
 from gptlab.tokenizer import ASSISTANT_START
-from gptlab.train import checkpoint as ckpt
-from gptlab.train.args import add_train_args, train_config_from_args
+from gptlab.train.args import add_epoch_args, add_train_args, resolve_data, resolve_steps, train_config_from_args
 from gptlab.train.loop import train
 from gptlab.train.sequences import (EpochSampler, collate_rankings, dist_rank_world, encode_rankings, group_mean,
-                                    heldout_by_hash, pad_batch, response_ids)
-from gptlab.train.sft import add_epoch_args, pad_id_of, resolve_data, resolve_steps, update_summary
+                                    heldout_by_hash, pad_batch, require_pairs, response_ids)
 
 
 def ranking_loss(scores: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor, n_groups) -> tuple[torch.Tensor, dict]:
@@ -148,19 +147,6 @@ def fit_logprob_weight(model, items, pad_id: int, batch_size: int = 16, max_item
 
 
 # ----- the API for PPO and evaluations ---------------------------------------------------------------
-def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(ScalarHeadModel in eval mode, tokenizer, run config) of a `gptlab rm` run."""
-    gpt, tok, cfg, heads = ckpt.load_run(run_dir, device, with_heads=True)
-    if "score_head.weight" not in heads or "score_head.bias" not in heads:
-        raise GptlabError(f"{run_dir}: not a reward model run (no score head in "
-                          f"{ckpt.MODEL_FILE}); train one with `gptlab rm`")
-    head = (cfg.get("heads") or {}).get("score_head") or {}
-    rm = ScalarHeadModel(gpt, reads=head.get("reads", "last_token"), response_start_id=head.get("response_start_id"),
-                         logprob_feature=bool(head.get("logprob_feature")))
-    rm.load_head(heads)
-    return rm.to(device).eval(), tok, cfg
-
-
 @torch.no_grad()
 def score_responses(rm, tok, prompt_messages, responses: list[str], batch_size: int = 32) -> list[float]:
     """Reward of each response. ``prompt_messages`` is one prompt (a messages list ending with a user
@@ -176,7 +162,7 @@ def score_responses(rm, tok, prompt_messages, responses: list[str], batch_size: 
     out: list[float] = []
     for i in range(0, len(responses), batch_size):
         seqs = [response_ids(tok, p, r, block)[0] for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        ids, lengths = pad_batch(seqs, pad_id_of(tok))
+        ids, lengths = pad_batch(seqs, tok.pad_id)
         out += rm(ids.to(device), lengths.to(device)).cpu().tolist()
     return out
 
@@ -253,11 +239,6 @@ def _describe(rankings, items) -> str:
             + ")")
 
 
-def check_items(items, data) -> None:
-    if not items:
-        raise GptlabError(f"--data {data}: no training prompt has two different responses to compare")
-
-
 def run(args) -> int:
     from gptlab.data.formats import load_preferences
     out = Path(args.out)
@@ -266,15 +247,15 @@ def run(args) -> int:
     if args.demos:
         demonstration_pairs(args.demos, [])     # check the file before training
     torch.manual_seed(args.seed)
-    gpt, tok, init_cfg = ckpt.load_run(args.init)
+    gpt, tok, init_cfg = runs.load_run(args.init)
     start_id = tok.special_id(ASSISTANT_START)
     model = ScalarHeadModel(gpt, reads=args.reads, response_start_id=start_id, logprob_feature=args.logprob_feature)
     block = gpt.config.block_size
     train_r, val_r = heldout_by_hash(rankings, lambda r: r.prompt, args.val_fraction, salt="rm")
-    pad = pad_id_of(tok)
+    pad = tok.pad_id
     train_items = encode_rankings(tok, train_r, block)
     val_items = encode_rankings(tok, val_r, block)
-    check_items(train_items, data)
+    require_pairs(train_items, data)
     stage = RewardStage(train_items, val_items, args.batch_size, args.seed, pad)
     derived = resolve_steps(args, len(train_items), args.batch_size)
     cfg = train_config_from_args(args)
@@ -283,7 +264,7 @@ def run(args) -> int:
         heads["score_head"]["response_start_id"] = start_id
     if args.logprob_feature:
         heads["score_head"]["logprob_feature"] = True
-    ckpt.write_run_config(out, gpt.config, tok, stage="reward", extra={
+    runs.write_run_config(out, gpt.config, tok, stage="reward", extra={
         "init": str(args.init), "init_stage": init_cfg.get("stage"), "data": str(data), "heads": heads,
         "train": asdict(cfg), "reward": {"val_fraction": args.val_fraction, "epochs": args.epochs,
                                          "demos": args.demos}})
@@ -306,12 +287,12 @@ def run(args) -> int:
     # Bias so demonstrations score mean 0, then rewrite the exported weights with it.
     d_prompts, d_responses, what = demonstration_pairs(args.demos, train_r)
     mean = normalise_to_demonstrations(model, tok, d_prompts, d_responses)
-    ckpt.save_tensors(out / ckpt.MODEL_FILE, ckpt.gpt_state(model), {"step": str(result.step)})
+    runs.save_tensors(out / runs.MODEL_FILE, runs.gpt_state(model), {"step": str(result.step)})
     heads["score_head"].update(demo_mean_before=mean, bias_shift=-mean, demonstrations=what)
-    cfg_json = ckpt.read_run_config(out)
+    cfg_json = runs.read_run_config(out)
     cfg_json["heads"] = heads
     from gptlab.io import atomic_write_json
-    atomic_write_json(out / ckpt.CONFIG_FILE, cfg_json)
+    atomic_write_json(out / runs.CONFIG_FILE, cfg_json)
 
     model.eval()   # held-out figures without dropout
     after = evaluate_rankings(model, val_items, pad, args.batch_size) if val_items else {}
@@ -330,7 +311,7 @@ def run(args) -> int:
         print(f"against the noise-free labeler (held out): {100 * acc:.1f}% of {n} pairs; "
               + ", ".join(f"{k} {100 * a:.1f}% ({m})" for k, (a, m) in agreement.items() if k != "all"))
     print(f"bias: demonstrations ({what}) scored {mean:+.3f} on average; shifted to mean 0")
-    update_summary(out, extra)
+    runs.update_summary(out, extra)
     print(f"run folder: {out} (model.safetensors with heads.score_head.*, config.json stage 'reward', "
           "metrics.jsonl, loss.png, curves.png)")
     return 0

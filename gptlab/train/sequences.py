@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gptlab.chat.template import render, render_prompt
+from gptlab.tokenizer.chat_template import render, render_prompt
 from gptlab.errors import GptlabError
 
 
@@ -155,6 +155,12 @@ def encode_rankings(tok, rankings, block_size: int) -> list[EncodedRanking]:
         enc = [response_ids(tok, r.prompt, resp, block_size) for resp in r.responses]
         out.append(EncodedRanking([e[0] for e in enc], [e[1] for e in enc], pairs, best=r.ranking[0]))
     return out
+
+
+def require_pairs(items: list[EncodedRanking], data) -> None:
+    """A one-line error when encode_rankings left nothing to train on."""
+    if not items:
+        raise GptlabError(f"--data {data}: no training prompt has two different responses to compare")
 
 
 def collate_rankings(items: list[EncodedRanking], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ accuracy of greedy answers, per family.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,122 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptlab import runs
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import PAD
-from gptlab.train import checkpoint as ckpt
-from gptlab.train.args import add_ptx_data_arg, add_train_args, ptx_sources, train_config_from_args
+from gptlab.train.args import (add_epoch_args, add_ptx_data_arg, add_train_args, ptx_sources, resolve_data,
+                               resolve_steps, train_config_from_args)
+from gptlab.train.heldout import curriculum_heldout, format_accuracy, load_eval_items, task_accuracy
 from gptlab.train.loop import train
-from gptlab.train.sequences import EpochSampler, dist_rank_world, heldout_by_hash, pack, steps_for_epochs
-
-
-# ----- shared by the InstructGPT stages ---------------------------------------------------------------
-def add_epoch_args(p: argparse.ArgumentParser, epochs: float) -> None:
-    """--epochs, and --max-steps defaulting to "whatever --epochs needs" (the loop needs a number)."""
-    for action in p._actions:
-        if action.dest == "max_steps":
-            action.default = argparse.SUPPRESS   # absent unless given; resolve_steps fills it in
-            action.help = "optimizer steps (default: as many as --epochs takes)"
-    p.add_argument("--epochs", type=float, default=epochs,
-                   help="passes over the training examples when --max-steps is not given")
-
-
-def resolve_steps(args, n_examples: int, rows_per_batch: int) -> bool:
-    """Fill args.max_steps from --epochs when the user did not give it (then return True)."""
-    if getattr(args, "max_steps", None) is not None:
-        return False
-    if not args.epochs > 0:
-        raise GptlabError("--epochs must be positive")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    args.max_steps = steps_for_epochs(args.epochs, n_examples, rows_per_batch, args.grad_accum, world)
-    return True
-
-
-def pad_id_of(tok) -> int:
-    pid = tok.special_id(PAD)
-    return tok.eot_id if pid is None else pid
-
-
-def resolve_data(spec: str, name: str = "sft.jsonl") -> Path:
-    """A file path, or "instruct" for the built-in curriculum written by `gptlab data instruct`."""
-    if spec == "instruct":
-        from gptlab.io import gptlab_home
-        path = gptlab_home() / "instruct" / name
-        if not path.is_file():
-            raise GptlabError(f"--data instruct: {path} not found; run `gptlab data instruct` first")
-        return path
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise GptlabError(f"--data {spec}: no such file")
-    return path
-
-
-def curriculum_heldout(data: Path) -> Path | None:
-    """The held-out items of the curriculum that ``data`` belongs to (written side by side)."""
-    held = data.parent / "heldout.jsonl"
-    if (data.parent / "curriculum.json").is_file() and held.is_file():
-        return held
-    return None
-
-
-def task_accuracy(model, tok, items: list[dict], max_new_tokens: int = 48, batch_size: int = 64,
-                  return_responses: bool = False) -> dict:
-    """Greedy answers to curriculum prompt items, checked with gptlab.data.instruct.check_answer.
-
-    Returns {"accuracy", "per_family": {family: accuracy}, "n", "mean_response_tokens"} (+ "responses").
-    """
-    from gptlab.chat.template import fit_prompt
-    from gptlab.data.instruct import check_answer
-    from gptlab.generate.engine import Engine, SamplingParams
-
-    was_training = model.training
-    engine = Engine(model, tok)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    room = max(1, model.config.block_size - max_new_tokens)
-    responses: list[str] = []
-    lengths: list[int] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        prompts = []
-        for it in chunk:
-            try:
-                prompts.append(fit_prompt(tok, it["messages"], room).ids)
-            except GptlabError:   # a prompt too long for the window: answered from its tail
-                prompts.append(fit_prompt(tok, it["messages"][-1:], 10 ** 9).ids[-room:])
-        for c in engine.generate(prompts, params):
-            responses.append(c.text)
-            lengths.append(len(c.ids))
-    model.train(was_training)
-    right: dict[str, list[int]] = {}
-    for it, text in zip(items, responses):
-        right.setdefault(it.get("family", "?"), []).append(int(check_answer(it, text)))
-    total = sum(sum(v) for v in right.values())
-    out = {"accuracy": total / max(1, len(items)), "n": len(items),
-           "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
-           "mean_response_tokens": sum(lengths) / max(1, len(lengths))}
-    if return_responses:
-        out["responses"] = responses
-    return out
-
-
-def load_eval_items(path: str | Path, limit: int | None) -> list[dict]:
-    from gptlab.data.formats import load_prompt_items
-    items = load_prompt_items(path)
-    for i, it in enumerate(items):
-        if "family" not in it or "answer" not in it:
-            raise GptlabError(f"{path}: item {i + 1} has no \"family\"/\"answer\" (use the curriculum's heldout.jsonl)")
-    if limit:
-        # Every family keeps its share: take items round-robin by family, in file order.
-        by_family: dict[str, list[dict]] = {}
-        for it in items:
-            by_family.setdefault(it["family"], []).append(it)
-        picked, k = [], 0
-        while len(picked) < min(limit, len(items)):
-            for fam in by_family.values():
-                if k < len(fam) and len(picked) < limit:
-                    picked.append(fam[k])
-            k += 1
-        items = picked
-    return items
+from gptlab.train.sequences import EpochSampler, dist_rank_world, heldout_by_hash, pack
 
 
 # ----- the stage ----------------------------------------------------------------------------------------
@@ -216,22 +106,8 @@ class SFTStage:
 
 
 def render_conversations(tok, convs: list[dict]) -> list[tuple[list[int], list[int]]]:
-    from gptlab.chat.template import render
+    from gptlab.tokenizer.chat_template import render
     return [render(tok, c["messages"]) for c in convs]
-
-
-def update_summary(run_dir: Path, extra: dict) -> None:
-    """Add figures computed after training to summary.json (still one atomic write)."""
-    from gptlab.io import atomic_write_json, read_json
-    path = Path(run_dir) / ckpt.SUMMARY_FILE
-    summary = read_json(path) if path.is_file() else {}
-    summary.update(extra)
-    atomic_write_json(path, summary)
-
-
-def format_accuracy(acc: dict) -> str:
-    fams = ", ".join(f"{f} {100 * a:.0f}%" for f, a in acc["per_family"].items())
-    return f"{100 * acc['accuracy']:.1f}% of {acc['n']} ({fams}); mean answer {acc['mean_response_tokens']:.1f} tokens"
 
 
 def run(args) -> int:
@@ -245,9 +121,9 @@ def run(args) -> int:
         raise GptlabError("--ptx-fraction must be in [0, 1)")
 
     torch.manual_seed(args.seed)
-    model, tok, init_cfg = ckpt.load_run(args.init)
+    model, tok, init_cfg = runs.load_run(args.init)
     model_cfg = model.config
-    pad = pad_id_of(tok)
+    pad = tok.pad_id
     train_c, val_c = heldout_by_hash(convs, lambda c: c["messages"], args.val_fraction, salt="sft")
     x, y = pack(render_conversations(tok, train_c), model_cfg.block_size, tok.eot_id, pad)
     val = pack(render_conversations(tok, val_c), model_cfg.block_size, tok.eot_id, pad) if val_c else None
@@ -263,7 +139,7 @@ def run(args) -> int:
                      args.eval_max_new_tokens)
     derived = resolve_steps(args, len(x), stage.rows)
     cfg = train_config_from_args(args)
-    ckpt.write_run_config(out, model_cfg, tok, stage="sft", extra={
+    runs.write_run_config(out, model_cfg, tok, stage="sft", extra={
         "init": str(args.init), "init_stage": init_cfg.get("stage"), "data": str(data),
         "train": asdict(cfg), "sft": {"ptx_fraction": args.ptx_fraction, "ptx_data": args.ptx_data,
                                       "val_fraction": args.val_fraction, "epochs": args.epochs,
@@ -292,7 +168,7 @@ def run(args) -> int:
         extra = {"task_accuracy": acc["accuracy"], "per_family": acc["per_family"],
                  "mean_response_tokens": acc["mean_response_tokens"]}
         print(f"held-out task accuracy: {format_accuracy(acc)}")
-    update_summary(out, extra)
+    runs.update_summary(out, extra)
     print(f"run folder: {out} (model.safetensors, config.json, metrics.jsonl, loss.png, curves.png)")
     return 0
 

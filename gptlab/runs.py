@@ -1,5 +1,8 @@
 """Run folders: weights in safetensors, config as JSON, a tokenizer copy, and resume state.
 
+Every stage writes one and every consumer (sample, chat, serve, evals, label, the next stage) reads
+one through here, so this module sits below all of them (see docs/ARCHITECTURE.md).
+
 ``model.safetensors`` holds what consumers load: the GPT's weights under their usual names
 (``transformer.*``, ``lm_head.weight`` when untied) plus any task heads under ``heads.<name>.*``.
 ``checkpoint.safetensors`` holds everything needed to resume exactly (the trained module, optimizer
@@ -19,6 +22,7 @@ from safetensors.torch import save as st_save
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_bytes, atomic_write_json, read_json
 from gptlab.model.gpt import GPT, GPTConfig
+from gptlab.model.heads import ScalarHeadModel
 from gptlab.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -158,8 +162,35 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", with_heads
     return model, tok, cfg
 
 
+def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu", flag: str | None = None):
+    """(ScalarHeadModel in eval mode, tokenizer, run config) of a `gptlab rm` run; ``flag`` (e.g.
+    "--reward-model") starts any error message, naming the option the path came from."""
+    try:
+        gpt, tok, cfg, heads = load_run(run_dir, device, with_heads=True)
+        if "score_head.weight" not in heads or "score_head.bias" not in heads:
+            raise GptlabError(f"{run_dir}: not a reward model run (no score head in "
+                              f"{MODEL_FILE}); train one with `gptlab rm`")
+    except GptlabError as e:
+        if flag is None:
+            raise
+        raise GptlabError(f"{flag} {e}") from None
+    head = (cfg.get("heads") or {}).get("score_head") or {}
+    rm = ScalarHeadModel(gpt, reads=head.get("reads", "last_token"), response_start_id=head.get("response_start_id"),
+                         logprob_feature=bool(head.get("logprob_feature")))
+    rm.load_head(heads)
+    return rm.to(device).eval(), tok, cfg
+
+
 def is_finished(run_dir: str | Path) -> bool:
     return (Path(run_dir) / SUMMARY_FILE).is_file()
+
+
+def update_summary(run_dir: str | Path, extra: dict) -> None:
+    """Add figures computed after training to summary.json (still one atomic write)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    summary = read_json(path) if path.is_file() else {}
+    summary.update(extra)
+    atomic_write_json(path, summary)
 
 
 # ----- resume state --------------------------------------------------------------------------------

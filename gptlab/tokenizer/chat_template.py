@@ -42,6 +42,17 @@ def _role_ids(tok: Tokenizer, role: str) -> tuple[int, int]:
     return start, end
 
 
+def has_chat_tokens(tok: Tokenizer) -> bool:
+    return all(tok.special_id(t) is not None for t in (USER_START, USER_END, ASSISTANT_START, ASSISTANT_END))
+
+
+def require_chat_tokens(tok: Tokenizer, run_dir) -> None:
+    """Chat needs the role tokens; imported GPT-2 tokenizers do not have them."""
+    if not has_chat_tokens(tok):
+        raise GptlabError(f"{run_dir}: the tokenizer has no chat tokens (<|user_start|> ...); re-import with "
+                          "`gptlab import HF_DIR --out RUN --add-chat-tokens` and fine-tune with `gptlab sft`")
+
+
 def validate_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise GptlabError("messages must be a non-empty list")
