@@ -86,6 +86,19 @@ def append_jsonl(path: str | os.PathLike, row: dict, fsync: bool = True) -> None
             os.fsync(f.fileno())
 
 
+def read_text(path: str | os.PathLike, flag: str | None = None, encoding: str = "utf-8") -> str:
+    """A text file's contents; a missing file or a byte that is not UTF-8 is one line naming the file
+    (after ``flag``, the option it came from, when given)."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    if not path.is_file():
+        raise GptlabError(f"{where}: no such file")
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{where}: not UTF-8 at byte {e.start}") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -103,13 +116,7 @@ def iter_jsonl(path: str | os.PathLike, skip_partial_last: bool = False) -> Iter
     short by a crash in an append-only log), which resumable writers want.
     """
     path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GptlabError(f"{path}: not UTF-8 at byte {e.start}") from None
-    lines = text.split("\n")
+    lines = read_text(path).split("\n")
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue

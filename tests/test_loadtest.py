@@ -5,9 +5,9 @@ import torch
 from gptlab.errors import GptlabError
 from gptlab.generate.engine import SamplingParams, sample_token, sample_tokens
 from gptlab.model.gpt import GPT, GPTConfig
+from gptlab.runs import MODEL_FILE, gpt_state, save_tensors, write_run_config
 from gptlab.serve.loadtest import format_table, percentile, run_load
 from gptlab.tokenizer import Tokenizer
-from gptlab.runs import MODEL_FILE, gpt_state, save_tensors, write_run_config
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,12 @@ import torch
 import uvicorn
 from openai import OpenAI
 
-from gptlab.tokenizer.chat_template import render_prompt
 from gptlab.errors import GptlabError
 from gptlab.serve.app import Limits, create_app
 from gptlab.serve.commands import check_bind
 from gptlab.serve.store import Store
 from gptlab.tokenizer import USER_END, USER_START, Tokenizer
+from gptlab.tokenizer.chat_template import render_prompt
 
 FILLER = " The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 WORDS = ["apple", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron"]

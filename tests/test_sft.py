@@ -5,12 +5,12 @@ import math
 import torch
 
 from gptlab import runs
-from gptlab.tokenizer.chat_template import render
 from gptlab.cli import main
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.tokenizer import ASSISTANT_END
+from gptlab.tokenizer.chat_template import render
 from gptlab.train.sequences import (EpochSampler, pack, pad_batch, response_ids, sequence_logprobs,
-                                    token_logprobs)
+                                    teacher_forced_logprobs)
 
 PAD, SEP = 1, 0
 
@@ -84,7 +84,7 @@ def test_sequence_logprobs_matches_manual(small_tokenizer):
         for b in range(2):
             manual = sum(float(logp[b, t - 1, ids[b, t]]) for t in range(1, 6) if mask[b, t])
             assert math.isclose(float(got[b]), manual, rel_tol=1e-5, abs_tol=1e-5)
-        assert token_logprobs(model, ids).shape == (2, 5)
+        assert teacher_forced_logprobs(model, ids).shape == (2, 5)
         assert got.dtype == torch.float32
 
 

@@ -14,10 +14,10 @@ import sys
 from dataclasses import replace
 from typing import Callable, TextIO
 
-from gptlab.tokenizer.chat_template import fit_prompt
 from gptlab.errors import GptlabError
 from gptlab.generate.engine import Engine, SamplingParams
 from gptlab.io import atomic_write_jsonl
+from gptlab.tokenizer.chat_template import fit_prompt
 
 HELP = """commands:
   /system TEXT   set the system message (empty TEXT removes it)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptlab.errors import GptlabError
+from gptlab.io import iter_jsonl, read_text
 
 TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
 # Columns that name each type, checked in this order (a file with premise+hypothesis is entailment even
@@ -92,13 +93,9 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
         raise GptlabError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        from gptlab.io import iter_jsonl
         rows = list(iter_jsonl(path))
     elif suffix == ".csv":
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise GptlabError(f"{path}: not UTF-8 at byte {e.start}") from None
+        text = read_text(path, encoding="utf-8-sig")
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames:
             raise GptlabError(f"{path}: empty file (expected a header row and labelled rows)")

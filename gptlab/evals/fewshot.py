@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.evals.tasks import Item, Task, build_prompt, choose_demos, prompt_prefix
 from gptlab.evals.stats import wilson_interval
+from gptlab.evals.tasks import Item, Task, build_prompt, choose_demos, prompt_prefix
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from gptlab.device import autocast
 from gptlab.errors import GptlabError
+from gptlab.io import read_text
 
 
 def _device(model) -> torch.device:
@@ -117,12 +118,7 @@ def perplexity(model, tokenizer, text: str, stride: int | None = None, batch_siz
 
 def read_text_file(path: str | Path) -> str:
     path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"--text {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GptlabError(f"--text {path}: not UTF-8 (invalid byte at offset {e.start})") from None
+    text = read_text(path, "--text")
     if not text.strip():
         raise GptlabError(f"--text {path}: the file is empty")
     return text

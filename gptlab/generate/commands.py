@@ -16,18 +16,14 @@ import time
 from pathlib import Path
 
 from gptlab.errors import GptlabError
+from gptlab.io import read_text
 
 
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise GptlabError(f"--prompts-file {path}: no such file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise GptlabError(f"--prompts-file {path}: not UTF-8 at byte {e.start}") from None
+        text = read_text(path, "--prompts-file")
         # One prompt per line; "\n" inside a line stands for a newline so prompts can span lines.
         prompts += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
         if not prompts:

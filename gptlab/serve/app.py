@@ -28,9 +28,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from gptlab.tokenizer.chat_template import fit_prompt
 from gptlab.errors import GptlabError
 from gptlab.serve.store import Store
+from gptlab.tokenizer.chat_template import fit_prompt
 
 STATIC = Path(__file__).parent / "static"
 PUBLIC_PATHS = ("/", "/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/favicon.ico")

@@ -7,7 +7,7 @@
 * ``response_ids`` / ``encode_rankings`` / ``collate_rankings``: a prompt plus each of K ranked
   responses, rendered with the chat template; a batch element is ONE prompt with all its responses and
   all C(K,2) (winner, loser) pairs between them (InstructGPT's batching).
-* ``sequence_logprobs`` / ``token_logprobs``: teacher-forced log-probabilities in fp32, what DPO and
+* ``sequence_logprobs`` / ``teacher_forced_logprobs``: teacher-forced log-probabilities in fp32, what DPO and
   PPO compare between the policy and the frozen reference.
 * ``EpochSampler``: batches that walk through shuffled epochs, so "one epoch" means each example once.
 """
@@ -19,10 +19,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from gptlab.tokenizer.chat_template import render, render_prompt
 from gptlab.errors import GptlabError
+from gptlab.tokenizer.chat_template import render, render_prompt
+from gptlab.train.rl import token_logprobs
 
 
 # ----- padding and packing -------------------------------------------------------------------------
@@ -88,18 +88,14 @@ def pack(seqs_with_masks, block_size: int, sep_id: int, pad_id: int) -> tuple[to
 
 
 # ----- log-probabilities -----------------------------------------------------------------------------
-def token_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def teacher_forced_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(ids[:, t] | ids[:, :t]) for t >= 1, teacher-forced, in fp32: [B, T-1].
 
-    ``model`` is a GPT (or a DDP wrapper of one): ``model(idx)`` returns (logits, loss). Logits are
-    divided by ``temperature`` so PPO scores tokens under the distribution it sampled them from.
+    ``model`` is a GPT (or a DDP wrapper of one): ``model(idx)`` returns (logits, loss); the
+    log-probabilities are rl.token_logprobs of those logits (temperature as there).
     """
     logits, _ = model(ids[:, :-1])
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = F.log_softmax(logits, dim=-1)
-    return logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits, ids[:, 1:], temperature)
 
 
 def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -108,7 +104,7 @@ def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature:
     ``mask[b, t] = 1`` marks ``ids[b, t]`` as a scored token (the response); position 0 can never be
     scored (nothing predicts it) and padding must be 0.
     """
-    lp = token_logprobs(model, ids, temperature)
+    lp = teacher_forced_logprobs(model, ids, temperature)
     return (lp * mask[:, 1:].to(lp.dtype)).sum(-1)
 
 
