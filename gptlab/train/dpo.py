@@ -30,8 +30,8 @@ from gptlab.errors import GptlabError
 from gptlab.train.args import add_epoch_args, add_train_args, resolve_data, resolve_steps, train_config_from_args
 from gptlab.train.heldout import format_accuracy, load_eval_items, task_accuracy
 from gptlab.train.loop import train
-from gptlab.train.sequences import (EpochSampler, collate_rankings, dist_rank_world, encode_rankings, group_mean,
-                                    heldout_by_hash, require_pairs, sequence_logprobs)
+from gptlab.train.sequences import (RankingBatches, collate_rankings, encode_rankings, group_mean, heldout_by_hash,
+                                    require_pairs, sequence_logprobs)
 
 
 def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor,
@@ -73,42 +73,22 @@ def attach_reference_logprobs(ref_model, items, pad_id: int, batch_size: int = 1
             at += len(item.ids)
 
 
-class DPOStage:
+class DPOStage(RankingBatches):
     name = "dpo"
     plot_keys = ["train_loss", "val_loss", "reward_accuracy", "reward_margin", "chosen_reward",
                  "rejected_reward", "val_reward_accuracy", "accuracy"]
 
     def __init__(self, train_items, val_items, batch_size: int, seed: int, pad_id: int, beta: float,
                  tok=None, eval_items=None, eval_max_new_tokens: int = 48, positive: float = 0.0):
-        self.items, self.val_items = train_items, val_items
-        self.positive = positive
-        self.batch_size, self.pad_id, self.beta = batch_size, pad_id, beta
-        self.sampler = EpochSampler(len(train_items), seed)
-        self.counter = 0
+        super().__init__(train_items, val_items, batch_size, seed, pad_id)
+        self.positive, self.beta = positive, beta
         self.tok, self.eval_items, self.eval_max_new_tokens = tok, eval_items, eval_max_new_tokens
         self.last_accuracy: dict | None = None
-
-    def get_batch(self, split, gen):
-        if split != "train":
-            return None   # evaluate() goes over the whole held-out set
-        rank, world = dist_rank_world()
-        idx = self.sampler.batch(self.counter * world + rank, self.batch_size)
-        self.counter += 1
-        return collate_rankings([self.items[i] for i in idx], self.pad_id)
 
     def loss(self, model, batch):
         logps = sequence_logprobs(model, batch["ids"], batch["mask"])
         return dpo_loss(logps, batch["ref_logps"], batch["pairs"], batch["group"], batch["n_groups"], self.beta,
                         self.positive)
-
-    def count_tokens(self, batch) -> int:
-        return int(batch["lengths"].sum())
-
-    def state(self):
-        return {"counter": self.counter}
-
-    def load_state(self, d):
-        self.counter = int(d.get("counter", 0))
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:

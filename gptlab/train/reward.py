@@ -34,8 +34,8 @@ from gptlab.model.heads import READS, ScalarHeadModel
 from gptlab.tokenizer import ASSISTANT_START
 from gptlab.train.args import add_epoch_args, add_train_args, resolve_data, resolve_steps, train_config_from_args
 from gptlab.train.loop import train
-from gptlab.train.sequences import (EpochSampler, collate_rankings, dist_rank_world, encode_rankings, group_mean,
-                                    heldout_by_hash, pad_batch, require_pairs, response_ids)
+from gptlab.train.sequences import (RankingBatches, collate_rankings, encode_rankings, group_mean, heldout_by_hash,
+                                    pad_batch, require_pairs, response_ids)
 
 
 def ranking_loss(scores: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor, n_groups) -> tuple[torch.Tensor, dict]:
@@ -49,38 +49,15 @@ def ranking_loss(scores: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor,
     return loss, {"accuracy": float(acc.detach()), "margin": float(diff.detach().mean())}
 
 
-class RewardStage:
+class RewardStage(RankingBatches):
     """Batches of prompts, each with all its responses and pairs; held-out pairwise accuracy."""
 
     name = "reward"
     plot_keys = ["train_loss", "val_loss", "accuracy", "pairwise_accuracy", "margin"]
 
-    def __init__(self, train_items, val_items, batch_size: int, seed: int, pad_id: int):
-        self.items, self.val_items = train_items, val_items
-        self.batch_size, self.pad_id = batch_size, pad_id
-        self.sampler = EpochSampler(len(train_items), seed)
-        self.counter = 0
-
-    def get_batch(self, split, gen):
-        if split != "train":
-            return None   # evaluate() goes over the whole held-out set
-        rank, world = dist_rank_world()
-        idx = self.sampler.batch(self.counter * world + rank, self.batch_size)
-        self.counter += 1
-        return collate_rankings([self.items[i] for i in idx], self.pad_id)
-
     def loss(self, model, batch):
         scores = model(batch["ids"], batch["lengths"])
         return ranking_loss(scores, batch["pairs"], batch["group"], batch["n_groups"])
-
-    def count_tokens(self, batch) -> int:
-        return int(batch["lengths"].sum())
-
-    def state(self):
-        return {"counter": self.counter}
-
-    def load_state(self, d):
-        self.counter = int(d.get("counter", 0))
 
     def evaluate(self, model) -> dict:
         return evaluate_rankings(model, self.val_items, self.pad_id, self.batch_size) if self.val_items else {}

@@ -153,6 +153,37 @@ def encode_rankings(tok, rankings, block_size: int) -> list[EncodedRanking]:
     return out
 
 
+class RankingBatches:
+    """The data side the reward model and DPO share: a training batch is ``batch_size`` prompts, each
+    with all its ranked responses, drawn epoch by epoch across ranks (the position is stage state, so
+    resume continues with the next batch); evaluation walks the whole held-out set itself, so there
+    is no "val" batch."""
+
+    def __init__(self, train_items: list[EncodedRanking], val_items: list[EncodedRanking], batch_size: int,
+                 seed: int, pad_id: int):
+        self.items, self.val_items = train_items, val_items
+        self.batch_size, self.pad_id = batch_size, pad_id
+        self.sampler = EpochSampler(len(train_items), seed)
+        self.counter = 0
+
+    def get_batch(self, split, gen):
+        if split != "train":
+            return None   # evaluate() goes over the whole held-out set
+        rank, world = dist_rank_world()
+        idx = self.sampler.batch(self.counter * world + rank, self.batch_size)
+        self.counter += 1
+        return collate_rankings([self.items[i] for i in idx], self.pad_id)
+
+    def count_tokens(self, batch) -> int:
+        return int(batch["lengths"].sum())
+
+    def state(self):
+        return {"counter": self.counter}
+
+    def load_state(self, d):
+        self.counter = int(d.get("counter", 0))
+
+
 def require_pairs(items: list[EncodedRanking], data) -> None:
     """A one-line error when encode_rankings left nothing to train on."""
     if not items:
