@@ -11,9 +11,15 @@ from pathlib import Path
 
 import torch
 
+from gptlab.data.formats import load_prompt_items
+from gptlab.data.instruct import check_answer
 from gptlab.errors import GptlabError
+from gptlab.generate.engine import Engine, SamplingParams
+from gptlab.label.labeler import score as label_score
 from gptlab.model.gpt import GPT
 from gptlab.model.heads import ScalarHeadModel
+from gptlab.tokenizer.chat_template import end_of_turn_id, fit_prompt
+from gptlab.train.sequences import pad_batch
 
 
 # ----- curriculum items -----------------------------------------------------------------------------------
@@ -31,9 +37,6 @@ def task_accuracy(model, tok, items: list[dict], max_new_tokens: int = 48, batch
 
     Returns {"accuracy", "per_family": {family: accuracy}, "n", "mean_response_tokens"} (+ "responses").
     """
-    from gptlab.tokenizer.chat_template import fit_prompt
-    from gptlab.data.instruct import check_answer
-    from gptlab.generate.engine import Engine, SamplingParams
 
     was_training = model.training
     engine = Engine(model, tok)
@@ -66,7 +69,6 @@ def task_accuracy(model, tok, items: list[dict], max_new_tokens: int = 48, batch
 
 
 def load_eval_items(path: str | Path, limit: int | None) -> list[dict]:
-    from gptlab.data.formats import load_prompt_items
     items = load_prompt_items(path)
     for i, it in enumerate(items):
         if "family" not in it or "answer" not in it:
@@ -95,7 +97,6 @@ def format_accuracy(acc: dict) -> str:
 def encode_prompts(tok, items: list[dict], max_prompt_tokens: int) -> tuple[list[dict], list[list[int]]]:
     """Render each prompt with the chat template, dropping its oldest turns to fit; prompts whose last
     message alone does not fit are skipped. Returns the kept items and their ids."""
-    from gptlab.tokenizer.chat_template import fit_prompt
     kept, ids = [], []
     for it in items:
         try:
@@ -111,7 +112,6 @@ def generate(policy: GPT, tok, prompt_ids: list[list[int]], max_new_tokens: int,
              seeds: list[int] | None = None, stop: list[str] | None = None):
     """Completions from the shared engine (KV cache, stops at end of turn or a ``stop`` string);
     restores train/eval mode."""
-    from gptlab.generate.engine import Engine, SamplingParams
     was_training = policy.training
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop or [],
                              seed=(seeds[i] if seeds else 0)) for i in range(len(prompt_ids))]
@@ -128,7 +128,6 @@ def reply_text(tok, completion) -> str:
 @torch.no_grad()
 def score_sequences(rm: ScalarHeadModel, seqs: list[list[int]], pad_id: int, chunk: int = 32) -> torch.Tensor:
     """Reward-model score of each (prompt + response + end-of-turn) sequence, read at its last token."""
-    from gptlab.train.sequences import pad_batch
     device = next(rm.parameters()).device
     out = []
     for i in range(0, len(seqs), chunk):
@@ -143,9 +142,6 @@ def heldout_metrics(policy: GPT, tok, items: list[dict], prompt_ids: list[list[i
     """Greedy answers to held-out prompts: task accuracy (check_answer), labeler score, mean response
     length in tokens, the fraction that ended, and the reward model's mean score. ``transcript``: the
     prompts are plain-text transcripts (``transcript_prompt``) and an answer ends at a newline."""
-    from gptlab.data.instruct import check_answer
-    from gptlab.label.labeler import score as label_score
-    from gptlab.tokenizer.chat_template import end_of_turn_id
     comps = generate(policy, tok, prompt_ids, max_new_tokens, temperature=0.0, stop=["\n"] if transcript else None)
     texts = [c.text.strip() if transcript else reply_text(tok, c) for c in comps]
     checkable = [(it, t) for it, t in zip(items, texts) if "answer" in it and "family" in it]
