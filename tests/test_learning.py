@@ -21,11 +21,11 @@ import random
 import pytest
 import torch
 
+from gptlab import runs
 from gptlab.cli import main
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
 from gptlab.tokenizer import ASSISTANT_START
-from gptlab.train import checkpoint as ckpt
 from gptlab.train.sequences import pad_batch, response_ids, sequence_logprobs
 
 SEEDS = [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
@@ -34,8 +34,8 @@ FILLER = ("to be or not that is the question whether tis nobler in mind suffer s
 
 
 def _save_run(path, module, tok, stage, **extra):
-    ckpt.write_run_config(path, module.config, tok, stage=stage, extra=extra)
-    ckpt.save_tensors(path / ckpt.MODEL_FILE, ckpt.gpt_state(module))
+    runs.write_run_config(path, module.config, tok, stage=stage, extra=extra)
+    runs.save_tensors(path / runs.MODEL_FILE, runs.gpt_state(module))
     return path
 
 
@@ -74,7 +74,8 @@ def test_reward_model_learns_a_preference_it_is_shown(tmp_path, small_tokenizer,
     Catches: scores replaced by zeros (every pair a tie: 50%), and the loss swapping winner and
     loser (the reversed preference: ~0%). Before this test the only end-to-end check of a trained
     reward model was 0 <= accuracy <= 1."""
-    from gptlab.train.reward import load_reward_model, score_responses
+    from gptlab.runs import load_reward_model
+    from gptlab.train.reward import score_responses
     tok = small_tokenizer
     init = _save_run(tmp_path / "init", _random_gpt(tok, seed), tok, "sft")
     data = _write_jsonl(tmp_path / "pairs.jsonl", _fruit_pairs(160, seed))
@@ -108,8 +109,8 @@ def test_dpo_raises_the_chosen_over_rejected_margin(tmp_path, small_tokenizer, o
     assert main(["dpo", "--init", str(init), "--data", str(data), "--out", str(out), "--val-fraction", "0",
                  "--beta", str(beta), "--batch-size", "8", "--epochs", "2", "--lr", "3e-3",
                  "--warmup-steps", "5", "--seed", str(seed), "--no-progress"]) == 0
-    policy, tok, _ = ckpt.load_run(out)
-    ref, _, _ = ckpt.load_run(init)
+    policy, tok, _ = runs.load_run(out)
+    ref, _, _ = runs.load_run(init)
     fresh = _fruit_pairs(60, seed + 1000)
     seqs = [response_ids(tok, [{"role": "user", "content": r["prompt"]}], r[side])
             for r in fresh for side in ("chosen", "rejected")]
@@ -161,10 +162,10 @@ def ppo_task(tmp_path, small_tokenizer):
 def _mean_reward(run_dir, rm_dir, prompts_file, samples=8, max_new_tokens=8, seed=0):
     """The reward model's mean score of sampled answers (temperature 1) to every prompt, ``samples``
     each: what PPO is meant to raise, measured here with the engine and the RM alone."""
-    from gptlab.chat.template import end_of_turn_id, render_prompt
     from gptlab.generate.engine import Engine, SamplingParams
-    from gptlab.train.reward import load_reward_model
-    policy, tok, _ = ckpt.load_run(run_dir)
+    from gptlab.runs import load_reward_model
+    from gptlab.tokenizer.chat_template import end_of_turn_id, render_prompt
+    policy, tok, _ = runs.load_run(run_dir)
     rm, _, _ = load_reward_model(rm_dir)
     prompts = [render_prompt(tok, [{"role": "user", "content": json.loads(line)["prompt"]}])
                for line in prompts_file.read_text().splitlines()] * samples
