@@ -43,13 +43,20 @@ the model never saw, from a dictionary in the prompt), so four kinds of document
   document comes from the same one of the two other columns, and no line says which, so only the
   answers already given do: reading the task from demonstrations, GPT-3's few-shot skill.
 
+``wordop`` documents (v11; drawn ``DEFAULT_WEIGHTS`` = 4 times as often as one family) teach the
+same skill on the word itself: every line applies one string operation, drawn per document and
+named nowhere (no description line), ``garden -> GARDEN`` (upper), ``garden -> nedrag`` (reverse),
+``garden -> g`` (first letter), ``garden -> n`` (last letter). The eval tasks ``icl_upper`` ...
+``icl_last`` (gptlab/evals/tasks.py) ask ``word ->`` of held-out words: zero-shot a model can only
+guess the operation; the demonstrations say which.
+
 Held-out split: ``is_heldout(family, key)`` hashes the key (blake2b, not Python's salted hash), so
 membership is the same on every machine and for every seed. Families that share a key space share
 the decision: a held-out dictionary word is absent from both en2zh and zh2en, and a held-out word
 is absent from all four unscrambling families. The corpus never contains a held-out item: no
 held-out arithmetic problem, no held-out word next to its translation (the words themselves occur,
 paired at random in ``lookup`` documents, so they are ordinary tokens to copy; since v9), no
-held-out unscrambling word. The eval harness draws its questions from ``heldout_items``.
+held-out unscrambling word (the ``wordop`` documents share that split). The eval harness draws its questions from ``heldout_items``.
 
 The corpus is a pure function of (seed, n_lines): ``random.Random(seed)`` drives every choice.
 """
@@ -70,7 +77,7 @@ from gptlab.io import atomic_write_text, gptlab_home
 
 DEFAULT_SEED = 0
 DEFAULT_LINES = 150_000
-MIXTURE_VERSION = 10
+MIXTURE_VERSION = 11
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -472,13 +479,64 @@ def _lookup3_document(rng: random.Random, k: int) -> list[str]:
     return [dictionary3_line(entries)] + [f"{q} => {answers[q]}" for q in queries]
 
 
+WORDOP = "wordop"
+# One string operation per ``wordop`` document; the eval tasks are named ``icl_`` + the key.
+WORD_OPS: dict[str, Callable[[str], str]] = {
+    "upper": str.upper,                   # garden -> GARDEN
+    "reverse": lambda w: w[::-1],         # garden -> nedrag
+    "first": lambda w: w[0],              # garden -> g
+    "last": lambda w: w[-1],              # garden -> n
+}
+
+
+def wordop_example(op: str, word: str) -> tuple[str, str]:
+    """(prompt, answer) of one ``wordop`` line, ``garden -> GARDEN``."""
+    return f"{word} ->", f" {WORD_OPS[op](word)}"
+
+
+def _distinct_under_ops(w: str) -> bool:
+    # Every operation gives a different answer (no palindromes, first letter != last letter), so an
+    # answer tells which operation it applies and a query is never right by a coincidence of two ops.
+    return len(w) >= 3 and w[0] != w[-1] and w != w[::-1]
+
+
+@lru_cache(maxsize=2)
+def wordop_words(heldout: bool) -> list[str]:
+    """Real words on one side of the unscrambling families' held-out split (namespace "word"):
+    the training side appears in ``wordop`` documents, the held-out side only in evals."""
+    return [w for w in WORDS if _distinct_under_ops(w) and is_heldout("cycle", w) == heldout]
+
+
+def _wordop_document(rng: random.Random, k: int) -> list[str]:
+    """``k`` lines ``garden -> GARDEN`` that all apply the same operation, drawn per document, with
+    no line saying which: the first answer is a guess, every later one is determined by the earlier
+    ones (the in-context skill GPT-3's few-shot evaluations rest on, as in ``lookup3``, but on the
+    word itself rather than a dictionary). Words are training-side real words or made-up ones, so
+    the operation, not a memorised answer, is what predicts each line.
+    """
+    op = rng.choice(list(WORD_OPS))
+    words = wordop_words(False)
+    lines = []
+    for _ in range(k):
+        w = rng.choice(words) if rng.random() < 0.5 else code_word(rng)
+        while not _distinct_under_ops(w):
+            w = code_word(rng)
+        lines.append("".join(wordop_example(op, w)))
+    return lines
+
+
 # Document kinds besides the _SPECS families (no items, no held-out split): name -> (rng, k) -> lines.
-_EXTRA_DOCUMENTS = {LOOKUP: _lookup_document, REPEAT: _repeat_document, LOOKUP3: _lookup3_document}
+_EXTRA_DOCUMENTS = {LOOKUP: _lookup_document, REPEAT: _repeat_document, LOOKUP3: _lookup3_document,
+                    WORDOP: _wordop_document}
 EXTRA_FAMILIES = tuple(_EXTRA_DOCUMENTS)
+# Relative weights when none are given (every other kind: 1). ``wordop`` documents are drawn more
+# often: a small model needs several thousand of them to read four operations from demonstrations.
+DEFAULT_WEIGHTS: dict[str, float] = {WORDOP: 4.0}
 
 
 def parse_weights(spec: str | None) -> dict[str, float] | None:
-    """``"lookup=4,add2=2"`` -> {family: weight}; unnamed families keep weight 1. None/"" -> None."""
+    """``"lookup=4,add2=2"`` -> {family: weight}; unnamed families keep their default weight
+    (``DEFAULT_WEIGHTS``, else 1). None/"" -> None."""
     if not spec:
         return None
     known = list(_SPECS) + list(EXTRA_FAMILIES)
@@ -494,7 +552,7 @@ def parse_weights(spec: str | None) -> dict[str, float] | None:
         if not (w >= 0 and w < float("inf")):
             raise GptlabError(f"--weights: the weight of {name} must be a non-negative number")
         weights[name] = w
-    if not any(weights.get(n, 1.0) > 0 for n in known):
+    if not any(weights.get(n, DEFAULT_WEIGHTS.get(n, 1.0)) > 0 for n in known):
         raise GptlabError("--weights: at least one family needs a positive weight")
     return weights
 
@@ -503,15 +561,15 @@ def generate_documents(seed: int = DEFAULT_SEED, n_lines: int = DEFAULT_LINES,
                        weights: dict[str, float] | None = None):
     """Yield documents (str, lines joined by newlines) until ``n_lines`` example lines are out.
 
-    ``weights`` (family -> relative weight, default 1 each) skews how often each kind of document
-    is drawn, e.g. more look-up documents to teach copying from the context.
+    ``weights`` (family -> relative weight; unnamed ones keep ``DEFAULT_WEIGHTS``, else 1) skews
+    how often each kind of document is drawn, e.g. more look-up documents to teach copying.
     """
     rng = random.Random(seed)
     names = list(_SPECS) + list(EXTRA_FAMILIES)
-    odds = [(weights or {}).get(n, 1.0) for n in names]
+    odds = [(weights or {}).get(n, DEFAULT_WEIGHTS.get(n, 1.0)) for n in names]
     done = 0
     while done < n_lines:
-        family = rng.choices(names, odds)[0] if weights else rng.choice(names)
+        family = rng.choices(names, odds)[0]
         k = min(rng.randint(4, 12), n_lines - done)
         done += k
         if family in _EXTRA_DOCUMENTS:

@@ -227,6 +227,8 @@ def register(sub) -> None:
         "only: add2 add3 sub2 sub3 (groups: arithmetic), cycle anagram1 anagram2 reverse (unscramble), "
         "en2zh zh2en with a dictionary in the prompt (translate), dict3_en2zh dict3_zh2en with a "
         "three-column dictionary where only the demonstrations say which column answers (translate3), "
+        "icl_upper icl_reverse icl_first icl_last (`word ->`: only the demonstrations say which string "
+        "operation; group icl), "
         "lookup, cloze (Shakespeare last word, multiple choice), blank (a word inside a Shakespeare line, 10 candidates; works for BERT runs too), any "
         "other `gptlab data mixture` family, and 'all'. A JSONL file is a user task: records "
         '{"question","choices","answer"} (multiple choice) or {"prompt","answer"} (generation). '

@@ -4,7 +4,8 @@ A task is a list of query items plus a pool of demonstration items, all from the
 the data (never seen in pre-training). Three kinds:
 
 * ``gen``   greedy generation, exact match after stripping whitespace (arithmetic, unscrambling,
-            dictionary translation, any mixture family, user ``{"prompt", "answer"}`` files);
+            dictionary translation, string operations named only by demonstrations, any mixture
+            family, user ``{"prompt", "answer"}`` files);
 * ``mc``    multiple choice by the likelihood of each continuation (Shakespeare last-word cloze,
             user ``{"question", "choices", "answer"}`` files);
 * ``blank`` one word inside a line is blanked; each candidate word is put in its place and the whole
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from gptlab.data.mixture import LOOKUP
+from gptlab.data.mixture import LOOKUP, WORD_OPS
 from gptlab.errors import GptlabError
 from gptlab.io import iter_jsonl
 
@@ -33,11 +34,14 @@ UNSCRAMBLE = ("cycle", "anagram1", "anagram2", "reverse")
 TRANSLATE = ("en2zh", "zh2en")
 TRILINGUAL_PREFIX = "dict3_"
 TRANSLATE3 = tuple(TRILINGUAL_PREFIX + f for f in TRANSLATE)
+WORDOP_PREFIX = "icl_"
+WORDOP_TASKS = tuple(WORDOP_PREFIX + op for op in WORD_OPS)
 GROUPS = {
     "arithmetic": ARITHMETIC,
     "unscramble": UNSCRAMBLE,
     "translate": TRANSLATE,
     "translate3": TRANSLATE3,
+    "icl": WORDOP_TASKS,
     "all": ARITHMETIC + UNSCRAMBLE + TRANSLATE + ("cloze",),
 }
 SHAKESPEARE_HELDOUT_FRACTION = 0.05
@@ -220,6 +224,23 @@ def trilingual_task(family: str, n: int, seed: int) -> Task:
                                             dictionary3_line, order))
 
 
+def wordop_task(op: str, n: int, seed: int) -> Task:
+    """A string operation that only the demonstrations name (``icl_upper``, ``icl_reverse``,
+    ``icl_first``, ``icl_last``): ``garden ->`` asks for ``GARDEN``, ``nedrag``, ``g`` or ``n``,
+    and nothing in a zero-shot prompt says which (no description line), as in the mixture's
+    ``wordop`` documents. Zero-shot a model can only guess one of four operations; with
+    demonstrations it can read the task from them, GPT-3's in-context learning. Queries and
+    demonstrations are held-out words, never in a ``wordop`` document of pre-training."""
+    from gptlab.data.mixture import wordop_example, wordop_words
+    words = list(wordop_words(True))
+    random.Random(f"{WORDOP_PREFIX}{op}:{seed}").shuffle(words)
+    pool = [Item(key=w, prompt=p, answer=a, extra={"word": w})
+            for w in words[:n + 64] for p, a in [wordop_example(op, w)]]
+    longest = max(len(it.answer) for it in pool)
+    return Task(WORDOP_PREFIX + op, "gen", pool[:n], pool, description=None,
+                max_new_tokens=min(48, 4 * longest + 4))
+
+
 _WORD = re.compile(r"^[A-Za-z][a-z']*[a-z]$")
 
 
@@ -393,7 +414,9 @@ def load_task(name: str, n: int, seed: int, tokenizer=None) -> Task:
         return lookup_task(n, seed)
     if name in TRANSLATE3:
         return trilingual_task(name[len(TRILINGUAL_PREFIX):], n, seed)
+    if name in WORDOP_TASKS:
+        return wordop_task(name[len(WORDOP_PREFIX):], n, seed)
     if name in FAMILIES:
         return mixture_task(name, n, seed)
-    known = ", ".join(list(GROUPS) + ["cloze", "blank", LOOKUP, *TRANSLATE3] + list(FAMILIES))
+    known = ", ".join(list(GROUPS) + ["cloze", "blank", LOOKUP, *TRANSLATE3, *WORDOP_TASKS] + list(FAMILIES))
     raise GptlabError(f"--tasks: unknown task {name!r} (choose from {known}, or a .jsonl file)")
