@@ -186,7 +186,9 @@ def test_heldout_items_never_in_corpus(tmp_path):
     held_words = {w for pair in held_pairs for w in pair}
     assert any(l.startswith("Dictionary: ") for l in examples)
     arith = {"+": "add", "-": "sub", "*": "mul"}
-    seen_held_word = False
+    seen_held_word = seen_wordop = False
+    held_ops = set(mixture.wordop_words(True))
+    assert held_ops and all(mixture.is_heldout("reverse", w) for w in held_ops)
     for line in examples:
         m = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", line)
         if m:
@@ -212,8 +214,40 @@ def test_heldout_items_never_in_corpus(tmp_path):
         m = re.fullmatch(r"([a-z]+) = ([a-z]+)", line)
         if m:
             assert not mixture.is_heldout("cycle", m[2]), line
+            continue
+        m = re.fullmatch(r"([a-z]+) -> (\S+)", line)
+        if m:   # a string operation: never on a held-out word
+            seen_wordop = True
+            assert m[1] not in held_ops, line
+            assert m[2] in {op(m[1]) for op in mixture.WORD_OPS.values()}, line
     assert seen_held_word   # the look-up documents do use them
+    assert seen_wordop
     assert any(line.startswith("Dictionary: [") and " | " in line for line in examples)   # lookup3
+
+
+def test_wordop_documents_apply_one_unnamed_operation():
+    rng = random.Random(5)
+    ops, code_words = set(), 0
+    for _ in range(400):
+        lines = mixture._wordop_document(rng, rng.randint(4, 12))
+        assert all(" -> " in l for l in lines)                  # no description line
+        fits = set(mixture.WORD_OPS)
+        for line in lines:
+            word, answer = line.split(" -> ")
+            assert word not in mixture.wordop_words(True)       # never a held-out word
+            code_words += word not in mixture.WORDS
+            # every operation gives a different answer, so each line names exactly one
+            assert len({op(word) for op in mixture.WORD_OPS.values()}) == len(mixture.WORD_OPS)
+            fits &= {n for n, op in mixture.WORD_OPS.items() if op(word) == answer}
+        assert len(fits) == 1                                    # one operation all document long
+        ops |= fits
+    assert ops == set(mixture.WORD_OPS) and code_words > 0
+    # drawn DEFAULT_WEIGHTS times as often as one family when no weights are given
+    docs = list(mixture.generate_documents(seed=1, n_lines=20000))
+    share = sum(d.split("\n")[0].count(" -> ") == 1 and "=" not in d for d in docs) / len(docs)
+    w = mixture.DEFAULT_WEIGHTS[mixture.WORDOP]
+    expected = w / (len(mixture.FAMILIES) + len(mixture.EXTRA_FAMILIES) - 1 + w)
+    assert abs(share - expected) < 0.03, (share, expected)
 
 
 def test_lookup3_documents_answer_from_one_column_the_earlier_lines_reveal():
@@ -291,10 +325,10 @@ def test_heldout_fraction_and_errors():
 
 def test_mixture_cli(tmp_path, capsys, home):
     rc, out, _ = cli(capsys, "data", "mixture", "--seed", 5, "--lines", 500, "--out", tmp_path / "m")
-    path = tmp_path / "m" / "mixture_v10_seed5_lines500.txt"
+    path = tmp_path / "m" / f"mixture_v{mixture.MIXTURE_VERSION}_seed5_lines500.txt"
     assert rc == 0 and str(path) in out and path.is_file()
     body = path.read_text(encoding="utf-8")
-    assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|A:) \S", l)) >= 500
+    assert sum(1 for l in body.splitlines() if re.search(r" (=|=>|->|A:) \S", l)) >= 500
     assert "at least 1" in user_error(capsys, "data", "mixture", "--lines", 0)
 
 

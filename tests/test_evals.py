@@ -94,6 +94,7 @@ def test_demos_are_nested_and_dropped_when_too_long(small_tokenizer):
 
 def test_task_names_expand_groups():
     assert task_names(["arithmetic,cloze", "add2"]) == ["add2", "add3", "sub2", "sub3", "cloze"]
+    assert task_names(["icl"]) == ["icl_upper", "icl_reverse", "icl_first", "icl_last"]
     with pytest.raises(GptlabError):
         task_names([","])
 
@@ -342,3 +343,23 @@ def test_trilingual_task_only_demonstrations_say_which_column(family):
         assert len(orders) == 1   # one column order per query, whatever k
         swapped += orders.pop()
     assert 0 < swapped < len(task.items)   # both orders occur, so k = 0 cannot know the column
+
+
+def test_wordop_tasks_only_demonstrations_name_the_operation():
+    from gptlab.data.mixture import WORD_OPS, is_heldout
+    from gptlab.evals.tasks import load_task
+    tasks = {op: load_task("icl_" + op, 40, seed=1) for op in WORD_OPS}
+    for op, task in tasks.items():
+        assert task.name == "icl_" + op and task.description is None and len(task.items) == 40
+        for item, demos in zip(task.items, choose_demos(task, 4, seed=0)):
+            word = item.extra["word"]
+            assert is_heldout("reverse", word)                       # never in pre-training
+            assert build_prompt(task, item, []) == f"{word} ->"      # zero-shot: the word alone
+            assert item.answer == " " + WORD_OPS[op](word)
+            assert word not in {d.key for d in demos} and len(demos) == 4
+            assert build_prompt(task, item, demos) == "".join(d.line() + "\n" for d in demos) + f"{word} ->"
+    # The same queries for every operation: the four tasks' zero-shot prompts are identical, each
+    # with a different right answer, so k = 0 cannot be right on more than one of them.
+    for i in range(40):
+        assert len({build_prompt(t, t.items[i], []) for t in tasks.values()}) == 1
+        assert len({t.items[i].answer for t in tasks.values()}) == 4

@@ -233,7 +233,8 @@ def wordop_task(op: str, n: int, seed: int) -> Task:
     demonstrations are held-out words, never in a ``wordop`` document of pre-training."""
     from gptlab.data.mixture import wordop_example, wordop_words
     words = list(wordop_words(True))
-    random.Random(f"{WORDOP_PREFIX}{op}:{seed}").shuffle(words)
+    # The same words for every operation: the four tasks' zero-shot prompts are identical.
+    random.Random(f"{WORDOP_PREFIX}:{seed}").shuffle(words)
     pool = [Item(key=w, prompt=p, answer=a, extra={"word": w})
             for w in words[:n + 64] for p, a in [wordop_example(op, w)]]
     longest = max(len(it.answer) for it in pool)
