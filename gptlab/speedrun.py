@@ -28,7 +28,7 @@ PRESETS = {
     "cpu": dict(arch="gpt2", preset="tiny", model=[], mixture_lines=100_000, vocab=4096, per_family=1500,
                 pretrain=["--max-steps", "900", "--batch-size", "16", "--lr", "2e-3", "--time-budget", "280",
                           "--eval-every", "250", "--ckpt-every", "250"],
-                eval=["--shots", "0,1,4", "--n", "60"],
+                eval=["--shots", "0,1,4", "--n", "60", "--tasks", "icl"],
                 sft=["--max-steps", "300", "--batch-size", "16", "--lr", "1e-3", "--time-budget", "120",
                      "--eval-max-items", "120", "--eval-every", "250", "--ckpt-every", "250"],
                 label=["-k", "4", "--max-prompts", "300", "--noise", "0.16", "--max-new-tokens", "48"],

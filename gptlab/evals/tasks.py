@@ -42,7 +42,7 @@ GROUPS = {
     "translate": TRANSLATE,
     "translate3": TRANSLATE3,
     "icl": WORDOP_TASKS,
-    "all": ARITHMETIC + UNSCRAMBLE + TRANSLATE + ("cloze",),
+    "all": ARITHMETIC + UNSCRAMBLE + TRANSLATE + WORDOP_TASKS + ("cloze",),
 }
 SHAKESPEARE_HELDOUT_FRACTION = 0.05
 DICT_ENTRIES = 8         # pairs in a translation prompt's dictionary (more at k > 7): query, demos, distractors
