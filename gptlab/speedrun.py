@@ -65,7 +65,7 @@ PRESETS = {
                  mixture_lines=3000, vocab=600, per_family=40,
                  pretrain=["--max-steps", "30", "--batch-size", "8", "--eval-every", "15", "--eval-batches", "2",
                            "--ckpt-every", "10"],
-                 eval=["--shots", "0,1", "--n", "6", "--tasks", "add2", "en2zh"],
+                 eval=["--shots", "0,1", "--n", "6", "--tasks", "add2", "icl_last"],
                  sft=["--max-steps", "10", "--batch-size", "4", "--eval-max-items", "6", "--eval-every", "10"],
                  label=["-k", "2", "--max-prompts", "12", "--max-new-tokens", "12"],
                  rm=["--max-steps", "6", "--batch-size", "2"],
