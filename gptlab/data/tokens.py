@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from tqdm import tqdm
 
 from gptlab.data.corpus import Source, parse_sources
 from gptlab.errors import GptlabError
-from gptlab.io import atomic_write_json, gptlab_home
+from gptlab.io import atomic_open, atomic_write_json, gptlab_home
 
 CACHE_VERSION = 2  # 2: pieces cut only at lone newlines (exactly the ids of whole-text encoding)
 _PIECE_CHARS = 1 << 16          # cut documents into ~64K-char pieces so encode_batch runs in parallel
@@ -146,19 +144,8 @@ def _prepare_part(source: Source, tok, tok_sha: str, val_fraction: float, root: 
     folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     t0 = time.time()
-    fd, tmp = tempfile.mkstemp(prefix=".tokens.bin.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            n_tokens, n_docs = _encode_to_file(source, tok, dtype, f, progress)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / "tokens.bin")
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(folder / "tokens.bin") as f:
+        n_tokens, n_docs = _encode_to_file(source, tok, dtype, f, progress)
     n_val = int(round(n_tokens * val_fraction))
     meta = dict(settings, source=source.spec, name=source.name, dtype=dtype.name,
                 vocab_size=tok.vocab_size, eot_id=tok.eot_id, num_tokens=n_tokens,
