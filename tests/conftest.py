@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated GPTLAB_HOME per test and a small tokenizer trained in-process."""
+"""Shared fixtures: an isolated GPTLAB_HOME per test and a small tokenizer trained in-process; and the
+CLI helpers (``from conftest import cli, user_error``)."""
 
 import pytest
 import torch
@@ -12,6 +13,24 @@ SAMPLE_TEXT = (
     "No more; and by a sleep to say we end\n"
     "23 + 58 = 81\n苹果 => apple\n香蕉 => banana\n"
 ) * 20
+
+
+def cli(capsys, *argv):
+    """Run the gptlab CLI in-process: (exit code, stdout, stderr)."""
+    from gptlab.cli import main
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def user_error(capsys, *argv) -> str:
+    """Run the CLI expecting a user error: exit 2, exactly one 'error:' line, no traceback."""
+    rc, out, err = cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert rc == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
 
 
 @pytest.fixture(autouse=True)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab.cli import main
 from gptlab.data import mixture, shakespeare
 from gptlab.data.corpus import parse_source, parse_sources
 from gptlab.data.dictionary import CAPITALS, EN_ZH, OPPOSITES, WORDS, ZH_EN
 from gptlab.data.tokens import TokenDataset, token_dtype
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import Tokenizer
+
+from conftest import cli, user_error
 
 PLAY = """THE TRAGEDY OF TESTING
 
@@ -62,22 +63,6 @@ def tok():
 def tok_dir(tok, tmp_path):
     tok.save(tmp_path / "tok")
     return str(tmp_path / "tok")
-
-
-def cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def user_error(capsys, *argv) -> str:
-    """Run the CLI expecting a user error: exit 2, exactly one 'error:' line, no traceback."""
-    rc, out, err = cli(capsys, *argv)
-    lines = err.strip().splitlines()
-    assert rc == 2, (out, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ----- Shakespeare -----------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from gptlab.cli import main
 from gptlab.tokenizer import EOT, USER_START, Tokenizer
 from gptlab.tokenizer.commands import token_bytes
 
+from conftest import cli, user_error
+
 CORPUS = ("The cat sat on the mat. The dog sat on the log.\n" * 20
           + "To be, or not to be, that is the question.\n" * 10
           + "苹果 => apple\n香蕉 => banana\n23 + 58 = 81\n" * 10)
@@ -37,19 +39,6 @@ def trained(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"tok_{request.param}")
     tok.save(folder)
     return tok, folder
-
-
-def cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def user_error(capsys, *argv) -> str:
-    rc, out, err = cli(capsys, *argv)
-    lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, out, err)
-    return lines[0]
 
 
 @pytest.mark.parametrize("text", HARD)
