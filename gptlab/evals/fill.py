@@ -172,6 +172,17 @@ def _softmax_rank(scored: dict[str, float], k: int) -> list[dict]:
     return [{"text": names[i], "prob": float(p[i]), "score": float(s[i])} for i in order]
 
 
+def _extend_beams(beams: list[tuple[list[int], float]], logprobs: torch.Tensor,
+                  beam: int) -> list[tuple[list[int], float]]:
+    """One beam-search step: each (ids, score) beam grows by its ``beam`` likeliest next tokens
+    (row i of ``logprobs`` belongs to beam i); the ``beam`` best sums survive."""
+    nxt = []
+    for (b, s), row in zip(beams, logprobs):
+        top = torch.topk(row, beam)
+        nxt.extend((b + [int(t)], s + float(v)) for v, t in zip(top.values, top.indices))
+    return sorted(nxt, key=lambda x: -x[1])[:beam]
+
+
 def right_ids(tok, parts_after: list[str], mask: int) -> list[int]:
     """Tokens after a blank: its right segment, then each later blank as ONE mask and its segment."""
     ids = tok.encode(parts_after[0])
@@ -197,11 +208,7 @@ def bert_candidates(model, tok, slot: Slot, right: list[int], beam: int = 8,
             seqs_pos = [_crop(sq, [len(left) + i], model.config.block_size) for sq in seqs]
             lp = masked_logprobs(model, [a for a, _ in seqs_pos], [p[0] for _, p in seqs_pos])
             lp[:, first_bad if i == 0 else any_bad] = -math.inf
-            nxt = []
-            for (b, s), row in zip(beams, lp):
-                top = torch.topk(row, beam)
-                nxt.extend((b + [int(t)], s + float(v)) for v, t in zip(top.values, top.indices))
-            beams = sorted(nxt, key=lambda x: -x[1])[:beam]
+            beams = _extend_beams(beams, lp, beam)
         for b, _ in beams:
             found.setdefault(tuple(b), 0.0)
     keys = list(found)
@@ -257,11 +264,7 @@ def gpt_left_candidates(model, tok, slot: Slot, beam: int = 20, max_tokens: int 
         with autocast(device):
             lp = F.log_softmax(model.lm_logits(model.hidden(x)[:, -1]).float(), -1).cpu()
         lp[:, first_bad if i == 0 else any_bad] = -math.inf
-        nxt = []
-        for (b, s), row in zip(beams, lp):
-            top = torch.topk(row, beam)
-            nxt.extend((b + [int(t)], s + float(v)) for v, t in zip(top.values, top.indices))
-        beams = sorted(nxt, key=lambda z: -z[1])[:beam]
+        beams = _extend_beams(beams, lp, beam)
         for b, _ in beams:
             c = _clean(tok.decode(b))
             if c is not None and c not in found:
