@@ -144,3 +144,19 @@ def test_module_map_lists_every_module_and_only_real_paths():
 ])
 def test_the_check_catches_a_wrong_signature(span, module, wrong):
     assert (check_span(module, span) is not None) == wrong
+
+
+def test_the_layer_table_is_the_one_the_import_check_uses():
+    from test_layout import LAYERS, layer_of
+    text = DOC.read_text(encoding="utf-8").split("## Layers", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    named = set()
+    for layer, cell in rows:
+        for path in re.findall(r"`(gptlab/[\w/.]*)`", cell):
+            module = path.removesuffix("/").removesuffix(".py").replace("/", ".")
+            named.add(module)
+            got = layer_of(module)
+            assert got is not None and LAYERS[got][0] == layer.strip(), \
+                f"docs/ARCHITECTURE.md puts {path} in layer {layer.strip()!r}, tests/test_layout.py does not"
+    in_test = {p for _, prefixes in LAYERS for p in prefixes} - {"gptlab", "gptlab.__main__"}
+    assert in_test <= named, f"layers in tests/test_layout.py missing from docs/ARCHITECTURE.md: {in_test - named}"
