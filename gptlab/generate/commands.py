@@ -100,8 +100,11 @@ def run(args) -> int:
         comps = engine.generate([ids[pi] for pi, _ in jobs], [params(i) for i, _ in enumerate(jobs)],
                                 use_cache=not args.no_cache)
         for (pi, s), c in zip(jobs, comps):
-            label = f"prompt {pi + 1}" + (f", sample {s + 1}" if args.num_samples > 1 else "")
-            out.write(f"===== {label} ({len(c.ids)} tokens, {c.finish_reason}) =====\n")
+            # Headers only tell several sequences apart: one sequence prints exactly what streaming
+            # prints, so --no-stream and --no-cache give byte-identical output for the same text.
+            if len(jobs) > 1:
+                label = f"prompt {pi + 1}" + (f", sample {s + 1}" if args.num_samples > 1 else "")
+                out.write(f"===== {label} ({len(c.ids)} tokens, {c.finish_reason}) =====\n")
             out.write(("" if args.chat else prompts[pi]) + c.text + "\n")
             n_tokens += len(c.ids)
         out.flush()
