@@ -190,3 +190,32 @@ def test_bad_input_is_one_line(tmp_path, tok_dir, capsys):
         assert main(pretrain_args(data, tok_dir, tmp_path / "x", "--max-steps", "2")) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:"), err
+
+
+def test_mfu_never_reads_over_100_percent_after_a_peak_read_under_load(tmp_path, corpus_file, tok_dir,
+                                                                        gptlab_home):
+    # A fresh machine showed mfu=163%: its cached matmul peak had been read while other work held the
+    # CPU. A training rate above the cached peak proves the peak wrong; it must be read again and never
+    # kept below what training achieved.
+    key = f"cpu-threads{torch.get_num_threads()}"
+    (gptlab_home / "matmul_peak.json").write_text(json.dumps({key: 1000.0}))   # 1 kFLOP/s: far too low
+    out = tmp_path / "run"
+    assert main(pretrain_args(corpus_file, tok_dir, out, "--max-steps", "4", "--eval-every", "4",
+                              "--eval-batches", "1", "--batch-size", "2", "--log-every", "1")) == 0
+    mfus = [r["mfu"] for r in rows(out) if "mfu" in r]
+    assert mfus and all(0 < m <= 1 for m in mfus)
+    assert json.loads((gptlab_home / "matmul_peak.json").read_text())[key] > 1e6
+
+
+def test_matmul_peak_rises_to_an_achieved_rate(gptlab_home, monkeypatch):
+    from gptlab import device
+    readings = iter([5e9, 2e9, 3e9])   # a good first reading, then two taken under load
+    monkeypatch.setattr(device, "measure_matmul_peak", lambda dev: next(readings))
+    cpu = torch.device("cpu")
+    assert device.matmul_peak(cpu) == 5e9
+    assert device.matmul_peak(cpu, refresh=True) == 5e9          # a low reading never lowers it
+    assert device.matmul_peak(cpu, at_least=8e9) == 8e9          # re-read (3e9), kept at the achieved rate
+    assert device.matmul_peak(cpu) == 8e9                        # and cached for later runs
+    (gptlab_home / "matmul_peak.json").write_text("{\"cpu-threads1\": \"junk\"")
+    monkeypatch.setattr(device, "measure_matmul_peak", lambda dev: 4e9)
+    assert device.matmul_peak(cpu) > 0                           # a corrupt cache is measured afresh

@@ -323,7 +323,10 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
             if count_tokens:
                 row["tokens_per_s"] = round(tok_s, 1)
                 if peak:
-                    row["mfu"] = round(flops_per_token * tok_s / (peak * d.world), 4)
+                    achieved = flops_per_token * tok_s / d.world   # per process, like the peak
+                    if achieved > peak:   # the cached peak was read under load: read it again
+                        peak = matmul_peak(device, at_least=achieved)
+                    row["mfu"] = round(achieved / peak, 4)
             if do_eval:
                 last_eval = evaluate()
                 last_val = last_eval.get("val_loss", last_val)
