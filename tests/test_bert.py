@@ -104,3 +104,71 @@ def test_fill_errors(small_tokenizer, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     assert main(["fill", str(tmp_path / "r"), "To be or not to ___", "--top-k", "2"]) == 0
     assert "blank 1:" in capsys.readouterr().out
+
+
+def test_bert_is_post_ln_with_an_embedding_layernorm(small_tokenizer):
+    # BERT (Devlin et al. 2018) normalises after each residual add and after summing the embeddings;
+    # there is no final LayerNorm. Checked by the function the blocks compute, not only their names.
+    model = tiny(small_tokenizer, "bert")
+    assert not model.config.pre_norm and "ln_f" not in model.transformer and "ln_e" in model.transformer
+    block = model.transformer.h[0]
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        a = block.ln_1(x + block.attn(x, None, None, None))
+        want = block.ln_2(a + block.mlp(a))
+        assert torch.allclose(block(x), want, atol=1e-6)
+        # Every token's output is normalised: mean 0, variance 1 over the features (LN at init).
+        h = model.hidden(torch.tensor([small_tokenizer.encode("To be, or not to be")]))
+        assert h.mean(-1).abs().max() < 1e-4 and (h.var(-1, unbiased=False) - 1).abs().max() < 1e-3
+        ids = torch.tensor([small_tokenizer.encode("To be")])
+        emb = model.transformer.wte(ids) + model.transformer.wpe.weight[:ids.shape[1]] + model.transformer.wse.weight[0]
+        blocks_only = model.transformer.ln_e(emb)
+        for b in model.transformer.h:
+            blocks_only = b(blocks_only)
+        assert torch.allclose(model.hidden(ids), blocks_only, atol=1e-6)
+    with pytest.raises(GptlabError, match="bidirectional"):
+        model.new_cache(1)
+
+
+def test_bert_segment_embeddings_change_the_output_and_learn(small_tokenizer):
+    model = tiny(small_tokenizer, "bert")
+    assert model.transformer.wse.weight.shape == (2, 64)
+    ids = torch.tensor([small_tokenizer.encode("To be, or not to be")])
+    seg_b = torch.zeros_like(ids)
+    seg_b[:, 3:] = 1
+    with torch.no_grad():
+        all_a, _ = model(ids)
+        assert torch.equal(all_a, model(ids, segments=torch.zeros_like(ids))[0])   # default: sentence A
+        mixed, _ = model(ids, segments=seg_b)
+    assert not torch.allclose(mixed, all_a, atol=1e-4)
+    model.train()
+    _, loss = model(ids, ids, segments=seg_b)
+    loss.backward()
+    assert model.transformer.wse.weight.grad[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="no segment embeddings"):
+        tiny(small_tokenizer, "gpt2")(ids, segments=seg_b)
+
+
+def test_finetuned_bert_reads_pairs_as_two_segments(small_tokenizer):
+    from gptlab.tokenizer import DELIM
+    from gptlab.train.finetune import FineTuneModel
+    tok = small_tokenizer
+    delim = tok.special_id(DELIM)
+    model = FineTuneModel(tiny(tok, "bert"), "entailment", 2, segment_token=delim)
+    idx = torch.tensor([[1, 30, 31, delim, 40, 41, delim, 42]])
+    assert model.segments(idx).tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]]
+    assert FineTuneModel(tiny(tok, "gpt2"), "entailment", 2, segment_token=delim).segments(idx) is None
+
+
+def test_mlm_random_replacements_are_never_special_tokens(small_tokenizer):
+    tok = small_tokenizer
+    special = sorted(tok.special_ids)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(len(special), tok.vocab_size, (64, 4096), generator=gen)
+    inputs, targets = mask_tokens(x, gen, tok.special_id(MASK), tok.vocab_size, special, rate=1.0)
+    replaced = (inputs != x) & (inputs != tok.special_id(MASK))
+    assert int(replaced.sum()) > 20_000                   # ~10% of 262,144 draws
+    assert not torch.isin(inputs[replaced], torch.tensor(special)).any()
+    assert int(inputs[replaced].max()) < tok.vocab_size
+    # Every ordinary id can be drawn (the pool is the whole vocabulary minus the specials).
+    assert len(torch.unique(inputs[replaced])) > 0.95 * (tok.vocab_size - len(special))

@@ -11,8 +11,9 @@ Architectures (``GPTConfig.arch``):
              locally banded sparse (odd layers: each token sees the previous ``sparse_band`` tokens).
 * ``modern`` Llama-style: rotary position embeddings (RoPE), RMSNorm, SwiGLU FFN, grouped-query
              attention (``n_kv_head`` < ``n_head``), no biases.
-* ``bert``   Devlin et al. 2018: the same blocks as gpt2 but bidirectional (no causal mask); trained
-             with the masked-LM objective (see gptlab.train.pretrain).
+* ``bert``   Devlin et al. 2018: bidirectional (no causal mask) post-LayerNorm blocks like gpt1; the
+             input is token + position + segment (token-type A/B) embeddings, then a LayerNorm.
+             Trained with the masked-LM objective (see gptlab.train.pretrain).
 
 Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
 Generation uses a KV cache whose rows can sit at different lengths, so one batch can hold sequences
@@ -71,7 +72,12 @@ class GPTConfig:
     # Structural switches derived from the architecture name.
     @property
     def pre_norm(self) -> bool:
-        return self.arch != "gpt1"
+        return self.arch not in ("gpt1", "bert")
+
+    @property
+    def segments(self) -> bool:
+        """BERT's input: segment embeddings and a LayerNorm over the summed embeddings."""
+        return self.arch == "bert"
 
     @property
     def rmsnorm(self) -> bool:
@@ -136,6 +142,8 @@ class GPTConfig:
         shape.update({k: v for k, v in overrides.items() if v is not None})
         return cls.for_arch(arch, **shape)
 
+
+N_SEGMENTS = 2   # BERT's token types: sentence A and sentence B
 
 # Shapes from a CPU-sized model that trains in minutes up to the papers' models.
 PRESETS: dict[str, dict] = {
@@ -435,7 +443,7 @@ class Block(nn.Module):
         if self.pre_norm:   # GPT-2 and later: normalise each sub-block's input
             x = x + self.attn(self.ln_1(x), rope, cache, step)
             x = x + self.mlp(self.ln_2(x))
-        else:               # GPT-1: normalise after each residual addition
+        else:               # GPT-1 and BERT: normalise after each residual addition
             x = self.ln_1(x + self.attn(x, rope, cache, step))
             x = self.ln_2(x + self.mlp(x))
         return x
@@ -452,6 +460,9 @@ class GPT(nn.Module):
         ))
         if not cfg.rope:
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.segments:
+            self.transformer["wse"] = nn.Embedding(N_SEGMENTS, cfg.n_embd)
+            self.transformer["ln_e"] = make_norm(cfg)
         if cfg.pre_norm:
             self.transformer["ln_f"] = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -466,8 +477,9 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             std = 0.02
-            # GPT-2: scale residual projections by 1/sqrt(N), N = 2 residual layers per block.
-            if getattr(module, "residual_projection", False) and self.config.arch != "gpt1":
+            # GPT-2: scale residual projections by 1/sqrt(N), N = 2 residual layers per block (a
+            # pre-LN stream adds every block's output; post-LN blocks renormalise it instead).
+            if getattr(module, "residual_projection", False) and self.config.pre_norm:
                 std = 0.02 / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -477,11 +489,12 @@ class GPT(nn.Module):
 
     # ----- forward ------------------------------------------------------------------------------
     def hidden(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final (normed) hidden states [B, T, n_embd]; heads and the LM head read these.
 
         With a cache, ``rows`` picks the cache rows of this batch (default: the first B rows) and
         positions continue from each row's length; the cache lengths are advanced by T.
+        ``segments`` ([B, T] of 0/1, bert only) marks sentence A and B; default: all A.
         """
         B, T = idx.shape
         cfg = self.config
@@ -509,6 +522,11 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe.weight[step.start:step.start + T]
         else:
             x = x + self.transformer.wpe(step.pos if step is not None else pos)
+        if cfg.segments:
+            x = x + (self.transformer.wse.weight[0] if segments is None else self.transformer.wse(segments))
+            x = self.transformer.ln_e(x)
+        elif segments is not None:
+            raise ValueError(f"a {cfg.arch} model has no segment embeddings")
         if self.training:
             x = self.transformer.drop(x)
         for block in self.transformer.h:
@@ -602,9 +620,9 @@ class GPT(nn.Module):
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return _dense(h, self._modules["lm_head"]._parameters["weight"])
 
-    def forward(self, idx, targets=None, ignore_index: int = -100):
+    def forward(self, idx, targets=None, ignore_index: int = -100, segments=None):
         """Logits for every position, and the mean cross-entropy against ``targets`` when given."""
-        h = self.hidden(idx)
+        h = self.hidden(idx, segments=segments)
         if targets is not None and self._fused_loss(h):
             # Training on CPU: LM head and loss fused, no [tokens, vocab] logits (model/fused.py).
             flat = h.reshape(-1, h.size(-1))
@@ -623,6 +641,8 @@ class GPT(nn.Module):
                 and torch.is_grad_enabled() and h.requires_grad and self.lm_head.bias is None)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        if not self.config.causal:   # the cached paths attend causally and skip the segment embeddings
+            raise GptlabError(f"a {self.config.arch} model is bidirectional: it has no KV cache")
         p = self.transformer.wte.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)
 

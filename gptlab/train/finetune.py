@@ -119,11 +119,16 @@ def collate(items: list[tuple[list[list[int]], int]], pad: int) -> dict[str, tor
 # ----- model ---------------------------------------------------------------------------------------
 class FineTuneModel(ClassifierModel):
     """ClassifierModel plus the way each task type turns extract features into logits. Keeps the
-    parameter names of ClassifierModel (gpt.*, clf_head.*), so runs store heads.clf_head.*."""
+    parameter names of ClassifierModel (gpt.*, clf_head.*), so runs store heads.clf_head.*.
 
-    def __init__(self, gpt: GPT, task_type: str, n_outputs: int, dropout: float = 0.1):
+    A bert model also gets BERT's segment ids: the tokens after the first ``segment_token`` (the
+    <delim> between a pair's two texts) are sentence B."""
+
+    def __init__(self, gpt: GPT, task_type: str, n_outputs: int, dropout: float = 0.1,
+                 segment_token: int | None = None):
         super().__init__(gpt, n_outputs, dropout)
         self.task_type = task_type
+        self.segment_token = segment_token if gpt.config.segments else None
 
     def task_logits(self, feats: torch.Tensor, per_example: int) -> torch.Tensor:
         if self.task_type == "similarity":
@@ -134,8 +139,14 @@ class FineTuneModel(ClassifierModel):
             return self.classify(feats).view(-1, per_example)
         return self.classify(feats)
 
+    def segments(self, idx: torch.Tensor) -> torch.Tensor | None:
+        if self.segment_token is None:
+            return None
+        sep = (idx == self.segment_token).long()
+        return (sep.cumsum(1) - sep).clamp(max=1)   # 0 up to and including the first <delim>, then 1
+
     def forward(self, idx, lengths, per_example: int = 1, with_lm: bool = False):
-        h = self.gpt.hidden(idx)
+        h = self.gpt.hidden(idx, segments=self.segments(idx))
         logits = self.task_logits(gather_last(h, lengths), per_example)
         return logits, (self.gpt.lm_logits(h) if with_lm else None)
 
@@ -232,8 +243,8 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     if args.from_scratch:  # the paper's baseline: same architecture and tokenizer, no pre-training
         gpt = GPT(model_cfg)
-    model = FineTuneModel(gpt, task.task_type, task.n_outputs, args.clf_dropout)
     encoder = TaskEncoder(tok, task.task_type, model_cfg.block_size)
+    model = FineTuneModel(gpt, task.task_type, task.n_outputs, args.clf_dropout, segment_token=encoder.delim)
     if args.max_steps is None:  # GPT-1 fine-tuned for 3 epochs
         args.max_steps = max(1, math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum)))
     cfg = train_config_from_args(args)
@@ -276,10 +287,12 @@ def load_finetuned(run_dir: str | Path, device: str = "cpu"):
     if not isinstance(section, dict) or "clf_head.weight" not in heads:
         raise GptlabError(f"{run_dir}: not a fine-tuned run (train one with gptlab finetune)")
     n_out = heads["clf_head.weight"].shape[0]
-    model = FineTuneModel(gpt, section["task_type"], n_out, section.get("clf_dropout", 0.1))
+    encoder = TaskEncoder(tok, section["task_type"], gpt.config.block_size)
+    model = FineTuneModel(gpt, section["task_type"], n_out, section.get("clf_dropout", 0.1),
+                          segment_token=encoder.delim)
     model.clf_head.load_state_dict({"weight": heads["clf_head.weight"], "bias": heads["clf_head.bias"]})
     model.to(device).eval()
-    return model, TaskEncoder(tok, section["task_type"], gpt.config.block_size), section
+    return model, encoder, section
 
 
 def predict_run(args) -> int:

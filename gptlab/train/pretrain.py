@@ -43,12 +43,19 @@ class LanguageModeling:
 def mask_tokens(x: torch.Tensor, gen: torch.Generator, mask_id: int, vocab_size: int,
                 special_ids: list[int], rate: float = 0.15):
     """BERT's masking: select ``rate`` of the positions; of those 80% -> [MASK], 10% -> a random
-    token, 10% unchanged. Targets are -100 (ignored) everywhere except the selected positions."""
+    ordinary token (never a special one: a stray <|endoftext|> or <|mask|> would teach the model
+    that specials stand for words), 10% unchanged. Targets are -100 (ignored) everywhere except the
+    selected positions."""
     u = torch.rand(x.shape, generator=gen)
-    selectable = ~torch.isin(x, torch.tensor(special_ids, dtype=x.dtype))
+    special = torch.tensor(special_ids, dtype=x.dtype)
+    selectable = ~torch.isin(x, special)
     selected = (u < rate) & selectable
     action = torch.rand(x.shape, generator=gen)
-    random_tokens = torch.randint(0, vocab_size, x.shape, generator=gen)
+    ordinary = torch.arange(vocab_size, dtype=x.dtype)
+    ordinary = ordinary[~torch.isin(ordinary, special)]
+    if len(ordinary) == 0:
+        raise GptlabError("the vocabulary has only special tokens; masked-LM needs ordinary ones")
+    random_tokens = ordinary[torch.randint(0, len(ordinary), x.shape, generator=gen)]
     inputs = x.clone()
     inputs[selected & (action < 0.8)] = mask_id
     swap = selected & (action >= 0.8) & (action < 0.9)
