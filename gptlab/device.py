@@ -57,7 +57,7 @@ def tune_cpu_allocator() -> None:
 
     PyTorch's CPU allocator is plain malloc. glibc serves blocks above 128 KB with fresh mmap
     pages and returns them on free, so every large activation of every step is page-faulted in
-    again: ~3,500 faults and ~10 ms of kernel time per step at the tiny training shape. Raising
+    again: thousands of page faults per step at the tiny training shape. Raising
     the mmap and trim thresholds (what jemalloc/tcmalloc users get for free) makes those blocks
     reusable. Linux/glibc only; a no-op elsewhere.
     """

@@ -371,8 +371,7 @@ def _lookup_words() -> tuple[list[str], list[str]]:
     Held-out table words appear here, never next to their translation (``_lookup_document`` skips
     true pairs), so their translation stays unknown while the words themselves are ordinary tokens
     to copy. Mixture v8 left them out, and a model then almost never produced a held-out word after
-    ``=>``: it copied 60-70% of random real words from a dictionary but only 18-31% of table words
-    (docs/EVALS.md, session 5).
+    ``=>``: it copied 60-70% of random real words from a dictionary but only 18-31% of table words.
     """
     en = sorted(set(w for w in WORDS if w not in EN_ZH and not is_heldout("cycle", w)) | set(EN_ZH))
     return en, sorted(set(EN_ZH.values()))
@@ -413,7 +412,7 @@ def _lookup_document(rng: random.Random, k: int) -> list[str]:
     rng.shuffle(pairs)
     # Half the headed documents say "translate": a model that learned to copy only under "Use the
     # dictionary:" still answered translation prompts from memory, and so never translated a held-out
-    # word (docs/EVALS.md, session 4). Under these headers too, the dictionary is the authority.
+    # word. Under these headers too, the dictionary is the authority.
     heads = _LOOKUP_PROMPTS + TASK_PROMPTS["zh2en" if to_code else "en2zh"]
     lines = [rng.choice(heads)] if rng.random() < 0.5 else []
     return lines + [dictionary_line(pairs)] + [f"{src} => {tgt}" for src, tgt in queries]

@@ -69,7 +69,7 @@ def _uniform(gen: torch.Generator | None) -> torch.Tensor:
 def _pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw, one per row of probs [N, V]: the first token whose cumulative probability
     exceeds u * total. One uniform per token keeps a seeded row's stream independent of its batch, and it
-    is far cheaper than torch.multinomial (measured ~0.35 ms per call on the loaded 2-core box)."""
+    is far cheaper than torch.multinomial."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     target = torch.minimum(u.to(cdf.device)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))

@@ -10,7 +10,7 @@ Rules, most important first (``score`` encodes them so each outweighs everything
 An empty response ranks below everything, right or wrong: it helps nobody.
 Responses with equal scores (two wrong answers, say) are ordered by a hash of their text, and
 ``gptlab label --auto`` lists them in the row's ``"ties"`` so reward models and DPO skip those pairs:
-ordering them shorter-first taught reward models "shorter is better" (docs/PPO.md, session 5).
+ordering them shorter-first taught reward models "shorter is better", and PPO then cut answers short.
 
 Human labelers disagree with each other: InstructGPT's training labelers agreed on ~73% of
 comparisons (72.6%). ``noise`` reproduces that: ``--noise 0.27`` makes ~27% of all pairwise
@@ -100,7 +100,7 @@ def _order(item: dict, responses: list[str]) -> list[int]:
     # Ties (equal scores, e.g. two wrong answers) go by a hash of the text, then position: the same
     # inputs always rank the same way, and no feature of the text decides them. Breaking ties by
     # length taught reward models "shorter is better" from the many wrong-vs-wrong pairs, and PPO
-    # then cut answers short ("12 * 5 = 6."; docs/PPO.md, session 5).
+    # then cut answers short ("12 * 5 = 6.").
     return sorted(range(len(responses)),
                   key=lambda i: (-score(item, responses[i]), _tie_key(responses[i] or ""), i))
 

@@ -42,7 +42,7 @@ class ScalarHeadModel(nn.Module):
     answer's negative log-likelihood under the model's own LM head (kept from the SFT run), to either
     score. A linear head on h_t cannot compute how likely token t was (that is h_{t-1} . E[x_t]), yet
     on the SFT's own samples that likelihood already agrees with the labeler far more often than a
-    trained last-token head does (docs/PPO.md, session 12). The log1p squashes the long tail (a
+    trained last-token head does. The log1p squashes the long tail (a
     rambling answer's NLL runs into the hundreds), which would otherwise drive the fitted weight to
     ~0 under label noise; the order of the answers is unchanged. The weight is fitted before
     training (gptlab.train.reward.fit_logprob_weight).
@@ -117,7 +117,7 @@ class RewardEnsemble(nn.Module):
     Over-optimisation climbs where a single learned reward is wrong. Where the members disagree, at
     least one of them is, so the policy is paid less for those answers (uncertainty-weighted
     optimisation, Coste et al. 2023). Members that share an init and rankings tend to err together,
-    which the penalty cannot see (docs/PPO.md, session 11). ``penalty`` 0 is the plain mean; the
+    which the penalty cannot see. ``penalty`` 0 is the plain mean; the
     spread is the population std over members."""
 
     def __init__(self, members: list[ScalarHeadModel], penalty: float = 1.0):

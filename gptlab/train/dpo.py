@@ -43,7 +43,7 @@ def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, pairs: torch.T
     ``positive * max(0, log pi_ref(y_w) - log pi(y_w))``, so lowering the winner's own likelihood
     below the reference's costs the margin. Plain DPO can raise the margin by lowering both sides,
     and when a winner and a loser differ in one digit ("49." against "48.") that lowers the right
-    answer's tokens too (docs/PPO.md, session 5).
+    answer's tokens too.
     """
     log_ratio = policy_logps.float() - ref_logps.float()
     rewards = beta * log_ratio                                       # implicit rewards

@@ -446,7 +446,7 @@ def run(args) -> int:
     episodes = cfg.max_steps * opts.minibatch // max(1, opts.ppo_epochs)
     if opts.kl_target is not None and opts.kl_horizon > 4 * episodes:
         # beta moves by at most 20% x episodes / horizon over the run: a horizon far beyond the run's
-        # length makes the "adaptive" beta a constant (docs/PPO.md, session 4: KL at 26x its target).
+        # length makes the "adaptive" beta a constant, and the KL then ran to 26x its target.
         print(f"note: --kl-horizon {opts.kl_horizon} episodes is far longer than this run (~{episodes} episodes), "
               f"so beta can change by at most {20 * episodes / opts.kl_horizon:.1f}%; a horizon of a few "
               f"rollouts (e.g. --kl-horizon {2 * opts.rollout_batch}) lets it hold the KL target", flush=True)
@@ -610,8 +610,7 @@ def register(sub) -> None:
     g.add_argument("--ptx-batch", type=int, default=None, help="pre-training windows per step (default: --batch-size)")
     g.add_argument("--temperature", type=float, default=1.0,
                    help="rollout sampling temperature; ratios, KL and entropy use the same tempered policy. "
-                   "Below 1 focuses the updates on prompts whose greedy answer is a close call "
-                   "(docs/PPO.md, session 10)")
+                   "Below 1 focuses the updates on prompts whose greedy answer is a close call")
     g.add_argument("--max-new-tokens", type=int, default=48, help="longest response in tokens")
     g.add_argument("--missing-eos-penalty", type=_float_or_off, default=-1.0,
                    help="score of a response that never ends its turn, replacing the RM score ('off' = none)")

@@ -127,8 +127,7 @@ def group_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
     ``normalize`` divides by the std over the batch's sequences and does not shift: the advantages
     already sum to 0 within every group. Token-level whitening (``whiten``) must not be used here:
     its mean is weighted by length, so subtracting it gives every prompt whose samples all scored
-    alike the same nonzero advantage, pushing whole rollouts up or down at random (docs/PPO.md,
-    session 8).
+    alike the same nonzero advantage, pushing whole rollouts up or down at random.
     """
     if group < 2 or scores.numel() % group:
         raise GptlabError(f"group_advantages needs rows in groups of >= 2 (got {scores.numel()} rows, group {group})")
