@@ -31,6 +31,7 @@ COMMANDS = [
     ("gptlab.serve.commands", ["serve", "feedback"]),
     ("gptlab.evals.commands", ["eval", "fill"]),
     ("gptlab.evals.compare", ["compare", "plot-compare"]),
+    ("gptlab.evals.exam", ["exam"]),
     ("gptlab.interop.commands", ["export", "import"]),
     ("gptlab.bench", ["bench"]),
     ("gptlab.speedrun", ["speedrun"]),

@@ -104,3 +104,31 @@ def plot_comparisons(results: list[dict], labels: list[str], out: str | Path, ti
         fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, out)
+
+
+def plot_family_bars(results: dict[str, dict], families: list[str], out: str | Path, title: str = "",
+                     floor: float | None = None) -> None:
+    """Accuracy per family (grouped bars, one colour per model) with each model's mean in the legend,
+    and an optional dashed target line (``floor``, a fraction)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(families), 3.6))
+    for i, name in enumerate(names):
+        per = results[name]["per_family"]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(families))]
+        mean = 100 * sum(per.get(f, 0) for f in families) / len(families)
+        ax.bar(xs, [100 * per.get(f, 0) for f in families], width, label=f"{name} (mean {mean:.0f}%)")
+    if floor is not None:
+        ax.axhline(100 * floor, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(families)), families)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, out)

@@ -35,8 +35,7 @@ def _hardware() -> str:
 
 
 def _samples(sr) -> list[str]:
-    """A few generations from the final models: free text from the pre-trained model and chat turns."""
-    from gptlab.tokenizer.chat_template import render_prompt
+    """Free text from the pre-trained model, then exam questions with the final model's real answers."""
     from gptlab.generate.engine import Engine, SamplingParams
     from gptlab.runs import load_run
     lines = []
@@ -44,34 +43,92 @@ def _samples(sr) -> list[str]:
     if (pre / "model.safetensors").is_file():
         model, tok, _ = load_run(pre)
         eng = Engine(model, tok)
-        for prompt in ["ROMEO.\n", "23 + 58 ="]:
+        for prompt in ["ROMEO.\n", "User: What is 23 + 19?\nAssistant:"]:
             out = eng.generate([tok.encode(prompt)], SamplingParams(max_new_tokens=60, temperature=0.8, top_k=50,
                                                                     seed=0))[0]
             lines += [f"**pre-trained**, prompt `{prompt.strip()}`:", "", "```", prompt + out.text, "```", ""]
-    final = next((sr.d[k] for k in ("ppo", "dpo", "sft") if (sr.d[k] / "model.safetensors").is_file()), None)
-    if final is None:
-        return lines
-    model, tok, cfg = load_run(final)
-    eng = Engine(model, tok)
-    greedy = SamplingParams(max_new_tokens=48, temperature=0)
-    for question in ["What is 23 + 19?", "Spell 'water' backwards.", "What is 'apple' in Chinese?",
-                     "What is the phone number of the king of Mars?"]:
-        msgs = [{"role": "user", "content": question}]
-        answer = eng.generate([render_prompt(tok, msgs)], greedy)[0].text
-        lines.append(f"- **user:** {question}  \n  **{cfg.get('stage', 'model')}:** {answer}")
-    convo = [{"role": "user", "content": "What is 12 + 5?"}]
-    convo.append({"role": "assistant", "content": eng.generate([render_prompt(tok, convo)], greedy)[0].text})
-    convo.append({"role": "user", "content": "And double that?"})
-    convo.append({"role": "assistant", "content": eng.generate([render_prompt(tok, convo)], greedy)[0].text})
-    lines += ["", f"A multi-turn conversation with the {cfg.get('stage', 'final')} model:", ""]
-    lines += [f"> **{m['role']}:** {m['content']}  " for m in convo]
+    res = _load(sr.d["exam"] / "results.json")
+    if res:
+        from gptlab.data.instruct import check_answer
+        final = next((k for k in res["results"] if Path(k).name == "ppo"), next(iter(res["results"])))
+        replies = res["results"][final]["responses"]
+        lines += [f"Exam questions and the **{Path(final).name}** model's answers (greedy):", ""]
+        for it, reply in list(zip(res["items"], replies))[:15]:
+            turns = "  \n".join(f"**{m['role']}:** {m['content']}" for m in it["messages"])
+            mark = "right" if check_answer(it, reply) else f"wrong (expected {it['answer']})"
+            lines += [f"- {turns}  \n  **model:** {reply} — *{mark}*"]
     return lines
+
+
+def _headline_exam(sr) -> list[str]:
+    from gptlab.evals.exam import format_table
+    res = _load(sr.d["exam"] / "results.json")
+    if not res:
+        return []
+    results = {Path(k).name: v for k, v in res["results"].items()}
+    best = max(results.values(), key=lambda r: r["mean_family_accuracy"])
+    return ["### 1. It answers questions in a person's own words", "",
+            f"`gptlab exam`: {res['results'][next(iter(res['results']))]['n']} questions per model, five families, "
+            "wordings the curriculum never uses, greedy (what `gptlab serve` answers at temperature 0). "
+            f"Best mean family accuracy {best['mean_family_accuracy']:.1%}, its weakest family "
+            f"{best['min_family_accuracy']:.1%}.", "", format_table(results), "![exam](exam/results.png)", ""]
+
+
+def _headline_rlhf(sr) -> list[str]:
+    from gptlab.plots import plot_comparisons
+    rows, found, labels = [], [], []
+    for name, a, b in sr.comparisons():
+        res = _load(sr.d["compare"] / f"{name}.json")
+        if not res or b != "sft":
+            continue
+        lo, hi = res.get("win_rate_ci95", [0, 0])
+        dlo, dhi = res.get("accuracy_diff_ci95", [0, 0])
+        rows.append(f"| {a} vs {b} | {res['win_rate_a']:.1%} [{lo:.1%}, {hi:.1%}] | "
+                    f"{100 * res.get('accuracy_diff', 0):+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}] | "
+                    f"{res['a'].get('heldout_accuracy', 0):.1%} / {res['b'].get('heldout_accuracy', 0):.1%} | {res.get('n')} |")
+        found.append(res)
+        labels.append(f"{a} vs {b}")
+    if not rows:
+        return []
+    try:
+        plot_comparisons(found, labels, sr.d["compare"] / "rlhf.png", title="RLHF against its SFT starting point")
+    except Exception:   # a report without the plot is still a report
+        pass
+    return ["### 2. RLHF against SFT on held-out prompts", "",
+            "Labeler win rate (ties count half) and the paired task-accuracy difference, 95% intervals:", "",
+            "| A vs B | A preferred | accuracy A - B (points) | accuracy A / B | prompts |", "|---|---|---|---|---|",
+            *rows, "", "![RLHF vs SFT](compare/rlhf.png)", ""]
+
+
+def _headline_fewshot(sr) -> list[str]:
+    res = _load(sr.d["eval_pretrain"] / "results.json")
+    if not res:
+        return []
+    run = next(iter(res["runs"]))
+    shots = [str(k) for k in res["settings"]["shots"]]
+    lo_k, hi_k = shots[0], shots[-1]
+    rows = []
+    for task in res["tasks"]:
+        per = res["runs"][run].get(task, {})
+        if lo_k in per and hi_k in per and "gold_prob" in per[hi_k]:
+            rise = per[hi_k]["acc"] - per[lo_k]["acc"]
+            rows.append(f"| {task} | " + " | ".join(f"{100 * per[k]['acc']:.0f}%" for k in shots if k in per)
+                        + f" | **{100 * rise:+.0f}** |")
+    if not rows:
+        return []
+    return ["### 3. In-context learning in the pre-trained model", "",
+            f"Generation tasks, greedy exact match; the rise is k={hi_k} minus k={lo_k}, in points:", "",
+            "| task | " + " | ".join(f"k={k}" for k in shots) + " | rise |", "|---|" + "---|" * (len(shots) + 1),
+            *rows, "", "![accuracy vs shots](eval_pretrain/accuracy_vs_shots.png)", ""]
 
 
 def build_report(sr) -> str:
     d = sr.d
     state = _load(sr.state_path)
-    md = [f"# gptlab speedrun report ({sr.preset} preset)", "", f"Hardware: {_hardware()}.", ""]
+    md = [f"# gptlab speedrun report ({sr.preset} preset, seed {sr.seed})", "", f"Hardware: {_hardware()}.", ""]
+    headline = _headline_exam(sr) + _headline_rlhf(sr) + _headline_fewshot(sr)
+    if headline:
+        md += ["## Results", "", *headline]
 
     # Time and parameters per stage.
     md += ["## Stages", "", "| stage | time | parameters | result |", "|---|---|---|---|"]

@@ -25,7 +25,8 @@ from gptlab.io import atomic_write_json, atomic_write_text, read_json
 # Per preset: model shape and per-stage budgets. ``seconds`` are expected durations, used for the ETA.
 PRESETS = {
     # The whole run on a 2-core CPU in about 15 minutes.
-    "cpu": dict(arch="gpt2", preset="tiny", model=[], mixture_lines=100_000, vocab=4096, per_family=1500,
+    "cpu": dict(arch="gpt2", preset="tiny", model=[], mixture_lines=100_000, per_family=6000,
+                tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2), exam_n=40,
                 pretrain=["--max-steps", "900", "--batch-size", "16", "--lr", "2e-3", "--time-budget", "280",
                           "--eval-every", "250", "--ckpt-every", "250"],
                 eval=["--shots", "0,1,4", "--n", "60", "--tasks", "icl"],
@@ -41,10 +42,11 @@ PRESETS = {
                      "--eval-max-items", "120", "--ckpt-every", "75"],
                 compare_n=150, max_new_tokens=48,
                 seconds=dict(data=30, tokenizer=30, pretrain=290, eval_pretrain=40, sft=130, label=80, rm=60,
-                             ppo=130, dpo=80, compare=90, report=10)),
+                             ppo=130, dpo=80, compare=90, exam=30, report=10)),
     # A GPT-2-124M-class model on one GPU.
     "gpu": dict(arch="gpt2", preset="gpt2-124m", model=["--block-size", "512"], mixture_lines=400_000,
-                vocab=16384, per_family=4000,
+                per_family=12000, tokenizer=["--vocab-size", "16384"],
+                corpus_weights=dict(text=2, mixture=2, transcripts=2), exam_n=100,
                 pretrain=["--max-steps", "6000", "--batch-size", "64", "--grad-accum", "2", "--lr", "6e-4",
                           "--warmup-steps", "300", "--compile", "--eval-every", "500", "--ckpt-every", "1000",
                           "--time-budget", "2700"],
@@ -58,11 +60,12 @@ PRESETS = {
                 dpo=["--max-steps", "600", "--batch-size", "16", "--lr", "1e-5", "--eval-max-items", "300"],
                 compare_n=500, max_new_tokens=64,
                 seconds=dict(data=60, tokenizer=60, pretrain=2700, eval_pretrain=120, sft=300, label=200,
-                             rm=150, ppo=600, dpo=200, compare=120, report=5)),
+                             rm=150, ppo=600, dpo=200, compare=120, exam=60, report=5)),
     # Seconds, not minutes: for tests of the orchestration (stage skipping, resume, report).
     "test": dict(arch="gpt2", preset="tiny", model=["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
                                                     "--block-size", "128"],
-                 mixture_lines=3000, vocab=600, per_family=40,
+                 mixture_lines=3000, per_family=40,
+                 tokenizer=["--vocab-size", "600"], corpus_weights=dict(text=1, mixture=1, transcripts=1), exam_n=4,
                  pretrain=["--max-steps", "30", "--batch-size", "8", "--eval-every", "15", "--eval-batches", "2",
                            "--ckpt-every", "10"],
                  eval=["--shots", "0,1", "--n", "6", "--tasks", "add2", "icl_last"],
@@ -74,7 +77,7 @@ PRESETS = {
                  dpo=["--max-steps", "4", "--batch-size", "2", "--eval-max-items", "4"],
                  compare_n=6, max_new_tokens=12,
                  seconds=dict(data=2, tokenizer=2, pretrain=5, eval_pretrain=3, sft=3, label=3, rm=2, ppo=5,
-                              dpo=2, compare=3, report=1)),
+                              dpo=2, compare=3, exam=2, report=1)),
 }
 
 QUIET = ["--no-progress"]
@@ -102,21 +105,22 @@ def _fmt(seconds: float) -> str:
 
 
 class Speedrun:
-    def __init__(self, out: Path, preset: str, corpus: str | None, device: str, progress: bool):
+    def __init__(self, out: Path, preset: str, corpus: str | None, device: str, progress: bool, seed: int = 0):
         if preset not in PRESETS:
             raise GptlabError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
         self.out, self.preset, self.p = out, preset, PRESETS[preset]
         self.corpus = corpus
         self.device = device
+        self.seed = seed   # every training stage and the labeler; the data (and its held-out split) stay fixed
         self.quiet = [] if progress else QUIET
         self.d = {k: out / k for k in ["data", "tokenizer", "pretrain", "eval_pretrain", "sft", "rm", "ppo",
-                                       "dpo", "compare", "eval_final"]}
+                                       "dpo", "compare", "exam", "eval_final"]}
         self.state_path = out / "speedrun.json"
         self.state = read_json(self.state_path) if self.state_path.is_file() else {"stages": {}}
 
     # ----- helpers ------------------------------------------------------------------------------
     def _train_flags(self, stage: str) -> list[str]:
-        flags = list(self.p[stage]) + ["--device", self.device, "--seed", "0"] + self.quiet
+        flags = list(self.p[stage]) + ["--device", self.device, "--seed", str(self.seed)] + self.quiet
         if (self.d[stage] / "checkpoint.safetensors").is_file():
             flags.append("--resume")
         return flags
@@ -133,8 +137,11 @@ class Speedrun:
         return mixture_path(seed=0, n_lines=self.p["mixture_lines"], out_dir=self.d["data"] / "mixture")
 
     def _corpora(self) -> list[str]:
+        """Pre-training sources, each ``path:weight`` (a row picks a source with probability ~ weight)."""
         base = self.corpus or "shakespeare"
-        return [f"{base}:2", str(self._mixture_path())]
+        w = self.p["corpus_weights"]
+        return [f"{base}:{w['text']}", f"{self._mixture_path()}:{w['mixture']}",
+                f"{self.instruct / 'transcripts.txt'}:{w['transcripts']}"]
 
     # ----- stages -------------------------------------------------------------------------------
     def stage_data(self):
@@ -149,8 +156,7 @@ class Speedrun:
         atomic_write_json(self.d["data"] / "data.done", {"mixture": str(self._mixture_path())})
 
     def stage_tokenizer(self):
-        _cli(["tokenizer", "train", "--data", *self._corpora(), "--vocab-size", str(self.p["vocab"]),
-              "--out", str(self.d["tokenizer"])])
+        _cli(["tokenizer", "train", "--data", *self._corpora(), *self.p["tokenizer"], "--out", str(self.d["tokenizer"])])
 
     def stage_pretrain(self):
         _cli(["pretrain", "--data", *self._corpora(), "--tokenizer", str(self.d["tokenizer"]),
@@ -172,7 +178,7 @@ class Speedrun:
 
     def stage_label(self):
         _cli(["label", "--auto", "--prompts", str(self.instruct / "prompts.jsonl"), "--policy",
-              str(self.d["sft"]), "--out", str(self.rankings), "--seed", "0", *self.p["label"]])
+              str(self.d["sft"]), "--out", str(self.rankings), "--seed", str(self.seed), *self.p["label"]])
         atomic_write_json(self.out / "rankings.done", {"file": str(self.rankings)})
 
     def stage_rm(self):
@@ -202,6 +208,13 @@ class Speedrun:
                   "--n", str(self.p["compare_n"]), "--max-new-tokens", str(self.p["max_new_tokens"]),
                   "--reward-model", str(self.d["rm"]), "--out", str(out)])
 
+    def exam_models(self) -> list[str]:
+        return [k for k in ("sft", "ppo", "dpo") if self._run_done(k)]
+
+    def stage_exam(self):
+        _cli(["exam", *[str(self.d[k]) for k in self.exam_models()], "--n", str(self.p["exam_n"]),
+              "--out", str(self.d["exam"] / "results.json")])
+
     def stages(self) -> list[Stage]:
         d = self.d
         return [
@@ -221,6 +234,8 @@ class Speedrun:
             Stage("compare", "held-out win rates", lambda: all((d["compare"] / f"{n}.json").is_file()
                                                                for n, _, _ in self.comparisons()),
                   self.stage_compare),
+            Stage("exam", "questions in a person's own words", lambda: (d["exam"] / "results.json").is_file(),
+                  self.stage_exam),
             Stage("report", "report card", lambda: False, self.write_report),
         ]
 
@@ -256,7 +271,7 @@ def run(args) -> int:
     out = Path(args.out)
     if args.preset == "gpu" and not torch.cuda.is_available() and args.device == "auto":
         print("note: --preset gpu without a CUDA device will be very slow")
-    Speedrun(out, args.preset, args.corpus, args.device, progress=not args.no_progress).run()
+    Speedrun(out, args.preset, args.corpus, args.device, progress=not args.no_progress, seed=args.seed).run()
     return 0
 
 
@@ -275,5 +290,7 @@ def register(sub) -> None:
                    help="use this text corpus instead of downloading Shakespeare (skips the Shakespeare "
                    "questions in the curriculum)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of every training stage and of the labeler's noise "
+                   "(the data and its held-out split are the same for every seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside stages")
     p.set_defaults(func=run)

@@ -129,3 +129,18 @@ def test_help_texts(capsys):
         out = capsys.readouterr().out
         assert "usage: gptlab" in out and len(out) > 200
     assert main(["tokenizer"]) == 2  # no subcommand: help, not a traceback
+
+
+def test_char_tokenizer_fast_path_matches_the_hf_pipeline():
+    """encode() of a char tokenizer is a Python table look-up; it must give exactly the ids of the
+    Hugging Face pipeline stored in tokenizer.json (which other tools load), unseen characters included."""
+    import random
+    tok = Tokenizer.train(["abc 012\n猫狗, hello.", "xyz!"], kind="char")
+    rng = random.Random(0)
+    alphabet = list("abcxyzq 012\n\t,.!?'\"") + ["猫", "加", "😀", "é", "\u0301", "<|user_start|>", "\r\n"]
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        ids = tok.encode(text)
+        assert ids == tok._plain.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids) == text
+    assert tok.encode_batch(["猫q", ""]) == [tok.encode("猫q"), []]

@@ -40,6 +40,17 @@ class Ranking:
         return len(self.responses)
 
 
+# ----- a plain-text transcript ---------------------------------------------------------------------------
+TRANSCRIPT_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def render_transcript(messages: list[dict]) -> str:
+    """A conversation as plain ``Role: content`` lines: how a model that never saw the reserved chat
+    tokens is asked (GPT-3 style, before InstructGPT), and how conversations enter a pre-training corpus."""
+    return "".join(f"{TRANSCRIPT_NAMES[m['role']]}: {' '.join(m['content'].split())}\n"
+                   for m in check_messages(messages, "transcript"))
+
+
 # ----- field checks (``where`` is "file:line") ------------------------------------------------------
 def check_messages(messages, where: str, last: str | None = None, need_assistant: bool = False) -> list[dict]:
     """Validate a messages list; ``last`` requires the final role (prompts end with the user's turn)."""

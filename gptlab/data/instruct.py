@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptlab.data import phrasing
+from gptlab.data.phrasing import ask
 from gptlab.errors import GptlabError
 
 FAMILIES = ("arithmetic", "strings", "translate", "shakespeare", "multiturn", "decline")
@@ -101,74 +103,96 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
-def _arith(rng: random.Random, small: bool = False) -> tuple[str, int]:
-    op = rng.choices("+-*", weights=(4, 3, 3))[0]
-    hi = 50 if small else 99
+def _arith(rng: random.Random, small: bool = False) -> tuple[int, str, int, int]:
+    """(a, op, b, result): mostly 2-digit sums and differences (what people ask), some products."""
+    op = rng.choices("+-*", weights=(4, 4, 2))[0]
     if op == "*":
         a, b = rng.randint(2, 12 if small else 30), rng.randint(2, 12)
     else:
-        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        lo = 0 if rng.random() < 0.15 else 10          # mostly two digits, a few one-digit operands
+        a, b = rng.randint(lo, 99), rng.randint(lo, 99)
         if op == "-" and a < b:
             a, b = b, a       # keep results non-negative: simpler for a small model, still checkable
-    return f"{a} {op} {b}", eval(f"{a}{op}{b}")  # noqa: S307 (our own digits and operator)
+    return a, op, b, a + b if op == "+" else a - b if op == "-" else a * b
 
 
-_ARITH_ASK = ("What is {q}?", "Compute {q}.", "Calculate {q}.", "{q} = ?", "What does {q} equal?",
-              "Please work out {q}.")
+def _arith_ask(rng, a: int, op: str, b: int) -> str:
+    return ask(phrasing.ARITH[op], rng, a=a, b=b)
 
 
 def gen_arithmetic(rng, ctx) -> _Gen:
-    q, r = _arith(rng)
-    return _Gen(q, f"arith:{q}", [_user(rng.choice(_ARITH_ASK).format(q=q)), _assistant(f"{q} = {r}.")], str(r))
+    a, op, b, r = _arith(rng)
+    q = f"{a} {op} {b}"
+    # The reply restates the problem in one canonical form, whatever the wording: reading the request
+    # and doing the sum are two steps, and the second is the same every time.
+    return _Gen(q, f"arith:{q}", [_user(_arith_ask(rng, a, op, b)), _assistant(f"{q} = {r}.")], str(r))
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+_ONSET = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "cl", "dr",
+          "fl", "gr", "pl", "sh", "st", "th", "tr", "ch", "sp")
+_VOWEL = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "u", "ai", "ee", "oo", "ou", "y")
+_CODA = ("", "", "", "n", "r", "s", "t", "l", "m", "ck", "nd", "st", "x", "p", "g")
+
+
+def _pseudo_word(rng) -> str:
+    """A pronounceable made-up word: string edits are about letters, not meaning, so invented words
+    multiply the training words without teaching any false fact."""
+    return "".join(rng.choice(_ONSET) + rng.choice(_VOWEL) for _ in range(rng.randint(1, 3))) + rng.choice(_CODA)
+
+
+def _string_word(rng, ctx) -> str:
+    return rng.choice(ctx.words) if rng.random() < 0.6 else _pseudo_word(rng)
+
+
 def gen_strings(rng, ctx) -> _Gen:
-    kind = rng.choice(("reverse", "upper", "count", "sort"))
+    kind = rng.choices(("reverse", "upper", "count", "first", "last", "sort"), weights=(3, 2, 3, 2, 1, 1))[0]
+    w = _string_word(rng, ctx)
+    q = phrasing.quote(w, rng)
     if kind == "reverse":
-        w = rng.choice(ctx.words)
-        ask = rng.choice(("Reverse the word '{w}'.", "What is '{w}' spelled backwards?", "Spell '{w}' backwards."))
-        return _Gen(f"rev:{w}", f"rev:{w}", [_user(ask.format(w=w)), _assistant(f"'{w}' reversed is '{w[::-1]}'.")],
-                    w[::-1])
+        return _Gen(f"rev:{w}", f"rev:{w}", [_user(ask(phrasing.REVERSE, rng, w=q)),
+                                             _assistant(f"'{w}' reversed is '{w[::-1]}'.")], w[::-1])
     if kind == "upper":
-        p = " ".join(rng.sample(ctx.words, rng.randint(1, 3)))
-        ask = rng.choice(("Write '{p}' in uppercase.", "Convert '{p}' to capital letters.", "Make '{p}' all caps."))
-        return _Gen(f"up:{p}", f"up:{p}", [_user(ask.format(p=p)), _assistant(f"'{p}' in uppercase is '{p.upper()}'.")],
-                    p.upper())
+        p = " ".join([w] + [_string_word(rng, ctx) for _ in range(rng.choice((0, 0, 1, 2)))])
+        return _Gen(f"up:{p}", f"up:{p}", [_user(ask(phrasing.UPPER, rng, w=phrasing.quote(p, rng))),
+                                           _assistant(f"'{p}' in uppercase is '{p.upper()}'.")], p.upper())
     if kind == "count":
-        w = rng.choice(ctx.words)
         # Mostly a letter that occurs; sometimes one that does not, so "0" is a learnable answer too.
         c = rng.choice(w) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
         n = w.count(c)
-        ask = rng.choice(("How many times does the letter '{c}' appear in '{w}'?", "Count the letter '{c}' in '{w}'.",
-                          "How many '{c}'s are in '{w}'?"))
+        cq = rng.choice(("'{}'", "{}", '"{}"')).format(c)
         return _Gen(f"count:{c}:{w}", f"count:{c}:{w}",
-                    [_user(ask.format(c=c, w=w)), _assistant(f"'{w}' contains the letter '{c}' {_plural(n, 'time')}.")],
-                    str(n))
+                    [_user(ask(phrasing.COUNT, rng, c=cq, w=q)),
+                     _assistant(f"'{w}' contains the letter '{c}' {_plural(n, 'time')}.")], str(n))
+    if kind in ("first", "last"):
+        letter = w[0] if kind == "first" else w[-1]
+        templates = phrasing.FIRST if kind == "first" else phrasing.LAST
+        return _Gen(f"{kind}:{w}", f"{kind}:{w}", [_user(ask(templates, rng, w=q)),
+                                                   _assistant(f"The {kind} letter of '{w}' is '{letter}'.")], letter)
     words = rng.sample(ctx.words, rng.randint(3, 5))
     answer = ", ".join(sorted(words))
-    ask = rng.choice(("Sort these words alphabetically: {l}.", "Put these words in alphabetical order: {l}."))
     return _Gen(f"sort:{','.join(words)}", f"sort:{answer}",
-                [_user(ask.format(l=", ".join(words))), _assistant(f"In alphabetical order: {answer}.")], answer)
+                [_user(ask(phrasing.SORT, rng, l=", ".join(words))), _assistant(f"In alphabetical order: {answer}.")],
+                answer)
 
 
 def _to_chinese(rng, ctx, en: str) -> tuple[str, str]:
-    ask = rng.choice(("Translate '{en}' into Chinese.", "What is '{en}' in Chinese?", "How do you say '{en}' in Chinese?"))
-    return ask.format(en=en), f"'{en}' in Chinese is {ctx.en_zh[en]}."
+    return ask(phrasing.TO_CHINESE, rng, en=phrasing.quote(en, rng)), f"'{en}' in Chinese is {ctx.en_zh[en]}."
 
 
 def gen_translate(rng, ctx) -> _Gen:
     if rng.random() < 0.5:
         en = rng.choice(list(ctx.en_zh))
-        ask, reply = _to_chinese(rng, ctx, en)
-        return _Gen(f"en-zh:{en}", f"word:{en}", [_user(ask), _assistant(reply)], ctx.en_zh[en])
+        ask_, reply = _to_chinese(rng, ctx, en)
+        return _Gen(f"en-zh:{en}:{ask_}", f"word:{en}", [_user(ask_), _assistant(reply)], ctx.en_zh[en])
     zh = rng.choice(list(ctx.zh_en))
     en = ctx.zh_en[zh]
-    ask = rng.choice(("Translate {zh} into English.", "What does {zh} mean in English?", "What is {zh} in English?"))
-    return _Gen(f"zh-en:{zh}", f"word:{en}", [_user(ask.format(zh=zh)), _assistant(f"{zh} in English is '{en}'.")], en)
+    ask_ = ask(phrasing.TO_ENGLISH, rng, zh=zh)
+    return _Gen(f"zh-en:{zh}:{ask_}", f"word:{en}", [_user(ask_),
+                                              _assistant(f"{zh} in English is '{en}'.")], en)
 
 
 def gen_shakespeare(rng, ctx) -> _Gen | None:
@@ -191,47 +215,68 @@ def gen_shakespeare(rng, ctx) -> _Gen | None:
 
 def _followup_arith(rng) -> tuple[str, str, str, str, str, str]:
     """(base key, first question, first reply, follow-up, follow-up reply, answer) for arithmetic."""
-    q, r = _arith(rng, small=True)
+    a, op, b, r = _arith(rng, small=True)
+    q = f"{a} {op} {b}"
     kind = rng.choice(("double", "add", "sub", "half", "mul"))
     if kind == "half" and r % 2:
         kind = "double"
-    c = rng.randint(2, 5) if kind == "mul" else rng.randint(1, 20)
+    c = rng.randint(2, 5) if kind == "mul" else rng.randint(1, 30)
     if kind == "sub" and c > r:
         kind = "add"
-    follow, reply, value = {
-        "double": ("And double that?", "Double {r} is {v}.", 2 * r),
-        "add": (f"Now add {c} to that.", "{r} + " + str(c) + " = {v}.", r + c),
-        "sub": (f"And subtract {c} from that?", "{r} - " + str(c) + " = {v}.", r - c),
-        "half": ("What is half of that?", "Half of {r} is {v}.", r // 2),
-        "mul": (f"Multiply that by {c}.", "{r} * " + str(c) + " = {v}.", r * c),
+    reply, value = {
+        "double": ("Double {r} is {v}.", 2 * r),
+        "add": ("{r} + " + str(c) + " = {v}.", r + c),
+        "sub": ("{r} - " + str(c) + " = {v}.", r - c),
+        "half": ("Half of {r} is {v}.", r // 2),
+        "mul": ("{r} * " + str(c) + " = {v}.", r * c),
     }[kind]
-    return (f"arith:{q}", rng.choice(_ARITH_ASK).format(q=q), f"{q} = {r}.", follow,
+    return (f"arith:{q}", _arith_ask(rng, a, op, b), f"{q} = {r}.", ask(phrasing.FOLLOW[kind], rng, c=c),
             reply.format(r=r, v=value), str(value))
 
 
 def gen_multiturn(rng, ctx) -> _Gen:
     roll = rng.random()
-    if roll < 0.7:
+    if roll < 0.75:
         base, q1, a1, q2, a2, answer = _followup_arith(rng)
-    elif roll < 0.85:
-        w = rng.choice(ctx.words)
+    elif roll < 0.88:
+        w = _string_word(rng, ctx)
         rev = w[::-1]
-        base, q1, a1 = f"rev:{w}", f"Reverse the word '{w}'.", f"'{w}' reversed is '{rev}'."
-        q2, a2, answer = "Now write that in uppercase.", f"'{rev}' in uppercase is '{rev.upper()}'.", rev.upper()
+        base, q1, a1 = f"rev:{w}", ask(phrasing.REVERSE, rng, w=phrasing.quote(w, rng)), f"'{w}' reversed is '{rev}'."
+        q2 = rng.choice(("Now write that in uppercase.", "now in caps", "And in capital letters?", "Uppercase it."))
+        a2, answer = f"'{rev}' in uppercase is '{rev.upper()}'.", rev.upper()
     else:
         en, other = rng.sample(list(ctx.en_zh), 2)
         base = f"word:{en}"
         q1, a1 = _to_chinese(rng, ctx, en)
-        q2, a2, answer = f"And '{other}'?", f"'{other}' in Chinese is {ctx.en_zh[other]}.", ctx.en_zh[other]
+        q2 = rng.choice(("And '{o}'?", "and {o}?", "What about {o}?", "How about '{o}'?", "And {o}?")).format(o=other)
+        a2, answer = f"'{other}' in Chinese is {ctx.en_zh[other]}.", ctx.en_zh[other]
     return _Gen(f"{q1}|{q2}", base, [_user(q1), _assistant(a1), _user(q2), _assistant(a2)], answer)
 
 
-_PLACES = ("Mars", "Atlantis", "the Moon", "the Sun", "Jupiter", "the bottom of the sea", "Saturn's rings")
+_PLACES = ("Mars", "Atlantis", "the Moon", "the Sun", "Jupiter", "the bottom of the sea", "Saturn's rings", "Narnia",
+           "the Milky Way")
 _RULERS = ("king", "queen", "president", "mayor", "emperor")
 _ATTRS = ("phone number", "home address", "shoe size", "middle name", "favourite colour", "email address")
 _CITIES = ("Paris", "London", "Beijing", "Lagos", "Lima", "Sydney", "Tokyo", "Cairo", "Oslo", "Delhi")
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December")
+# Things only the person asking could know: no model can answer them, whatever its size.
+_PRIVATE = ("What number am I thinking of?", "What is my name?", "What did I eat for breakfast today?", "How old am I?",
+            "What's my password?", "Where did I leave my keys?", "What am I holding in my hand?",
+            "What colour is my shirt?", "What is my dog's name?", "What is my phone number?",
+            "What am I thinking about right now?", "Which card did I pick?", "What did I dream about last night?",
+            "How much money is in my pocket?", "What's the name of my best friend?", "What song am I humming?",
+            "我在想哪个数字？", "我叫什么名字？", "我今天早上吃了什么？")
+_FUTURE = ("What will the weather be in {city} on {date}?", "Who will win the football world cup in {year}?",
+           "What will the lottery numbers be next week?", "What will the price of gold be on {date}?",
+           "Who will be the president in {year}?", "What will I have for dinner on {date}?",
+           "{year}年谁会赢得世界杯？")
+_ABSURD = ("What colour is the number {n}?", "How much does the word '{w}' weigh in kilograms?",
+           "What does the letter Q smell like?", "How many hours are in a blue?", "What is the square root of a banana?",
+           "How tall is the colour green?", "What is the last digit of pi?", "What is the largest number?",
+           "What is {n} divided by zero?", "Compute {n} / 0.", "How loud is the number {n}?",
+           "What is the {attr} of the {ruler} of {place}?", "Who was the first person to live on {place}?",
+           "Translate '{nonsense}' into Chinese.", "What does '{nonsense}' mean?")
 
 
 def _nonsense(rng, ctx) -> str:
@@ -242,27 +287,13 @@ def _nonsense(rng, ctx) -> str:
 
 
 def gen_decline(rng, ctx) -> _Gen:
-    kind = rng.randrange(6)
-    if kind == 0:
-        attr, ruler, place = rng.choice(_ATTRS), rng.choice(_RULERS), rng.choice(_PLACES)
-        ask, why = f"What is the {attr} of the {ruler} of {place}?", f"there is no {ruler} of {place}."
-    elif kind == 1:
-        a = rng.randint(1, 999)
-        ask, why = rng.choice(("What is {a} divided by zero?", "Compute {a} / 0.")).format(a=a), "dividing by zero is undefined."
-    elif kind == 2:
-        date = f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(2100, 2999)}"
-        ask = f"What will the weather be in {rng.choice(_CITIES)} on {date}?"
-        why = "nobody can know the weather that far in the future."
-    elif kind == 3:
-        w = _nonsense(rng, ctx)
-        ask, why = f"Translate '{w}' into Chinese.", f"'{w}' is not an English word."
-    elif kind == 4:
-        n = rng.randint(1, 9999)
-        ask, why = f"What colour is the number {n}?", "numbers do not have colours."
-    else:
-        w = rng.choice(ctx.words)
-        ask, why = f"How much does the word '{w}' weigh in kilograms?", "words do not have a weight."
-    return _Gen(ask, f"decline:{ask}", [_user(ask), _assistant(f"I'm sorry, I can't answer that: {why}")], DECLINE_ANSWER)
+    pool = rng.choices((_PRIVATE, _FUTURE, _ABSURD), weights=(3, 2, 5))[0]
+    date = f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(2100, 2999)}"
+    ask_ = rng.choice(pool).format(city=rng.choice(_CITIES), date=date, year=rng.randint(2100, 2999),
+                                   n=rng.randint(1, 9999), w=rng.choice(ctx.words), attr=rng.choice(_ATTRS),
+                                   ruler=rng.choice(_RULERS), place=rng.choice(_PLACES), nonsense=_nonsense(rng, ctx))
+    ask_ = phrasing.roughen(ask_, rng, p=0.3)
+    return _Gen(ask_, f"decline:{ask_}", [_user(ask_), _assistant(DECLINE_ANSWER)], DECLINE_ANSWER)
 
 
 GENERATORS = {"arithmetic": gen_arithmetic, "strings": gen_strings, "translate": gen_translate,
@@ -427,13 +458,17 @@ def add_instruct_parser(data_sub) -> None:
 
 
 def run_instruct(args) -> int:
-    from gptlab.io import atomic_write_json, atomic_write_jsonl, gptlab_home
+    from gptlab.data.formats import render_transcript
+    from gptlab.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, gptlab_home
     out = Path(args.out) if args.out else gptlab_home() / "instruct"
     if out.exists() and not out.is_dir():
         raise GptlabError(f"--out {out}: exists and is not a folder")
     splits = build_curriculum(args.seed, args.n_per_family, works={} if args.no_shakespeare else None)
     for split, items in splits.items():
         atomic_write_jsonl(out / f"{split}.jsonl", items)
+    # The demonstrations again as plain text, one conversation a document, for the pre-training corpus:
+    # the task wordings are learned there too, and a pre-trained-only model can be asked GPT-3 style.
+    atomic_write_text(out / "transcripts.txt", "\n".join(render_transcript(i["messages"]) for i in splits["sft"]))
     counts = {s: {f: sum(i["family"] == f for i in items) for f in FAMILIES} for s, items in splits.items()}
     atomic_write_json(out / "curriculum.json", {"seed": args.seed, "n_per_family": args.n_per_family,
                                                "families": list(FAMILIES), "counts": counts})
@@ -442,5 +477,5 @@ def run_instruct(args) -> int:
         print(f"{f:<12}" + "".join(f"{counts[s][f]:>9}" for s in SPLITS))
     if not any(counts[s]["shakespeare"] for s in SPLITS) and not args.no_shakespeare:
         print("(no Shakespeare family: run `gptlab data shakespeare` first to include it)")
-    print(f"wrote {out}/sft.jsonl, prompts.jsonl, heldout.jsonl")
+    print(f"wrote {out}/sft.jsonl, prompts.jsonl, heldout.jsonl, transcripts.txt")
     return 0

@@ -62,6 +62,11 @@ class Tokenizer:
         plain_spec = dict(spec, added_tokens=[])
         self._plain = HFTokenizer.from_str(json.dumps(plain_spec))
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        # A char tokenizer is a table look-up: done in Python it is ~20x faster than the merge-less BPE
+        # pipeline, which matters for corpora of millions of characters (pre-training caches them once).
+        self._char_ids = ({t: i for t, i in self._plain.get_vocab().items() if len(t) == 1}
+                          if self.kind == "char" else None)
+        self._byte_ids = ([self._plain.token_to_id(t) for t in _BYTE_TOKENS] if self.kind == "char" else None)
         self.eot_id = self.special_id(EOT)
         if self.eot_id is None:
             raise GptlabError("tokenizer has no end-of-text token <|endoftext|>")
@@ -139,10 +144,24 @@ class Tokenizer:
 
     # ----- use ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if self._char_ids is not None:
+            return self._encode_chars(text)
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._char_ids is not None:
+            return [self._encode_chars(t) for t in texts]
         return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+
+    def _encode_chars(self, text: str) -> list[int]:
+        table, out = self._char_ids, []
+        for ch in text:
+            i = table.get(ch)
+            if i is None:   # a character never seen in training: its UTF-8 bytes, as byte fallback does
+                out.extend(self._byte_ids[b] for b in ch.encode("utf-8", "surrogatepass"))
+            else:
+                out.append(i)
+        return out
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gptlab.data.formats import TRANSCRIPT_NAMES, render_transcript
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import (ASSISTANT_END, ASSISTANT_START, SYSTEM_END, SYSTEM_START, USER_END,
                               USER_START, Tokenizer)
@@ -119,16 +120,6 @@ def parse_reply(tok: Tokenizer, ids: list[int]) -> str:
 
 
 # ----- a plain-text transcript, for models that never saw the template --------------------------------
-TRANSCRIPT_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def render_transcript(messages: list[dict]) -> str:
-    """A conversation as plain ``Role: content`` lines: the one way to ask a pre-trained-only model
-    (whose reserved chat tokens were never trained) to answer, as GPT-3 was prompted before InstructGPT."""
-    return "".join(f"{TRANSCRIPT_NAMES[m['role']]}: {' '.join(m['content'].split())}\n"
-                   for m in validate_messages(messages))
-
-
 def transcript_prompt(tok: Tokenizer, messages: list[dict], demos: list[list[dict]], max_tokens: int) -> list[int]:
     """Ids of ``demos`` (whole conversations, k-shot demonstrations) then ``messages``, each a transcript
     separated by a blank line, ending with ``Assistant:`` for the model to continue; the answer ends at

@@ -1,0 +1,81 @@
+"""The exam: person-phrased questions whose wordings the curriculum never uses, with checkable answers."""
+import json
+import random
+import re
+
+import pytest
+
+from gptlab.data import phrasing
+from gptlab.data.instruct import build_curriculum, check_answer
+from gptlab.evals import exam
+
+
+def _skeleton(template: str) -> str:
+    """A template with its slots blanked and case/punctuation dropped: what 'the same wording' means."""
+    t = re.sub(r"\{\w+\}", "#", template.lower())
+    return re.sub(r"[^\w#\u4e00-\u9fff]+", " ", t).strip()
+
+
+def test_exam_wordings_never_occur_in_the_curriculum():
+    trained = {_skeleton(t) for name in dir(phrasing) for v in [getattr(phrasing, name)]
+               if isinstance(v, tuple) for t in v if isinstance(t, str)}
+    trained |= {_skeleton(t) for v in phrasing.FOLLOW.values() for t in v}
+    asked = [t for v in (exam._ADD, exam._SUB, exam._REVERSE, exam._UPPER, exam._COUNT, exam._FIRST, exam._TO_ZH,
+                         exam._TO_EN) for t in v]
+    asked += [t for v in exam._FOLLOW.values() for t in v]
+    assert len(asked) > 40
+    clash = [t for t in asked if _skeleton(t) in trained]
+    assert not clash, clash
+    decline_trained = {_skeleton(i["messages"][-2]["content"]) for i in build_curriculum(0, 300, works={})["sft"]
+                       if i["family"] == "decline"}
+    assert not [q for q in exam._DECLINE if _skeleton(q) in decline_trained]
+
+
+def test_exam_is_deterministic_balanced_and_its_answers_check():
+    items = exam.build_exam(12, seed=3)
+    assert items == exam.build_exam(12, seed=3)
+    assert items != exam.build_exam(12, seed=4)
+    assert [sum(i["family"] == f for i in items) for f in exam.FAMILIES] == [12] * 5
+    for it in items:
+        a = it["answer"]
+        reply = "I'm sorry, I can't answer that." if it["family"] == "decline" else f"The answer is '{a}'."
+        assert check_answer(it, reply), it
+        if it["family"] != "decline":
+            assert not check_answer(it, "I'm sorry, I can't answer that.")
+    # The multi-turn follow-up really needs the first answer: its value follows from it.
+    for it in items:
+        if it["family"] == "multiturn":
+            first = int(it["messages"][1]["content"].split("= ")[1].rstrip("."))
+            assert int(it["answer"]) in {2 * first, first // 2} or abs(int(it["answer"]) - first) <= 20
+
+
+def test_exam_problems_are_held_out_of_every_training_split():
+    """Arithmetic and string problems are in the curriculum's held-out bucket: the canonical reply that
+    starts every training answer ("59 + 63 = 122.", "'shore' reversed is ...") never names them."""
+    from gptlab.data.instruct import HELDOUT_FRACTION, _bucket
+    cur = build_curriculum(0, 3000, works={})
+    replies = [i["messages"][-1]["content"] if s == "sft" else i["reference"] for s in ("sft", "prompts")
+               for i in cur[s] if i["family"] in ("arithmetic", "multiturn")]
+    items = [i for i in exam.build_exam(40) if "problem" in i]
+    assert len(items) == 120
+    for it in items:
+        assert _bucket(it["problem"]) < HELDOUT_FRACTION
+    canon = {it["problem"].split(":", 1)[1] + " =" for it in items if it["problem"].startswith("arith:")}
+    assert not [r for r in replies if r.split(" = ")[0] + " =" in canon]
+
+
+def test_summary_and_table():
+    items = exam.build_exam(2)
+    replies = [("I'm sorry, I can't answer that." if i["family"] == "decline" else "no idea") for i in items]
+    s = exam.summarise(items, replies)
+    assert s["per_family"]["decline"] == 1.0 and s["per_family"]["arithmetic"] == 0.0
+    assert s["mean_family_accuracy"] == pytest.approx(0.2) and s["min_family_accuracy"] == 0.0
+    assert "| m | 0% | 0% | 0% | 0% | 100% | **20.0%** |" in exam.format_table({"m": s})
+
+
+def test_roughen_keeps_slots_and_payload():
+    rng = random.Random(0)
+    for t in phrasing.ADD + phrasing.REVERSE + phrasing.TO_CHINESE:
+        for _ in range(20):
+            r = phrasing.roughen(t, rng, p=1.0)
+            assert sorted(re.findall(r"\{\w+\}", r)) == sorted(re.findall(r"\{\w+\}", t))
