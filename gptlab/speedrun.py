@@ -70,7 +70,7 @@ PRESETS = {
                            "--ckpt-every", "10"],
                  eval=["--shots", "0,1", "--n", "6", "--tasks", "add2", "icl_last"],
                  sft=["--max-steps", "10", "--batch-size", "4", "--eval-max-items", "6", "--eval-every", "10"],
-                 label=["-k", "2", "--max-prompts", "12", "--max-new-tokens", "12"],
+                 label=["-k", "4", "--max-prompts", "12", "--max-new-tokens", "24"],
                  rm=["--max-steps", "6", "--batch-size", "2"],
                  ppo=["--max-steps", "4", "--rollout-batch", "4", "--minibatch", "2", "--ppo-epochs", "1",
                       "--max-new-tokens", "10", "--eval-n", "4", "--eval-every", "4", "--ptx-batch", "2"],

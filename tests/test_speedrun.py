@@ -1,5 +1,6 @@
 """The speedrun on its miniature preset: every stage's output, the report, and skipping finished stages."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,9 +23,17 @@ def test_every_stage_leaves_its_output(speedrun_dir):
     for path in ["data/data.done", "tokenizer/tokenizer.json", "pretrain/summary.json", "pretrain/loss.png",
                  "eval_pretrain/results.json", "eval_pretrain/accuracy_vs_shots.png", "sft/summary.json",
                  "rankings.jsonl", "rm/summary.json", "ppo/summary.json", "ppo/curves.png", "dpo/summary.json",
-                 "compare/ppo_vs_sft.json", "report.md"]:
+                 "compare/ppo_vs_sft.json", "exam/results.json", "exam/results.png", "compare/rlhf.png",
+                 "data/instruct/transcripts.txt", "report.md"]:
         assert (out / path).is_file(), path
     report = (out / "report.md").read_text()
+    # The report leads with the three results a user came for, before any stage detail.
+    heads = ["### 1. It answers questions", "### 2. RLHF against SFT", "### 3. In-context learning", "## Stages"]
+    assert [report.index(h) for h in heads] == sorted(report.index(h) for h in heads)
+    assert "seed 0" in report.splitlines()[0]
+    exam = json.loads((out / "exam" / "results.json").read_text())
+    assert {Path(k).name for k in exam["results"]} == {"sft", "ppo", "dpo"}
+    assert "Exam questions and the **ppo** model's answers" in report
     for section in ["## Stages", "## Pre-training", "## Zero- and few-shot", "## SFT", "## Reward model",
                     "## PPO-ptx", "## Held-out win rates", "## Samples", "gptlab chat"]:
         assert section in report, section
