@@ -18,7 +18,22 @@ def test_wilson_known_cases():
 def test_win_rate_counts_ties_half():
     rate, lo, hi = win_rate([3.0, 2.0, 1.5, -1.0], [1.0, 2.0, -1.0, 0.0])
     assert rate == pytest.approx((1 + 0.5 + 1 + 0) / 4)
-    assert (lo, hi) == pytest.approx(wilson_interval(2.5, 4))
+    # Sign-test interval: 2 wins of 3 decisive items, scaled by the decisive share (3/4) around 1/2.
+    q_lo, q_hi = wilson_interval(2, 3)
+    assert (lo, hi) == pytest.approx((0.5 + 0.75 * (q_lo - 0.5), 0.5 + 0.75 * (q_hi - 0.5)))
+    assert win_rate([1.0, 2.0], [1.0, 2.0]) == (0.5, 0.5, 0.5)     # all ties: no evidence either way
+
+
+def test_win_rate_interval_ignores_ties_but_not_their_count():
+    """Identical answers carry no evidence: 60 wins and 20 losses among 1,000 items are a clear
+    preference (the sign test), which a Wilson interval on the tie-counted 52% would miss."""
+    a = [1.0] * 60 + [0.0] * 20 + [0.5] * 920
+    b = [0.0] * 60 + [1.0] * 20 + [0.5] * 920
+    rate, lo, hi = win_rate(a, b)
+    assert rate == pytest.approx(0.52) and lo > 0.5 and lo < rate < hi
+    assert wilson_interval(520, 1000)[0] < 0.5
+    flipped = win_rate(b, a)
+    assert flipped[0] == pytest.approx(0.48) and flipped[2] < 0.5
     with pytest.raises(GptlabError):
         win_rate([1.0], [1.0, 2.0])
     with pytest.raises(GptlabError):

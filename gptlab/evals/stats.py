@@ -25,17 +25,29 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
-def win_rate(scores_a: list[float], scores_b: list[float]) -> tuple[float, float, float]:
-    """How often A's score beats B's on the same item (ties count half), with a Wilson 95% interval:
-    (rate, lo, hi)."""
+def win_rate(scores_a: list[float], scores_b: list[float], z: float = Z95) -> tuple[float, float, float]:
+    """How often A's score beats B's on the same item (ties count half), with a 95% interval:
+    (rate, lo, hi).
+
+    The interval is the sign test's: a tie says nothing about which side is better and has no
+    variance, so the uncertainty is that of A's share among the decisive items (Wilson interval of
+    wins / (wins + losses)), scaled by the decisive fraction around one half. A Wilson interval on
+    the tie-counted rate itself would treat every tie as a coin flip and be far too wide when most
+    answers are identical (two policies from the same start)."""
     if len(scores_a) != len(scores_b):
         raise GptlabError(f"win_rate needs one score from each side per item "
                           f"(got {len(scores_a)} and {len(scores_b)})")
     if not scores_a:
         raise GptlabError("win_rate needs at least one item")
-    wins = sum(1.0 if sa > sb else 0.5 if sa == sb else 0.0 for sa, sb in zip(scores_a, scores_b))
-    lo, hi = wilson_interval(wins, len(scores_a))
-    return wins / len(scores_a), lo, hi
+    n = len(scores_a)
+    wins = sum(sa > sb for sa, sb in zip(scores_a, scores_b))
+    decisive = wins + sum(sa < sb for sa, sb in zip(scores_a, scores_b))
+    rate = (wins + 0.5 * (n - decisive)) / n
+    if not decisive:
+        return rate, rate, rate
+    q_lo, q_hi = wilson_interval(wins, decisive, z)
+    share = decisive / n
+    return rate, 0.5 + share * (q_lo - 0.5), 0.5 + share * (q_hi - 0.5)
 
 
 def paired_difference(a: list[float], b: list[float], z: float = Z95) -> tuple[float, float, float]:
