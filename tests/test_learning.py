@@ -184,7 +184,8 @@ def _ppo(d, out, seed, *extra):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("baseline", [[], ["--group", "4"]], ids=["value", "group"])
+@pytest.mark.parametrize("baseline", [["--baseline", "value"], ["--baseline", "rloo", "--samples", "4"]],
+                         ids=["value", "rloo"])
 def test_ppo_raises_the_reward(ppo_task, one_thread, seed, baseline):
     """`gptlab ppo` against a reward model that pays each answer token a fixed amount must raise the
     mean reward of the policy's sampled answers, with the value-model baseline (GAE) and with the

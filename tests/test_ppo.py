@@ -193,7 +193,7 @@ def _ppo_args(d, corpus_file, out, steps, *extra):
             str(d / "prompts.jsonl"), "--out", str(out), "--max-steps", str(steps), "--rollout-batch", "4",
             "--minibatch", "2", "--ppo-epochs", "1", "--max-new-tokens", "8", "--ptx-data", str(corpus_file),
             "--eval-n", "3", "--eval-every", "2", "--warmup-steps", "1", "--lr", "1e-4", "--no-progress",
-            *extra]
+            "--baseline", "value", *extra]
 
 
 def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
@@ -203,7 +203,7 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     from gptlab import runs
     from gptlab.train.ppo import PLOT_KEYS
     out = tiny_runs / "ppo"
-    rc = main(_ppo_args(tiny_runs, corpus_file, out, 4, "--ema", "0.9", "--normalize-reward",
+    rc = main(_ppo_args(tiny_runs, corpus_file, out, 4, "--ema", "0.9",
                         "--kl-target", "2.0"))
     assert rc == 0
     printed = capsys.readouterr().out
@@ -214,7 +214,7 @@ def test_ppo_end_to_end(tiny_runs, corpus_file, capsys):
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) >= 4
     for key in [k for k in PLOT_KEYS if k != "mixed_groups"] + ["vf_clipfrac", "approx_kl", "train_loss"]:
-        assert any(key in r for r in rows), key     # (mixed_groups: only with --filter-groups)
+        assert any(key in r for r in rows), key     # (mixed_groups: only with --baseline rloo)
     assert all(math.isfinite(r["kl"]) and r["response_len"] > 0 for r in rows if "kl" in r)
     assert (out / "curves.png").is_file() and (out / "summary.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
@@ -325,7 +325,7 @@ def test_ppo_oracle_reward_scores_with_the_labeler(tiny_runs, corpus_file, capsy
         args = _ppo_args(tiny_runs, corpus_file, out, 2, *extra)
         i = args.index("--reward-model")
         return args[:i] + args[i + 2:]
-    assert main(without_rm(tiny_runs / "o3", "--oracle-reward", "--group", "2", "--normalize-reward")) == 0
+    assert main(without_rm(tiny_runs / "o3", "--oracle-reward", "--baseline", "rloo", "--samples", "2")) == 0
     assert "no RM" in capsys.readouterr().out
     assert json.loads((tiny_runs / "o3" / "config.json").read_text())["reward_model"] == []
     # ... but a learned reward, or a value model, does
@@ -335,29 +335,29 @@ def test_ppo_oracle_reward_scores_with_the_labeler(tiny_runs, corpus_file, capsy
 
 
 def test_ppo_group_baseline_runs_without_a_value_model(tiny_runs, corpus_file, capsys):
-    """--group G: each prompt sampled G times, leave-one-out baseline, no value model in the checkpoint."""
+    """--baseline rloo --samples G: each prompt sampled G times, leave-one-out baseline, no value model in the checkpoint."""
     from gptlab.cli import main
     from gptlab.plots import read_metrics
     from gptlab import runs
     out = tiny_runs / "rloo"
-    assert main(_ppo_args(tiny_runs, corpus_file, out, 2, "--group", "2", "--eval-n", "0")) == 0
+    assert main(_ppo_args(tiny_runs, corpus_file, out, 2, "--baseline", "rloo", "--samples", "2", "--eval-n", "0")) == 0
     assert "leave-one-out baseline over 2 samples" in capsys.readouterr().out
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
     assert rows and all(r["value_loss"] == 0 and math.isfinite(r["policy_loss"]) for r in rows)
     tensors = runs.load_tensors(out / runs.CHECKPOINT_FILE)
     assert not any(".value." in k for k in tensors) and any(".gpt." in k for k in tensors)
-    assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad", 2, "--group", "3")) == 2
-    assert "multiple of --group" in capsys.readouterr().err
+    assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad", 2, "--baseline", "rloo", "--samples", "3")) == 2
+    assert "multiple of --samples" in capsys.readouterr().err
 
 
 def test_filter_groups_keeps_only_groups_whose_samples_differ():
-    """--filter-groups: alike groups are dropped and fresh ones sampled until the buffer is full; the
+    """The rloo baseline's filter: alike groups are dropped and fresh ones sampled until the buffer is full; the
     logged reward and episode count cover everything sampled, kept or not."""
     from types import SimpleNamespace
     from gptlab.train.ppo import PPOOptions, PPOStage
     rounds = iter([torch.tensor([2.0, 3.0, 5.0, 5.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])])
     fake = SimpleNamespace(
-        opts=PPOOptions(rollout_batch=4, minibatch=2, group=2, filter_groups=True),
+        opts=PPOOptions(rollout_batch=4, minibatch=2, baseline="rloo", samples=2),
         model=SimpleNamespace(gpt=None),
         _pick=lambda n, gen: torch.tensor([7, 8])[:n],
         _generate=lambda policy, which, gen: ([[int(w)] for w in which], [f"r{int(w)}" for w in which]),
@@ -378,15 +378,15 @@ def test_filter_groups_keeps_only_groups_whose_samples_differ():
     assert share == 0 and sampled == 12 and len(comps) == 4 and raw.tolist() == [1.0] * 4
 
 
-def test_ppo_filter_groups_runs_and_needs_a_group(tiny_runs, corpus_file, capsys):
+def test_ppo_rloo_filters_groups_and_needs_two_samples(tiny_runs, corpus_file, capsys):
     from gptlab.cli import main
     from gptlab.plots import read_metrics
     out = tiny_runs / "filtered"
-    assert main(_ppo_args(tiny_runs, corpus_file, out, 2, "--group", "2", "--filter-groups", "--eval-n", "0")) == 0
+    assert main(_ppo_args(tiny_runs, corpus_file, out, 2, "--baseline", "rloo", "--samples", "2", "--eval-n", "0")) == 0
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
     assert rows and all(0.0 <= r["mixed_groups"] <= 1.0 for r in rows)
-    assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad2", 2, "--filter-groups")) == 2
-    assert "--filter-groups needs --group" in capsys.readouterr().err
+    assert main(_ppo_args(tiny_runs, corpus_file, tiny_runs / "bad2", 2, "--baseline", "rloo", "--samples", "1")) == 2
+    assert "--samples must be at least 2" in capsys.readouterr().err
 
 
 def test_reward_ensemble_pays_the_mean_minus_the_members_disagreement():
@@ -419,7 +419,7 @@ def test_ppo_with_a_reward_ensemble(tiny_runs, corpus_file, capsys):
     from gptlab.cli import main
     from gptlab import runs
     shutil.copytree(tiny_runs / "rm", tiny_runs / "rm2")
-    args = _ppo_args(tiny_runs, corpus_file, tiny_runs / "ens", 2, "--group", "2", "--eval-n", "0",
+    args = _ppo_args(tiny_runs, corpus_file, tiny_runs / "ens", 2, "--baseline", "rloo", "--samples", "2", "--eval-n", "0",
                      "--ensemble-penalty", "0.5")
     i = args.index("--reward-model") + 2
     assert main(args[:i] + [str(tiny_runs / "rm2")] + args[i:]) == 0

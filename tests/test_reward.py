@@ -203,7 +203,7 @@ def test_rm_reading_the_response_tokens_round_trips(tmp_path, small_tokenizer):
     data = _rankings_file(tmp_path / "rank.jsonl")
     out = tmp_path / "rm"
     assert main(["rm", "--init", str(init), "--data", str(data), "--out", str(out), "--batch-size", "4",
-                 "--no-progress", "--reads", "response_tokens", "--lr", "1e-3", "--logprob-feature"]) == 0
+                 "--no-progress", "--lr", "1e-3"]) == 0   # the defaults: response tokens + confidence feature
     head = json.loads((out / "config.json").read_text())["heads"]["score_head"]
     assert head["reads"] == "response_tokens" and head["response_start_id"] == small_tokenizer.special_id(ASSISTANT_START)
     rm, tok, _ = load_reward_model(out)
@@ -214,6 +214,11 @@ def test_rm_reading_the_response_tokens_round_trips(tmp_path, small_tokenizer):
     assert abs(sum(s) / len(s)) < 1e-4   # the bias once per answer still centres the demonstrations
     with pytest.raises(SystemExit):   # argparse: a one-line usage error, exit 2
         main(["rm", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "bad"), "--reads", "middle"])
+    # InstructGPT's head, still one flag away: the end-of-turn token alone, no confidence feature.
+    assert main(["rm", "--init", str(init), "--data", str(data), "--out", str(tmp_path / "last"), "--batch-size", "4",
+                 "--no-progress", "--max-steps", "2", "--reads", "last_token", "--no-logprob-feature"]) == 0
+    head = json.loads((tmp_path / "last" / "config.json").read_text())["heads"]["score_head"]
+    assert head["reads"] == "last_token" and not head.get("logprob_feature")
 
 
 def test_rm_bad_input_names_file_and_line(tmp_path, small_tokenizer, capsys):

@@ -2,17 +2,18 @@
 
     gptlab ppo --init SFT_RUN --reward-model RM_RUN --prompts prompts.jsonl --out runs/ppo
 
-Four models: the policy (initialised from SFT, trained), the value model (initialised from the reward
-model, trained), the reference policy (SFT, frozen) and the reward model (frozen). One optimizer step of
+Up to four models: the policy (initialised from SFT, trained), the reference policy (SFT, frozen), the
+reward model (frozen) and, with ``--baseline value``, a value model (initialised from the reward model). One optimizer step of
 the shared training loop is one PPO minibatch; when the rollout buffer's ``ppo_epochs x minibatches``
 are used up, ``get_batch`` samples a fresh buffer of ``rollout_batch`` prompts with the generation
 engine (KV cache) on the current policy, scores it, and computes advantages:
 
     reward_t = -beta * (log pi(a_t) - log pi_ref(a_t)) + [t is last] * RM(prompt, response)
-    A = GAE(gamma=1, lambda=0.95), whitened over the buffer; returns = A + V_old
-    (--group G: no value model; A = return - mean return of the prompt's other G-1 samples, divided
-    by its std over the buffer's sequences, never shifted; --filter-groups keeps only the groups whose
-    samples scored differently and samples more prompts to fill the buffer)
+    --baseline rloo (default): each prompt is sampled --samples G times; A = return - mean return of
+    the prompt's other G-1 samples, divided by its std over the buffer's sequences, never shifted; only
+    groups whose samples scored differently are kept, and more prompts are sampled to fill the buffer
+    --baseline value (InstructGPT): A = GAE(gamma=1, lambda=0.95) against a value model started from
+    the reward model, whitened over the buffer; returns = A + V_old
     loss = clipped policy loss + vf_coef * clipped value loss + ptx_coef * LM loss on pre-training text
     (by default the corpora the --init chain was pre-trained on)
 
@@ -46,6 +47,9 @@ PLOT_KEYS = ["reward", "kl", "beta", "entropy", "clipfrac", "approx_kl", "value_
              "ptx_loss", "response_len", "eos_rate", "mixed_groups", "heldout_accuracy", "heldout_label_score"]
 
 
+BASELINES = ("rloo", "value")
+
+
 @dataclass
 class PPOOptions:
     rollout_batch: int = 32
@@ -61,26 +65,37 @@ class PPOOptions:
     kl_horizon: int = 10000
     ptx_coef: float = 1.0
     ptx_batch: int = 8
-    temperature: float = 1.0
+    temperature: float = 0.4
     max_new_tokens: int = 48
     missing_eos_penalty: float | None = -1.0
     ema: float | None = None
-    normalize_reward: bool = False
+    normalize_reward: bool = True
     eval_n: int = 100
     oracle_reward: bool = False     # score with the programmatic labeler instead of the reward model
-    group: int = 1                  # samples per prompt; > 1: leave-one-out baseline instead of a value model
-    filter_groups: bool = False     # with group > 1: train only on groups whose samples scored differently
+    baseline: str = "rloo"          # rloo: leave-one-out over `samples` per prompt; value: a value model + GAE
+    samples: int = 8                # rloo: samples per prompt
+
+    @property
+    def group(self) -> int:
+        """Samples per prompt in a rollout: ``samples`` with the leave-one-out baseline, else one."""
+        return self.samples if self.baseline == "rloo" else 1
+
+    @property
+    def filter_groups(self) -> bool:
+        """The leave-one-out baseline trains only on groups whose samples scored differently: a group
+        that scored alike has zero advantage everywhere and would only dilute the update."""
+        return self.baseline == "rloo"
 
     def check(self) -> None:
         for name in ("rollout_batch", "ppo_epochs", "minibatch", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise GptlabError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.group < 1:
-            raise GptlabError("--group must be at least 1")
-        if self.group > 1 and self.rollout_batch % self.group:
-            raise GptlabError(f"--rollout-batch ({self.rollout_batch}) must be a multiple of --group ({self.group})")
-        if self.filter_groups and self.group < 2:
-            raise GptlabError("--filter-groups needs --group 2 or more (it keeps groups whose samples differ)")
+        if self.baseline not in BASELINES:
+            raise GptlabError(f"--baseline must be one of {', '.join(BASELINES)}")
+        if self.baseline == "rloo" and self.samples < 2:
+            raise GptlabError("--samples must be at least 2 with --baseline rloo (the baseline is the other samples)")
+        if self.rollout_batch % self.group:
+            raise GptlabError(f"--rollout-batch ({self.rollout_batch}) must be a multiple of --samples ({self.group})")
         if self.minibatch > self.rollout_batch:
             raise GptlabError(f"--minibatch ({self.minibatch}) is larger than --rollout-batch ({self.rollout_batch})")
         if not self.temperature > 0:
@@ -429,9 +444,8 @@ def options_from_args(args) -> PPOOptions:
         vf_coef=args.vf_coef, gae_lambda=args.gae_lambda, beta=args.beta, kl_target=args.kl_target,
         kl_horizon=args.kl_horizon, ptx_coef=args.ptx_coef, ptx_batch=args.ptx_batch or args.batch_size,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        missing_eos_penalty=args.missing_eos_penalty, ema=args.ema, normalize_reward=args.normalize_reward,
-        eval_n=args.eval_n, oracle_reward=args.oracle_reward, group=args.group,
-        filter_groups=args.filter_groups)
+        missing_eos_penalty=args.missing_eos_penalty, ema=args.ema, normalize_reward=not args.raw_reward,
+        eval_n=args.eval_n, oracle_reward=args.oracle_reward, baseline=args.baseline, samples=args.samples)
 
 
 def run(args) -> int:
@@ -456,7 +470,7 @@ def run(args) -> int:
     policy, tok, sft_cfg = runs.load_run(args.init)
     ref, _, _ = runs.load_run(args.init)
     if not args.reward_model and not (opts.oracle_reward and opts.group > 1):
-        raise GptlabError("--reward-model is required (only --oracle-reward with --group > 1 needs none: "
+        raise GptlabError("--reward-model is required (only --oracle-reward with --baseline rloo needs none: "
                           "the value model starts from the reward model)")
     rm = load_reward(args.reward_model, tok, args.init, args.ensemble_penalty) if args.reward_model else None
     value = runs.load_reward_model(args.reward_model[0], flag="--reward-model")[0] if opts.group == 1 else None
@@ -608,27 +622,27 @@ def register(sub) -> None:
                    help="gamma: weight of the pre-training LM loss (InstructGPT: 27.8; 0 = plain PPO)")
     add_ptx_data_arg(g, "the ptx loss")
     g.add_argument("--ptx-batch", type=int, default=None, help="pre-training windows per step (default: --batch-size)")
-    g.add_argument("--temperature", type=float, default=1.0,
+    g.add_argument("--baseline", choices=BASELINES, default="rloo",
+                   help="rloo: sample each prompt --samples times and use the other samples' mean return as the "
+                   "baseline (Ahmadian et al. 2024), training only on groups whose samples scored differently "
+                   "(DAPO's dynamic sampling); value: a value model started from the reward model, with GAE "
+                   "(InstructGPT)")
+    g.add_argument("--samples", type=int, default=8, metavar="G", help="rloo: samples per prompt")
+    g.add_argument("--temperature", type=float, default=0.4,
                    help="rollout sampling temperature; ratios, KL and entropy use the same tempered policy. "
-                   "Below 1 focuses the updates on prompts whose greedy answer is a close call")
+                   "Below 1 the updates focus on prompts whose greedy answer is a close call")
     g.add_argument("--max-new-tokens", type=int, default=48, help="longest response in tokens")
     g.add_argument("--missing-eos-penalty", type=_float_or_off, default=-1.0,
                    help="score of a response that never ends its turn, replacing the RM score ('off' = none)")
     g.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="keep an EMA of the policy weights (InstructGPT: 0.992) and save it as the model")
-    g.add_argument("--normalize-reward", action="store_true",
-                   help="normalise RM scores to mean 0, std 1 on SFT samples before RL")
+    g.add_argument("--raw-reward", action="store_true",
+                   help="use the RM's raw scores; by default they are normalised to mean 0, std 1 on SFT samples "
+                   "before RL, so one set of PPO settings fits any reward model's scale")
     g.add_argument("--oracle-reward", action="store_true",
                    help="reward = the programmatic labeler's score of each answer instead of the reward "
                         "model's (prompts from `gptlab data instruct`): PPO with a perfect reward model, "
-                        "the upper bound an RM is measured against; the value model still starts from the RM")
-    g.add_argument("--group", type=int, default=1, metavar="G",
-                   help="sample each prompt G times per rollout and use the other G-1 samples' mean return as "
-                        "the baseline (RLOO, Ahmadian et al. 2024) instead of a value model and GAE; 1 = value model")
-    g.add_argument("--filter-groups", action="store_true",
-                   help="with --group: fill each rollout buffer only with groups whose samples scored "
-                        "differently, sampling more prompts as needed (DAPO's dynamic sampling); groups "
-                        "that all scored alike have zero advantage and would dilute every update")
+                        "the upper bound an RM is measured against")
     add_train_args(p, max_steps=200, batch_size=8, lr=2e-5, warmup_steps=10, eval_every=50, ckpt_every=50,
                    weight_decay=0.0, schedule="constant")
     p.set_defaults(func=run)

@@ -308,14 +308,15 @@ def register(sub) -> None:
     p.add_argument("--demos", default=None,
                    help="conversations whose final assistant answers should score 0 on average "
                    "(default: the top-ranked responses of the training data)")
-    p.add_argument("--reads", choices=READS, default="last_token",
-                   help="last_token: the head reads the end-of-turn token (InstructGPT); response_tokens: it "
-                   "scores every token of the response and the scores are summed, so a shared prefix cancels "
-                   "out of every pair and the verdict is learnt where two responses differ")
-    p.add_argument("--logprob-feature", action="store_true",
-                   help="add a weight x the answer's confidence, -log(1 + its negative log-likelihood under the "
-                   "reward model's own LM head, from the SFT run), to the score; the weight is fitted before training")
+    p.add_argument("--reads", choices=READS, default="response_tokens",
+                   help="response_tokens: the head scores every token of the response and the scores are summed, "
+                   "so a shared prefix cancels out of every pair and the verdict is learnt where two responses "
+                   "differ; last_token: the head reads the end-of-turn token only (InstructGPT)")
+    p.add_argument("--no-logprob-feature", dest="logprob_feature", action="store_false",
+                   help="leave out the answer's confidence feature: by default the score adds a weight x "
+                   "-log(1 + the answer's negative log-likelihood under the reward model's own LM head, from the "
+                   "SFT run), the weight fitted on the training pairs before training")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out (by hash)")
-    add_train_args(p, batch_size=8, lr=1e-4, warmup_steps=10, eval_every=100, ckpt_every=100, weight_decay=0.0)
+    add_train_args(p, batch_size=8, lr=3e-5, warmup_steps=10, eval_every=100, ckpt_every=100, weight_decay=0.0)
     add_epoch_args(p, epochs=1.0)
     p.set_defaults(func=run)
