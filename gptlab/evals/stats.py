@@ -25,7 +25,7 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
-def win_rate(scores_a: list[float], scores_b: list[float], z: float = Z95) -> tuple[float, float, float]:
+def win_rate(scores_a: list[float], scores_b: list[float]) -> tuple[float, float, float]:
     """How often A's score beats B's on the same item (ties count half), with a 95% interval:
     (rate, lo, hi).
 
@@ -45,7 +45,7 @@ def win_rate(scores_a: list[float], scores_b: list[float], z: float = Z95) -> tu
     rate = (wins + 0.5 * (n - decisive)) / n
     if not decisive:
         return rate, rate, rate
-    q_lo, q_hi = wilson_interval(wins, decisive, z)
+    q_lo, q_hi = wilson_interval(wins, decisive)
     share = decisive / n
     return rate, 0.5 + share * (q_lo - 0.5), 0.5 + share * (q_hi - 0.5)
 
