@@ -240,7 +240,7 @@ class PPOStage:
 
     @torch.no_grad()
     def calibrate_reward(self, n: int, seed: int) -> tuple[float, float]:
-        """Mean and std of RM scores on the reference (SFT) policy's samples: what --normalize-reward
+        """Mean and std of RM scores on the reference (SFT) policy's samples: what the reward normalisation
         subtracts and divides by, so the RL reward starts at mean 0, std 1."""
         self._device()
         gen = torch.Generator().manual_seed(seed)
@@ -252,7 +252,7 @@ class PPOStage:
         return self.reward_mean, self.reward_std
 
     def _mixed_groups(self, gen: torch.Generator, which, prompts, comps, raw, max_rounds: int = 8):
-        """--filter-groups: keep only the groups whose samples scored differently, sampling fresh
+        """--baseline rloo: keep only the groups whose samples scored differently, sampling fresh
         groups (up to ``max_rounds`` rollouts' worth) until a rollout buffer is full.
 
         Where all G samples of a prompt score alike, leave-one-out advantages are 0 up to the KL term:
@@ -595,7 +595,7 @@ def register(sub) -> None:
     p.add_argument("--init", required=True, help="SFT run: the initial policy and the frozen reference")
     p.add_argument("--reward-model", nargs="+", default=[],
                    help="reward-model run (gptlab rm): the reward, and the value model's init (optional with "
-                   "--oracle-reward --group G, which need neither); several runs "
+                   "--oracle-reward --baseline rloo, which need neither); several runs "
                    "make an ensemble whose reward is their mean score minus --ensemble-penalty x their std "
                    "(the first one initialises the value model)")
     p.add_argument("--ensemble-penalty", type=float, default=1.0,

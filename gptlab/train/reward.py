@@ -13,8 +13,9 @@ by default. A pairs file ({prompt, chosen, rejected}) is the K=2 case. After tra
 so demonstrations (the top-ranked responses, or --demos) score 0 on average: rewards are then
 "better or worse than a demonstration", which is what PPO wants to see.
 
-``--reads response_tokens`` sums a per-token head over the answer instead, and ``--logprob-feature`` adds
-the answer's confidence under the model's own LM head (gptlab.model.heads.ScalarHeadModel says why).
+By default the head is summed over the answer's tokens (``--reads response_tokens``) and the score adds
+the answer's confidence under the model's own LM head; ``--reads last_token --no-logprob-feature`` is
+InstructGPT's head, one score at the end-of-turn token (gptlab.model.heads.ScalarHeadModel says why).
 
 ``score_responses`` is the API PPO and evaluations use (``gptlab.runs.load_reward_model`` loads a run).
 """
