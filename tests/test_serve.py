@@ -7,6 +7,7 @@ behind the real engine.
 import concurrent.futures as cf
 import json
 import queue
+import re
 import socket
 import threading
 import time
@@ -357,6 +358,7 @@ def test_fuzz_never_500(server):
         for v in values:
             bodies.append(json.dumps({"model": "fake-model", "messages": user, field: v}).encode())
     ok_or_4xx = 0
+    page = page_client(server)
     with httpx.Client(timeout=20) as http:
         for body in bodies:
             for path in ("/v1/chat/completions", "/v1/completions"):
@@ -369,7 +371,7 @@ def test_fuzz_never_500(server):
         for path, body in [("/api/conversations", b"["), ("/api/conversations/abc", b""),
                            ("/api/conversations/999999/messages", b'{"content": "x"}'),
                            ("/api/messages/x/feedback", b'{"rating": 1}'), ("/api/comparisons/1/choice", b"{}")]:
-            r = http.post(server.url + path, content=body)
+            r = page.post(path, content=body, headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500 and "error" in r.json(), (path, r.status_code, r.text)
         r = http.get(server.url + "/api/conversations/notanumber")
         assert r.status_code == 400 and "error" in r.json()
@@ -436,12 +438,20 @@ def test_bind_rules():
 
 
 # ----- the web page's API ----------------------------------------------------------------------------------
+def page_client(server) -> httpx.Client:
+    """An HTTP client that behaves as the chat page does: it sends the CSRF token the page carries."""
+    http = httpx.Client(base_url=server.url, timeout=20)
+    token = re.search(r'name="gptlab-csrf" content="([^"]+)"', http.get("/").text).group(1)
+    http.headers["X-CSRF-Token"] = token
+    return http
+
+
 def sse_events(response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
 
 
 def test_web_api_flow(server):
-    http = httpx.Client(base_url=server.url, timeout=20)
+    http = page_client(server)
     conv = http.post("/api/conversations", json={"system_prompt": "Be nice."}).json()
     cid = conv["id"]
     with http.stream("POST", f"/api/conversations/{cid}/messages", json={"content": "Hello", "temperature": 0,
@@ -482,7 +492,7 @@ def test_web_api_flow(server):
 
 
 def test_web_stop_stores_partial_answer(server, fake):
-    http = httpx.Client(base_url=server.url, timeout=20)
+    http = page_client(server)
     cid = http.post("/api/conversations", json={}).json()["id"]
     fake.delay = 0.02
     try:
@@ -506,7 +516,7 @@ def test_web_stop_stores_partial_answer(server, fake):
 
 
 def test_web_context_overflow_is_refused_cleanly(server):
-    http = httpx.Client(base_url=server.url, timeout=20)
+    http = page_client(server)
     cid = http.post("/api/conversations", json={}).json()["id"]
     r = http.post(f"/api/conversations/{cid}/messages", json={"content": "word " * 400})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

@@ -13,6 +13,7 @@ The same template is exported as a Jinja string (``CHAT_TEMPLATE_JINJA``) for Hu
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from gptlab.data.formats import TRANSCRIPT_NAMES, render_transcript
@@ -99,16 +100,44 @@ def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int) -> FittedP
     """Drop the oldest turns (keeping a leading system message) until the prompt fits ``max_tokens``.
 
     Raises GptlabError when even the last message alone (with the system message) does not fit.
+    Linear: turns are encoded newest first, each once, and a turn too long to fit in what room is left
+    (judged by its length, see ``max_token_chars``) is not encoded at all, so a huge conversation costs
+    about as much as the part of it that fits.
     """
     messages = validate_messages(messages)
     system = messages[:1] if messages[0]["role"] == "system" else []
     rest = messages[len(system):]
-    for dropped in range(len(rest)):
-        kept = system + rest[dropped:]
-        ids = render_prompt(tok, kept)
-        if len(ids) <= max_tokens:
-            return FittedPrompt(ids, kept, dropped)
-    raise GptlabError(f"the last message does not fit in the context window ({max_tokens} tokens)")
+    widest = max_token_chars(tok)
+    start_id = _role_ids(tok, "assistant")[0]
+    head = render(tok, system)[0] if system else []
+    room = max_tokens - len(head) - 1   # the closing <|assistant_start|>
+    kept: list[list[int]] = []
+    for m in reversed(rest):
+        start, end = _role_ids(tok, m["role"])
+        # Each token stands for at most `widest` characters: a longer text needs more tokens than fit.
+        if room < 2 or len(m["content"]) > (room - 2) * widest:
+            break
+        ids = [start] + tok.encode(m["content"]) + [end]
+        if len(ids) > room:
+            break
+        kept.append(ids)
+        room -= len(ids)
+    if not kept:
+        raise GptlabError(f"the last message does not fit in the context window ({max_tokens} tokens)")
+    dropped = len(rest) - len(kept)
+    ids = head + [i for turn in reversed(kept) for i in turn] + [start_id]
+    return FittedPrompt(ids, system + rest[dropped:], dropped)
+
+
+_WIDEST: "weakref.WeakKeyDictionary[Tokenizer, int]" = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tok: Tokenizer) -> int:
+    """An upper bound on the characters one token of ``tok`` stands for (its longest vocabulary entry:
+    a byte-level entry holds one character per byte, and a byte decodes to at most one character)."""
+    if tok not in _WIDEST:
+        _WIDEST[tok] = max((len(t) for i in range(tok.vocab_size) if (t := tok.id_to_token(i))), default=1)
+    return _WIDEST[tok]
 
 
 def parse_reply(tok: Tokenizer, ids: list[int]) -> str:

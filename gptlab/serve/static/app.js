@@ -18,8 +18,12 @@ const ICONS = {
 // ----- talking to the server -------------------------------------------------------------------------
 function apiKey() { return localStorage.getItem("gptlab-key") || ""; }
 
+// The server writes a per-server token into the page; /api writes must carry it (a page on another
+// site cannot read it, so it cannot forge requests here).
+const CSRF = (document.querySelector('meta[name="gptlab-csrf"]') || {}).content || "";
+
 function headers() {
-  const h = { "Content-Type": "application/json" };
+  const h = { "Content-Type": "application/json", "X-CSRF-Token": CSRF };
   if (apiKey()) h.Authorization = "Bearer " + apiKey();
   return h;
 }

@@ -1,0 +1,265 @@
+"""The wire protocol shared by every route: OpenAI-shaped errors, limits and hand-written validation.
+
+Requests are validated by hand (not by pydantic) so that each mistake gets OpenAI's error shape, a
+precise ``param`` and a 4xx status: bad input never yields a 500.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+# SQLite's INTEGER is signed 64-bit: larger path ids cannot name a row (and would overflow the driver).
+MAX_ID = (1 << 63) - 1
+
+
+@dataclass
+class Limits:
+    """What one request may ask for (protects a shared model from a single greedy client)."""
+    max_body_bytes: int = 4 << 20
+    max_messages: int = 512
+    max_tokens_limit: int = 2048      # largest max_tokens a request may ask for
+    default_max_tokens: int = 512     # when a request does not say
+    max_n: int = 8                    # choices per request
+    max_prompts: int = 16             # legacy completions: prompts per request
+
+
+# ----- errors in OpenAI's shape --------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def not_found(what: str, id_: int) -> APIError:
+    return APIError(404, f"no {what} {id_}", code="not_found")
+
+
+def row_id(what: str, id_: int) -> int:
+    """A path id that can name a stored row; any other integer is simply not there (404)."""
+    if not 1 <= id_ <= MAX_ID:
+        raise not_found(what, id_)
+    return id_
+
+
+# ----- the JSON body ---------------------------------------------------------------------------------
+# JSON may spell a UTF-16 surrogate half as an escape; Python then holds a str that cannot be encoded
+# (the tokenizer and SQLite both fail on it). Only a body containing such an escape is walked.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_PARSE_IN_THREAD = 64 << 10   # bigger bodies are parsed off the event loop
+
+
+def _no_constants(c):
+    raise ValueError(f"{c} is not valid JSON")
+
+
+def _parse(raw: bytes):
+    body = json.loads(raw, parse_constant=_no_constants)
+    if _SURROGATE_ESCAPE.search(raw):
+        _refuse_lone_surrogates(body)
+    return body
+
+
+def _refuse_lone_surrogates(body) -> None:
+    stack = [body]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _LONE_SURROGATE.search(v):
+                raise APIError(400, "The request body holds a lone UTF-16 surrogate (e.g. \\ud800), which is "
+                               "not a Unicode character.", code="invalid_value")
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+async def read_json(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = await run_in_threadpool(_parse, raw) if len(raw) > _PARSE_IN_THREAD else _parse(raw)
+    except (ValueError, RecursionError):
+        raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_type")
+    return body
+
+
+def sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ----- fields ----------------------------------------------------------------------------------------
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not (is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+        raise bad(f"'{name}' must be a number", name, "invalid_type")
+    if v < lo or v > hi or (lo_open and v == lo):
+        rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise bad(f"'{name}' must be in {rng}, got {v}", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, default, lo: int, hi: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not is_int(v):
+        raise bad(f"'{name}' must be an integer", name, "invalid_type")
+    if v < lo or (hi is not None and v > hi):
+        raise bad(f"'{name}' must be between {lo} and {hi}, got {v}" if hi is not None
+                  else f"'{name}' must be >= {lo}, got {v}", name)
+    return v
+
+
+def boolean(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be a boolean", name, "invalid_type")
+    return v
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(v) > 4:
+        raise bad("'stop' may hold at most 4 sequences", "stop")
+    return [s for s in v if s]
+
+
+@dataclass
+class Sampling:
+    """Sampling options shared by both completion endpoints (validated)."""
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool = False
+
+    def params(self, index: int):
+        from gptlab.generate.engine import SamplingParams
+        # Choice i gets seed + i: reproducible, yet n > 1 samples differ from each other.
+        seed = None if self.seed is None else (self.seed + index) % (1 << 63)
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, stop=list(self.stop), seed=seed, ignore_eos=self.ignore_eos)
+
+
+def parse_sampling(body: dict, limits: Limits, min_tokens: int = 1) -> Sampling:
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise bad("logprobs are not supported by this server", "logprobs")
+    max_tokens = _integer(body, "max_completion_tokens", None, min_tokens, limits.max_tokens_limit)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", None, min_tokens, limits.max_tokens_limit)
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, limits.max_tokens_limit)
+    stream = boolean(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = boolean(opts or {}, "include_usage")
+    seed = _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)
+    return Sampling(
+        n=_integer(body, "n", 1, 1, limits.max_n),
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=_integer(body, "top_k", None, 1),   # an extension; OpenAI has none
+        stop=_stop(body), seed=seed, stream=stream, include_usage=stream and include_usage,
+        # An extension (vLLM's name): keep going past end-of-text/end-of-turn, so load tests get answers
+        # of exactly max_tokens tokens.
+        ignore_eos=boolean(body, "ignore_eos"))
+
+
+def parse_messages(raw, limits: Limits) -> list[dict]:
+    """OpenAI messages -> gptlab's [{role, content}] (leading system/developer turns merged into one)."""
+    if not isinstance(raw, list):
+        raise bad("'messages' must be a list", "messages", "invalid_type")
+    if not raw:
+        raise bad("'messages' must not be empty", "messages")
+    if len(raw) > limits.max_messages:
+        raise bad(f"'messages' holds {len(raw)} messages; the limit is {limits.max_messages}", "messages")
+    out: list[dict] = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise bad(f"{where}.role {role!r} is not supported (system, developer, user, assistant)",
+                      f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, list):   # content parts: only text is understood
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad(f"{where}.content[{j}]: only text parts are supported", f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise bad(f"{where}.content must be a string", f"{where}.content", "invalid_type")
+        if role == "system":
+            if out and out[-1]["role"] != "system":
+                raise bad(f"{where}: system messages may only come first", f"{where}.role")
+            if out:
+                out[-1]["content"] += "\n\n" + content
+                continue
+        out.append({"role": role, "content": content})
+    if all(m["role"] == "system" for m in out):
+        raise bad("'messages' needs at least one user or assistant message", "messages")
+    return out
+
+
+def check_model(body: dict, backend) -> str:
+    model = body.get("model")
+    if model is None:
+        raise bad("you must provide a 'model' parameter", "model", "missing_required_parameter")
+    if not isinstance(model, str):
+        raise bad("'model' must be a string", "model", "invalid_type")
+    if model != backend.model_id:
+        raise APIError(404, f"The model '{model}' does not exist (this server serves '{backend.model_id}')",
+                       param="model", code="model_not_found")
+    return model

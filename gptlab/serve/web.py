@@ -1,0 +1,252 @@
+"""``/api`` and ``/``: the chat page and its endpoints (conversations, messages, regenerate, thumbs,
+side-by-side comparisons). Every reply and rating lands in SQLite (``store.py``) and can be exported as
+training data, which is why ``guard.py`` lets only the page itself (same origin, CSRF token) write here.
+
+Store calls run in worker threads (``db``) so a slow disk or a long history never holds the event loop;
+the one exception is saving a streamed answer as its stream ends (one bounded insert, done inline so
+that it happens even while the request is being torn down).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from gptlab.errors import GptlabError
+from gptlab.serve.backend import ClientGone, drain, finish_reason, fit_chat, submit
+from gptlab.serve.protocol import (SSE_HEADERS, APIError, Limits, Sampling, bad, is_int, not_found, parse_sampling,
+                                   read_json, row_id, sse)
+from gptlab.serve.store import Store
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _web_sampling(body: dict, limits: Limits) -> Sampling:
+    s = parse_sampling({k: body.get(k) for k in ("temperature", "top_p", "max_tokens", "seed")}, limits)
+    s.stream = True
+    return s
+
+
+def _content(body: dict) -> str:
+    content = body.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise bad("'content' must be a non-empty string", "content")
+    return content
+
+
+def _strings(body: dict, *names: str) -> list:
+    values = [body.get(n) for n in names]
+    if any(v is not None and not isinstance(v, str) for v in values):
+        raise bad(" and ".join(f"'{n}'" for n in names) + " must be strings")
+    return values
+
+
+def with_versions(thread: list[dict], everything: list[dict]) -> list[dict]:
+    """Mark each shown message with how many versions (regenerations) it has, for "2 / 3" labels."""
+    siblings: dict[tuple, list[int]] = {}
+    for x in everything:   # oldest first, so each list is in version order
+        siblings.setdefault((x["role"], x["parent_id"]), []).append(x["id"])
+    for m in thread:
+        sibs = siblings.get((m["role"], m["parent_id"]), [m["id"]])
+        m["versions"], m["version"] = len(sibs), (sibs.index(m["id"]) + 1 if m["id"] in sibs else 1)
+    return thread
+
+
+def page_router(csrf_token: str) -> APIRouter:
+    html = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{CSRF_TOKEN}}", csrf_token)
+    page = APIRouter()
+
+    @page.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    return page
+
+
+def router(backend, store: Store, limits: Limits) -> APIRouter:
+    api = APIRouter(prefix="/api")
+
+    async def db(fn, *args, **kw):
+        return await run_in_threadpool(fn, *args, **kw)
+
+    async def conversation(cid: int) -> dict:
+        conv = await db(store.get_conversation, row_id("conversation", cid))
+        if conv is None:
+            raise not_found("conversation", cid)
+        return conv
+
+    async def message(mid: int) -> dict:
+        msg = await db(store.get_message, row_id("message", mid))
+        if msg is None:
+            raise not_found("message", mid)
+        return msg
+
+    def leaf(cid: int) -> int | None:
+        thread = store.thread(cid)
+        return thread[-1]["id"] if thread else None
+
+    async def prepare(cid: int, upto: int | None, s: Sampling, new_user: str | None = None):
+        """Prompt ids for the path to ``upto`` (plus a user message not stored yet): fit before storing,
+        so a message that can never fit is refused without leaving a dangling turn behind."""
+        messages = await db(store.chat_messages, cid, upto)
+        if new_user is not None:
+            messages.append({"role": "user", "content": new_user})
+        return await fit_chat(backend, messages, s.max_tokens)
+
+    async def reply_stream(request: Request, cid: int, parent_id: int, ids: list[int], dropped: int,
+                           s: Sampling, start: dict, regenerated_from: int | None = None):
+        """Stream one answer; store it when it ends, also when the user stops it (the fetch is aborted)."""
+        req, text, finish, saved = None, "", None, None
+        try:
+            yield sse({"type": "start", "truncated_turns": dropped, **start})
+            req = submit(backend, [ids], s)[0]
+            async for _, ev in drain([req], request):
+                text += ev.text
+                finish = ev.finish_reason or finish
+                if ev.text:
+                    yield sse({"type": "delta", "text": ev.text})
+        except ClientGone:
+            pass
+        finally:
+            if req is not None:
+                req.cancel()
+            try:
+                saved = store.add_message(cid, "assistant", text, parent_id=parent_id, model=backend.model_id,
+                                          finish_reason=finish_reason(finish) if finish else "stopped",
+                                          regenerated_from=regenerated_from)
+            except GptlabError:   # the conversation was deleted meanwhile
+                saved = None
+        if finish == "error":
+            yield sse({"type": "error", "message": "generation failed inside the engine"})
+        yield sse({"type": "done", "message": saved})
+
+    def sse_response(gen) -> StreamingResponse:
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @api.get("/conversations")
+    async def list_conversations():
+        return {"data": await db(store.list_conversations)}
+
+    @api.post("/conversations")
+    async def create_conversation(request: Request):
+        body = await read_json(request)
+        title, system = _strings(body, "title", "system_prompt")
+        return await db(store.create_conversation, title or "", system or "")
+
+    @api.patch("/conversations/{cid}")
+    async def update_conversation(cid: int, request: Request):
+        await conversation(cid)
+        body = await read_json(request)
+        title, system = _strings(body, "title", "system_prompt")
+        return await db(store.update_conversation, cid, title, system)
+
+    @api.delete("/conversations/{cid}")
+    async def delete_conversation(cid: int):
+        if not await db(store.delete_conversation, row_id("conversation", cid)):
+            raise not_found("conversation", cid)
+        return {"deleted": True, "id": cid}
+
+    def _conversation_view(cid: int) -> dict:
+        conv = store.get_conversation(cid)
+        if conv is None:
+            raise not_found("conversation", cid)
+        thread = with_versions(store.thread(cid), store.messages(cid))
+        pending = None
+        if thread and thread[-1]["role"] == "user":
+            open_ = [c for c in store.comparisons(cid) if c["message_id"] == thread[-1]["id"] and not c["choice"]]
+            pending = open_[-1] if open_ else None
+        return {"conversation": conv, "messages": thread, "pending_comparison": pending}
+
+    @api.get("/conversations/{cid}")
+    async def get_conversation(cid: int):
+        return await db(_conversation_view, row_id("conversation", cid))
+
+    @api.post("/conversations/{cid}/messages")
+    async def post_message(cid: int, request: Request):
+        await conversation(cid)
+        body = await read_json(request)
+        content, s = _content(body), _web_sampling(body, limits)
+        parent = await db(leaf, cid)
+        ids, dropped = await prepare(cid, parent, s, content)
+        user = await db(store.add_message, cid, "user", content, parent_id=parent)
+        return sse_response(reply_stream(request, cid, user["id"], ids, dropped, s, {"user_message": user}))
+
+    @api.post("/messages/{mid}/regenerate")
+    async def regenerate(mid: int, request: Request):
+        old = await message(mid)
+        if old["role"] != "assistant" or old["parent_id"] is None:
+            raise bad("only an assistant answer can be regenerated")
+        body = await read_json(request)
+        s = _web_sampling(body, limits)
+        ids, dropped = await prepare(old["conversation_id"], old["parent_id"], s)
+        return sse_response(reply_stream(request, old["conversation_id"], old["parent_id"], ids, dropped, s,
+                                         {"regenerated_from": mid}, regenerated_from=mid))
+
+    @api.post("/messages/{mid}/feedback")
+    async def feedback(mid: int, request: Request):
+        await message(mid)
+        body = await read_json(request)
+        rating = body.get("rating")
+        if not is_int(rating) or rating not in (-1, 0, 1):
+            raise bad("'rating' must be 1 (thumbs up), -1 (thumbs down) or 0 (clear)", "rating")
+        return {"message_id": mid, "rating": rating, "feedback": await db(store.set_feedback, mid, rating)}
+
+    @api.post("/conversations/{cid}/compare")
+    async def compare(cid: int, request: Request):
+        """Two answers to one new user message, streamed side by side; the user then picks one."""
+        await conversation(cid)
+        body = await read_json(request)
+        content, s = _content(body), _web_sampling(body, limits)
+        if s.temperature == 0:
+            s.temperature = 1.0   # two greedy answers would be identical: nothing to compare
+        s.n, s.seed = 2, None
+        parent = await db(leaf, cid)
+        ids, dropped = await prepare(cid, parent, s, content)
+        user = await db(store.add_message, cid, "user", content, parent_id=parent)
+        prompt = await db(store.chat_messages, cid, user["id"])
+
+        async def gen():
+            reqs, texts, saved = [], ["", ""], None
+            try:
+                yield sse({"type": "start", "user_message": user, "truncated_turns": dropped,
+                           "temperature": s.temperature})
+                reqs = submit(backend, [ids], s)
+                async for i, ev in drain(reqs, request):
+                    texts[i] += ev.text
+                    if ev.text:
+                        yield sse({"type": "delta", "side": "ab"[i], "text": ev.text})
+            except ClientGone:
+                pass
+            finally:
+                for r in reqs:
+                    r.cancel()
+                saved = store.add_comparison(cid, prompt, texts[0], texts[1], message_id=user["id"],
+                                             model=backend.model_id) if store.get_conversation(cid) else None
+            yield sse({"type": "done", "comparison": saved})
+        return sse_response(gen())
+
+    def _choose(kid: int, choice: str) -> dict:
+        if store.get_comparison(kid) is None:
+            raise not_found("comparison", kid)
+        comp = store.set_comparison_choice(kid, choice)
+        msg = None
+        # The preferred answer (a on a tie) continues the conversation, unless it already moved on.
+        cid, uid = comp["conversation_id"], comp["message_id"]
+        if cid is not None and uid is not None and leaf(cid) == uid:
+            text = comp["answer_b"] if choice == "b" else comp["answer_a"]
+            msg = store.add_message(cid, "assistant", text, parent_id=uid, model=comp["model"],
+                                    finish_reason="stop")
+        return {"comparison": comp, "message": msg}
+
+    @api.post("/comparisons/{kid}/choice")
+    async def choose(kid: int, request: Request):
+        body = await read_json(request)
+        choice = body.get("choice")
+        if choice not in ("a", "b", "tie"):
+            raise bad("'choice' must be 'a', 'b' or 'tie'", "choice")
+        return await db(_choose, row_id("comparison", kid), choice)
+
+    return api
