@@ -20,7 +20,11 @@ def gptlab_home() -> Path:
     """The cache folder: $GPTLAB_HOME, else ~/.cache/gptlab."""
     home = os.environ.get("GPTLAB_HOME")
     path = Path(home).expanduser() if home else Path.home() / ".cache" / "gptlab"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GptlabError(f"{path}: cannot create the gptlab home folder ({e.strerror or e}); "
+                          "set GPTLAB_HOME to a writable folder") from None
     return path
 
 

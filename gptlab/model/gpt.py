@@ -22,6 +22,7 @@ that started at different times (continuous batching in gptlab.generate.engine).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -33,6 +34,10 @@ from gptlab.errors import GptlabError
 from gptlab.model.fused import linear_cross_entropy
 
 ARCHS = ("gpt1", "gpt2", "gpt3", "modern", "bert")
+# Far beyond any real model (GPT-3 175B: vocab 50k, context 2k, width 12k, 96 layers), small enough that
+# a typo (a 1e9-token context) is caught before the allocator is asked for terabytes.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "block_size": 1 << 20, "n_layer": 1 << 10, "n_head": 1 << 10,
+               "n_kv_head": 1 << 10, "n_embd": 1 << 16, "ffn_hidden": 1 << 18, "sparse_band": 1 << 20}
 
 
 @dataclass
@@ -53,6 +58,7 @@ class GPTConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        self._check_types()
         if self.arch not in ARCHS:
             raise GptlabError(f"unknown architecture {self.arch!r} (choose from {', '.join(ARCHS)})")
         if self.n_kv_head is None:
@@ -68,6 +74,29 @@ class GPTConfig:
             raise GptlabError("RoPE needs an even head dimension (n_embd / n_head)")
         if not 0.0 <= self.dropout < 1.0:
             raise GptlabError("dropout must be in [0, 1)")
+
+    def _check_types(self) -> None:
+        """Each field of the type (and size) it must have: a config.json edited by hand fails here with
+        one line, not deep inside torch (a string n_layer, a null, or a 1e9 context the allocator refuses)."""
+        for f in fields(self):
+            v, optional = getattr(self, f.name), "None" in str(f.type)
+            if v is None and optional:
+                continue
+            if f.type.startswith("int"):
+                ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+            elif f.type == "float":
+                ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            elif f.type == "bool":
+                ok = isinstance(v, bool)
+            else:
+                ok = isinstance(v, str)
+            if not ok:
+                want = f.type.replace(" | None", " or null")
+                raise GptlabError(f"model config: {f.name} must be {want} (got {v!r})")
+        for name, most in SIZE_LIMITS.items():
+            v = getattr(self, name)
+            if v is not None and v > most:
+                raise GptlabError(f"model config: {name} = {v} is larger than gptlab supports ({most})")
 
     # Structural switches derived from the architecture name.
     @property
@@ -115,6 +144,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        if not isinstance(d, dict):
+            raise GptlabError(f"model config must be an object of settings (got {type(d).__name__})")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

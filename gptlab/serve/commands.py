@@ -44,7 +44,7 @@ def _leave_a_core(device: str) -> None:
 def run_serve(args) -> int:
     import uvicorn
 
-    from gptlab.serve.app import Backend, Limits, create_app
+    from gptlab.serve.app import Backend, HostPolicy, Limits, create_app
     from gptlab.serve.store import Store
 
     check_bind(args.host, args.api_key)
@@ -61,10 +61,16 @@ def run_serve(args) -> int:
             s.bind((args.host, args.port))
     except OSError as e:
         raise GptlabError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
-    _leave_a_core(args.device)
-    backend = Backend.from_run(args.run_dir, device=args.device, max_batch=_positive("--max-batch", args.max_batch))
-    store = Store(args.db)
-    app = create_app(backend, api_key=args.api_key, store=store, limits=limits)
+    max_batch = _positive("--max-batch", args.max_batch)
+    hosts = HostPolicy(args.host, args.allowed_host or ())
+    store = Store(args.db)   # an unusable database fails now, before minutes of model loading
+    try:
+        _leave_a_core(args.device)
+        backend = Backend.from_run(args.run_dir, device=args.device, max_batch=max_batch)
+    except BaseException:
+        store.close()
+        raise
+    app = create_app(backend, api_key=args.api_key, store=store, limits=limits, hosts=hosts)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {backend.model_id} (context {backend.context_size}, batch {args.max_batch}) on "
           f"http://{shown}:{args.port}/  (API: /v1, history: {store.path})", flush=True)
@@ -100,6 +106,9 @@ def register(sub) -> None:
                    "address needs --api-key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /api")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="also answer requests for this Host name (repeatable; the bind address and "
+                   "localhost always are; '*' answers any, e.g. behind a proxy that checks it)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--db", default=None, help="chat history database (default $GPTLAB_HOME/chat.sqlite3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

@@ -24,19 +24,23 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_jsonl, gptlab_home
 
-SCHEMA_VERSION = 1
+# Version 2: AUTOINCREMENT keys, so an id is never handed out twice (a stale browser tab holding the id
+# of a deleted message must not rate or regenerate whatever took its place).
+SCHEMA_VERSION = 2
+APPLICATION_ID = 0x67707463   # "gptc" in PRAGMA application_id: marks the file as gptlab's chat database
+TABLES = ("conversations", "messages", "feedback", "comparisons")
 ROLES = ("system", "user", "assistant")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
-    id            INTEGER PRIMARY KEY,
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
     title         TEXT NOT NULL DEFAULT '',
     system_prompt TEXT NOT NULL DEFAULT '',
     created       REAL NOT NULL,
     updated       REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS messages (
-    id               INTEGER PRIMARY KEY,
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id  INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     parent_id        INTEGER REFERENCES messages(id) ON DELETE CASCADE,
     regenerated_from INTEGER REFERENCES messages(id) ON DELETE SET NULL,
@@ -48,13 +52,13 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 CREATE TABLE IF NOT EXISTS feedback (
-    id         INTEGER PRIMARY KEY,
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id INTEGER NOT NULL UNIQUE REFERENCES messages(id) ON DELETE CASCADE,
     rating     INTEGER NOT NULL CHECK (rating IN (-1, 1)),
     created    REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS comparisons (
-    id              INTEGER PRIMARY KEY,
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id INTEGER REFERENCES conversations(id) ON DELETE CASCADE,
     message_id      INTEGER REFERENCES messages(id) ON DELETE CASCADE,  -- the user turn compared on
     prompt          TEXT NOT NULL,                                     -- messages JSON, ends with user
@@ -80,8 +84,13 @@ class Store:
     """Thread-safe access to the chat database (created on first use, schema checked on open)."""
 
     def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path) if path else default_db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path = Path(path) if path else default_db_path()
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GptlabError(f"{path or 'GPTLAB_HOME'}: cannot create the chat database's folder "
+                              f"({e.strerror or e})") from None
         self._lock = threading.RLock()
         try:
             # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE) so each write is
@@ -89,16 +98,47 @@ class Store:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                        timeout=30)
             self._db.row_factory = sqlite3.Row
+            version = self._check_ours()   # before changing anything in the file
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA synchronous=NORMAL")   # WAL + NORMAL: an app crash loses nothing
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise GptlabError(f"{self.path}: written by a newer gptlab (schema {version})")
-            self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA
-                                   + f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            if version == 1:
+                self._migrate_v1()
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};"
+                                   f"PRAGMA application_id={APPLICATION_ID};COMMIT;")
         except sqlite3.DatabaseError as e:
             raise GptlabError(f"{self.path}: not a usable chat database ({e})") from None
+
+    def _check_ours(self) -> int:
+        """The schema version of a gptlab chat database (0: an empty file); refuse any other database,
+        which opening would otherwise convert (WAL mode, four new tables, a new user_version)."""
+        app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        legacy = app_id == 0 and version == 1 and tables == set(TABLES)   # written before application_id
+        if app_id == APPLICATION_ID or legacy or (app_id == 0 and version == 0 and not tables):
+            if version > SCHEMA_VERSION:
+                raise GptlabError(f"{self.path}: written by a newer gptlab (schema {version})")
+            return version
+        held = f"tables {', '.join(sorted(tables))}" if tables else f"application_id {app_id}"
+        raise GptlabError(f"{self.path}: not a gptlab chat database ({held}); refusing to change it "
+                          "(pass --db with a new file name)")
+
+    def _migrate_v1(self) -> None:
+        """Schema 1 -> 2: rebuild each table with AUTOINCREMENT keys, rows and ids kept (SQLite cannot
+        add AUTOINCREMENT to a column in place). Foreign keys are off while the tables are swapped."""
+        script = ["BEGIN IMMEDIATE;"]
+        for name in TABLES:
+            ddl = SCHEMA[SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {name} ("):]
+            ddl = ddl[: ddl.index(");") + 2].replace(f"IF NOT EXISTS {name} (", f"{name}_v2 (")
+            script += [ddl, f"INSERT INTO {name}_v2 SELECT * FROM {name};", f"DROP TABLE {name};",
+                       f"ALTER TABLE {name}_v2 RENAME TO {name};"]
+        script += ["PRAGMA user_version=2;", "COMMIT;"]
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        self._db.executescript("\n".join(script))
+        if self._db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+            raise GptlabError(f"{self.path}: broken references after migrating to schema 2")
 
     # ----- plumbing -----------------------------------------------------------------------------
     def _tx(self):
@@ -342,11 +382,14 @@ def feedback_datasets(store: Store) -> tuple[list[dict], list[dict]]:
 
 
 def export_feedback(store: Store, out) -> dict:
-    """Write PREFIX.pairs.jsonl and PREFIX.sft.jsonl (or the two given paths) atomically; return counts."""
+    """Write PREFIX.pairs.jsonl and PREFIX.sft.jsonl (or the two given paths) atomically; return counts.
+    A folder as PREFIX means FOLDER/feedback."""
     if isinstance(out, (tuple, list)):
         pairs_path, sft_path = (Path(p) for p in out)
     else:
         prefix = str(out)
+        if prefix.endswith(("/", os.sep)) or Path(prefix).is_dir():   # a folder: not a hidden ".pairs.jsonl"
+            prefix = str(Path(prefix) / "feedback")
         pairs_path, sft_path = Path(prefix + ".pairs.jsonl"), Path(prefix + ".sft.jsonl")
     pairs, sft = feedback_datasets(store)
     atomic_write_jsonl(pairs_path, pairs)

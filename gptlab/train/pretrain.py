@@ -92,6 +92,8 @@ def run(args) -> int:
     from gptlab.data.tokens import TokenDataset
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"--out {out}: is a file; give a run folder to write")
     torch.manual_seed(args.seed)
     if args.init:
         model, tok, _ = runs.load_run(args.init)
