@@ -17,11 +17,23 @@ from starlette.requests import Request
 
 from gptlab.errors import GptlabError
 from gptlab.serve.backend import ClientGone, drain, finish_reason, fit_chat, submit
-from gptlab.serve.protocol import (SSE_HEADERS, APIError, Limits, Sampling, bad, is_int, not_found, parse_sampling,
+from gptlab.serve.protocol import (SSE_HEADERS, Limits, Sampling, bad, is_int, not_found, parse_sampling,
                                    read_json, row_id, sse)
 from gptlab.serve.store import Store
 
 STATIC = Path(__file__).parent / "static"
+
+
+def _doc(**props) -> dict:
+    """Request-body documentation for /openapi.json (validation is done by hand, in the routes)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "properties": props}}}}}
+
+
+_SAMPLING = {"temperature": {"type": "number"}, "top_p": {"type": "number"}, "max_tokens": {"type": "integer"},
+             "seed": {"type": "integer"}}
+_CONVERSATION_DOC = _doc(title={"type": "string"}, system_prompt={"type": "string"})
+_MESSAGE_DOC = _doc(content={"type": "string"}, **_SAMPLING)
 
 
 def _web_sampling(body: dict, limits: Limits) -> Sampling:
@@ -130,13 +142,13 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
     async def list_conversations():
         return {"data": await db(store.list_conversations)}
 
-    @api.post("/conversations")
+    @api.post("/conversations", openapi_extra=_CONVERSATION_DOC)
     async def create_conversation(request: Request):
         body = await read_json(request)
         title, system = _strings(body, "title", "system_prompt")
         return await db(store.create_conversation, title or "", system or "")
 
-    @api.patch("/conversations/{cid}")
+    @api.patch("/conversations/{cid}", openapi_extra=_CONVERSATION_DOC)
     async def update_conversation(cid: int, request: Request):
         await conversation(cid)
         body = await read_json(request)
@@ -164,7 +176,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
     async def get_conversation(cid: int):
         return await db(_conversation_view, row_id("conversation", cid))
 
-    @api.post("/conversations/{cid}/messages")
+    @api.post("/conversations/{cid}/messages", openapi_extra=_MESSAGE_DOC)
     async def post_message(cid: int, request: Request):
         await conversation(cid)
         body = await read_json(request)
@@ -174,7 +186,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
         user = await db(store.add_message, cid, "user", content, parent_id=parent)
         return sse_response(reply_stream(request, cid, user["id"], ids, dropped, s, {"user_message": user}))
 
-    @api.post("/messages/{mid}/regenerate")
+    @api.post("/messages/{mid}/regenerate", openapi_extra=_doc(**_SAMPLING))
     async def regenerate(mid: int, request: Request):
         old = await message(mid)
         if old["role"] != "assistant" or old["parent_id"] is None:
@@ -185,7 +197,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
         return sse_response(reply_stream(request, old["conversation_id"], old["parent_id"], ids, dropped, s,
                                          {"regenerated_from": mid}, regenerated_from=mid))
 
-    @api.post("/messages/{mid}/feedback")
+    @api.post("/messages/{mid}/feedback", openapi_extra=_doc(rating={"type": "integer"}))
     async def feedback(mid: int, request: Request):
         await message(mid)
         body = await read_json(request)
@@ -194,7 +206,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
             raise bad("'rating' must be 1 (thumbs up), -1 (thumbs down) or 0 (clear)", "rating")
         return {"message_id": mid, "rating": rating, "feedback": await db(store.set_feedback, mid, rating)}
 
-    @api.post("/conversations/{cid}/compare")
+    @api.post("/conversations/{cid}/compare", openapi_extra=_MESSAGE_DOC)
     async def compare(cid: int, request: Request):
         """Two answers to one new user message, streamed side by side; the user then picks one."""
         await conversation(cid)
@@ -241,7 +253,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
                                     finish_reason="stop")
         return {"comparison": comp, "message": msg}
 
-    @api.post("/comparisons/{kid}/choice")
+    @api.post("/comparisons/{kid}/choice", openapi_extra=_doc(choice={"type": "string"}))
     async def choose(kid: int, request: Request):
         body = await read_json(request)
         choice = body.get("choice")
