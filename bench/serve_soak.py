@@ -44,7 +44,7 @@ def tiny_run(folder: Path) -> Path:
     """A random-weights GPT with a chat-token tokenizer: real engine work at CPU-friendly cost."""
     from gptlab.model.gpt import GPT, GPTConfig
     from gptlab.tokenizer import Tokenizer
-    from gptlab.train import checkpoint as ckpt
+    from gptlab import runs as ckpt
     text = ("The quick brown fox jumps over the lazy dog. Hello there, how are you today? "
             "Pack my box with five dozen liquor jugs. ") * 200
     tok = Tokenizer.train([text], vocab_size=512)

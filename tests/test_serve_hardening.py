@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from gptlab.chat.template import fit_prompt
+from gptlab.tokenizer.chat_template import fit_prompt
 from gptlab.cli import main
 from gptlab.errors import GptlabError
 from gptlab.serve.app import HostPolicy, Limits, create_app
@@ -45,7 +45,7 @@ def test_context_fitting_is_linear(tok):  # noqa: F811
     # Old code re-encoded every kept message per dropped one: ~20,000 encodes for this conversation.
     assert len(calls) <= len(fitted.messages) + 1
     # Same result as fitting by brute force (the longest suffix that fits).
-    from gptlab.chat.template import render_prompt
+    from gptlab.tokenizer.chat_template import render_prompt
     k = len(fitted.messages)
     assert fitted.ids == render_prompt(tok, messages[-k:]) and len(render_prompt(tok, messages[-k - 1:])) > 100
 
@@ -255,7 +255,7 @@ def test_serve_checks_the_database_before_loading(tmp_path, capsys, monkeypatch,
 
 def _run_with_config(tmp_path, model) -> str:
     from gptlab.model.gpt import GPTConfig
-    from gptlab.train import checkpoint as ckpt
+    from gptlab import runs as ckpt
     from gptlab.tokenizer import Tokenizer
     run = tmp_path / "run"
     ckpt.write_run_config(run, GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16),
