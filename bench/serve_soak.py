@@ -186,7 +186,7 @@ async def soak(url: str, pid: int, model: str, token: str, args) -> tuple[list[d
     tasks.append(asyncio.create_task(probe(url, stats, deadline)))
     rows = []
     while any(not t.done() for t in tasks):
-        await asyncio.sleep(min(args.window, max(0.1, deadline - time.monotonic() + 0.5)))
+        await asyncio.wait(tasks, timeout=args.window)   # one row per window, and one when all are done
         lat, health, errors = stats.take()
         xs = [s for _, s in lat]
         row = {"t": round(time.monotonic() - start, 1), "rss_mb": round(rss_mb(pid), 1), "requests": len(xs),
