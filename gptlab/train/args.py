@@ -8,6 +8,7 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import ARCHS, PRESETS, GPTConfig
 from gptlab.train.loop import TrainConfig
+from gptlab.train.optim import OPTIMIZERS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,10 +42,21 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of --lr")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
-    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.schedule)
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant", "wsd"], default=d.schedule,
+                   help="lr after warm-up; wsd: constant, then linear decay over the last --cooldown-frac")
+    g.add_argument("--cooldown-frac", type=float, default=d.cooldown_frac, help="wsd: fraction of steps decaying")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer,
+                   help="muon: Muon (orthogonalised momentum) on the blocks' matrices, AdamW at --lr on "
+                   "embeddings, head, gains and biases; adamw: AdamW on everything")
+    g.add_argument("--muon-lr", type=float, default=d.muon_lr, help="muon: peak lr of the hidden matrices")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations")
+    g.add_argument("--eval-every-s", type=float, default=d.eval_every_s, metavar="SECONDS",
+                   help="also evaluate whenever this much time has passed since the last evaluation")
+    g.add_argument("--target-loss", type=float, default=None, metavar="L",
+                   help="stop as soon as the evaluated val loss is <= L; the time it took (evaluations "
+                   "included) goes into summary.json and metrics.jsonl as time_to_target_s")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches per evaluation")
     g.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics lines")
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
@@ -64,7 +76,9 @@ def train_config_from_args(args) -> TrainConfig:
     return TrainConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, schedule=args.schedule,
+        cooldown_frac=args.cooldown_frac, optimizer=args.optimizer, muon_lr=args.muon_lr,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
+        eval_every_s=args.eval_every_s, target_loss=args.target_loss,
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
         compile=args.compile, fsdp=args.fsdp, time_budget_s=args.time_budget, resume=args.resume,
         progress=not args.no_progress)

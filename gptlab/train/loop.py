@@ -1,8 +1,9 @@
 """The one training loop every stage runs through.
 
 A stage (pre-training, fine-tuning, SFT, reward model, DPO, PPO) contributes only its data and its
-loss; this loop owns everything else: AdamW with weight decay on matrices only, warm-up + cosine (or
-linear/constant) learning rate, gradient accumulation, clipping, bf16 autocast on CUDA, optional
+loss; this loop owns everything else: the optimizer (AdamW, or Muon + AdamW: train/optim.py), warm-up
++ cosine (or linear/constant/warmup-stable-decay) learning rate, evaluation every N steps and/or
+seconds, stopping at a target val loss, gradient accumulation, clipping, bf16 autocast on CUDA, optional
 torch.compile, DDP across processes (torchrun), evaluation, the progress bar, metrics.jsonl, PNG
 curves, atomic checkpoints and exact resume.
 
@@ -39,6 +40,7 @@ from gptlab.device import autocast, matmul_peak, pick_device, tune_cpu_allocator
 from gptlab.errors import GptlabError
 from gptlab.io import append_jsonl, atomic_write_json, atomic_write_jsonl
 from gptlab.plots import plot_curves, plot_loss, read_metrics
+from gptlab.train.optim import OPTIMIZERS, make_optimizer  # noqa: F401  (make_optimizer: bench, tools)
 
 
 @dataclass
@@ -49,12 +51,17 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1       # final lr = lr * min_lr_ratio
     warmup_steps: int = 50
-    schedule: str = "cosine"        # cosine | linear | constant
+    schedule: str = "cosine"        # cosine | linear | constant | wsd
+    cooldown_frac: float = 0.4      # wsd: the final fraction of steps over which lr decays linearly
+    optimizer: str = "adamw"        # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    muon_lr: float = 0.02           # muon: peak lr of the hidden matrices (--lr is the AdamW groups')
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 250
+    eval_every_s: float | None = None   # also evaluate when this much time has passed since the last one
+    target_loss: float | None = None    # stop once the evaluated val loss is <= this
     eval_batches: int = 20
     log_every: int = 10
     ckpt_every: int = 250
@@ -73,8 +80,18 @@ class TrainConfig:
             raise GptlabError("--batch-size and --grad-accum must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise GptlabError("--lr must be a positive number")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise GptlabError("--schedule must be cosine, linear or constant")
+        if self.schedule not in ("cosine", "linear", "constant", "wsd"):
+            raise GptlabError("--schedule must be cosine, linear, constant or wsd")
+        if not 0.0 < self.cooldown_frac <= 1.0:
+            raise GptlabError("--cooldown-frac must be in (0, 1]")
+        if self.optimizer not in OPTIMIZERS:
+            raise GptlabError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if not (self.muon_lr > 0 and math.isfinite(self.muon_lr)):
+            raise GptlabError("--muon-lr must be a positive number")
+        if self.eval_every < 1 or (self.eval_every_s is not None and not self.eval_every_s > 0):
+            raise GptlabError("--eval-every and --eval-every-s must be positive")
+        if self.target_loss is not None and not math.isfinite(self.target_loss):
+            raise GptlabError("--target-loss must be a finite number")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -83,28 +100,16 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":   # warm-up, stable, then a linear cool-down over the last steps
+        decay_steps = max(1, round(cfg.cooldown_frac * (cfg.max_steps - cfg.warmup_steps)))
+        progress = min(1.0, max(0.0, (step - (cfg.max_steps - decay_steps)) / decay_steps))
+        return cfg.lr - (cfg.lr - floor) * progress
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, progress)
-    floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "linear":
         return floor + (cfg.lr - floor) * (1 - progress)
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (biases and norm gains are left alone)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    seen, unique = set(), []
-    for p in params:  # tied weights appear once
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append(p)
-    groups = [{"params": [p for p in unique if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel (one pass per tensor) also exists on CPU, 4x faster there than foreach (which
-    # CPU runs as per-tensor ops); FSDP's DTensor parameters keep the foreach path.
-    extra = {"foreach": True} if cfg.fsdp else {"fused": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
 def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -267,11 +272,12 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
     t_start = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
     last_train, last_val, last_eval = None, None, {}
+    last_eval_t, reached = t_start, None
     step = start_step
     while step < cfg.max_steps:
         lr = lr_at(cfg, step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        for g in optimizer.param_groups:   # each group's own peak (Muon's differs), same schedule
+            g["lr"] = g.get("base_lr", cfg.lr) * lr / cfg.lr
         loss_sum, extra_sums = 0.0, {}
         for micro in range(cfg.grad_accum):
             gen = batch_generator(cfg.seed, step, d.rank * cfg.grad_accum + micro)
@@ -306,7 +312,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         is_last = step == cfg.max_steps
         elapsed = elapsed0 + time.perf_counter() - t_start
         out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
-        do_eval = step % cfg.eval_every == 0 or is_last or out_of_time
+        do_eval = step % cfg.eval_every == 0 or is_last or out_of_time or _eval_due(cfg, last_eval_t, d, device)
         if step % cfg.log_every == 0 or do_eval:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -329,8 +335,14 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                     row["mfu"] = round(achieved / peak, 4)
             if do_eval:
                 last_eval = evaluate()
+                last_eval_t = time.perf_counter()
                 last_val = last_eval.get("val_loss", last_val)
                 row.update(last_eval)
+                if cfg.target_loss is not None and last_val is not None and last_val <= cfg.target_loss:
+                    # The clock includes every evaluation so far, this one too.
+                    reached = {"time_to_target_s": round(elapsed0 + last_eval_t - t_start, 3),
+                               "steps_to_target": step}
+                    row.update(reached)
             if d.main:
                 append_jsonl(metrics_path, row, fsync=False)
                 post = {"loss": f"{last_train:.3f}"}
@@ -341,14 +353,15 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                     if "mfu" in row:
                         post["mfu"] = f"{100 * row['mfu']:.0f}%"
                 bar.set_postfix(post, refresh=False)
-        if (d.main or fsdp) and (step % cfg.ckpt_every == 0 or is_last or out_of_time):
+        stop = out_of_time or reached is not None
+        if (d.main or fsdp) and (step % cfg.ckpt_every == 0 or is_last or stop):
             save(step, elapsed)
-        if d.main and do_eval:
-            rows = read_metrics(metrics_path)
-            plot_loss(rows, run_dir / "loss.png", title=f"{stage.name}: {run_dir.name}")
-            if getattr(stage, "plot_keys", None):
-                plot_curves(rows, stage.plot_keys, run_dir / "curves.png", title=stage.name)
-        if out_of_time:
+            if d.main:   # curves with each checkpoint, not each evaluation: drawing one takes ~0.2 s
+                rows = read_metrics(metrics_path)
+                plot_loss(rows, run_dir / "loss.png", title=f"{stage.name}: {run_dir.name}")
+                if getattr(stage, "plot_keys", None):
+                    plot_curves(rows, stage.plot_keys, run_dir / "curves.png", title=stage.name)
+        if stop:
             break
     bar.close()
 
@@ -365,11 +378,27 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                    "elapsed_s": round(elapsed, 2), "tokens": tokens_seen, "metrics": last_eval,
                    "train_config": asdict(cfg), "world_size": d.world,
                    "parallel": "fsdp" if fsdp else "ddp" if d.world > 1 else "single"}
+        if cfg.target_loss is not None:
+            summary.update({"target_loss": cfg.target_loss, **(reached or {"time_to_target_s": None,
+                                                                           "steps_to_target": None})})
         summary.update(summary_extra or {})
         atomic_write_json(run_dir / runs.SUMMARY_FILE, summary)
     if d.world > 1:
         dist.barrier()
     return result
+
+
+def _eval_due(cfg: TrainConfig, last_eval_t: float, d: Dist, device) -> bool:
+    """--eval-every-s: has that much time passed since the last evaluation? Rank 0's clock decides,
+    since every rank must enter evaluate() together."""
+    if cfg.eval_every_s is None:
+        return False
+    due = time.perf_counter() - last_eval_t >= cfg.eval_every_s
+    if d.world > 1:
+        t = torch.tensor([float(due)], device=device)
+        dist.broadcast(t, 0)
+        due = bool(t.item())
+    return due
 
 
 class _StageLoss(torch.nn.Module):
