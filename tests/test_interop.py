@@ -8,6 +8,7 @@ import torch
 
 from gptlab import runs
 from gptlab.cli import main
+from gptlab.interop.hf import EXPORTABLE
 from gptlab.generate.engine import Engine, SamplingParams
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.tokenizer import ASSISTANT_END, USER_START, Tokenizer
@@ -46,7 +47,7 @@ def hf_load(folder):
     return AutoModelForCausalLM.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
 
 
-@pytest.mark.parametrize("arch,kw", [("gpt2", {}), ("modern", {}),
+@pytest.mark.parametrize("arch,kw", [("gpt2", {}), ("modern", {}), ("fast", {}),
                                      ("modern", {"tie_embeddings": False, "n_kv_head": 1}),
                                      ("gpt2", {"tie_embeddings": False, "ffn_hidden": 96})])
 def test_export_matches_transformers(tmp_path, small_tokenizer, arch, kw):
@@ -57,7 +58,7 @@ def test_export_matches_transformers(tmp_path, small_tokenizer, arch, kw):
             "tokenizer_config.json", "special_tokens_map.json"} <= files
     assert runs.load_metadata(tmp_path / "hf" / "model.safetensors")["format"] == "pt"
     hf_model, hf_tok = hf_load(tmp_path / "hf")
-    assert type(hf_model).__name__ == ("GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM")
+    assert type(hf_model).__name__ == EXPORTABLE[arch]
 
     ids = small_tokenizer.encode(PROMPT)
     assert hf_tok(PROMPT)["input_ids"] == ids                      # same tokenizer

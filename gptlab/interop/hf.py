@@ -9,6 +9,8 @@ and without importing transformers (we write config.json and safetensors ourselv
 * ``modern`` -> LlamaForCausalLM. Our fused c_attn is split into q/k/v_proj (GQA shapes kept), the
   SwiGLU pieces map gate_proj -> gate_proj, c_fc -> up_proj, c_proj -> down_proj. RoPE needs no
   permutation: gptlab rotates (first half, second half) pairs, which is HF Llama's rotate_half layout.
+* ``fast``   -> Qwen3ForCausalLM: Llama's layout plus per-head RMSNorms on queries and keys
+  (q_norm/k_norm, applied before RoPE, as gptlab's QK-norm), untied head.
 * gpt1 (post-LN), gpt3 (banded sparse layers) and bert (bidirectional) have no identical HF class.
 
 The tokenizer goes as tokenizer.json with the chat template in tokenizer_config.json. One difference
@@ -32,7 +34,7 @@ from gptlab.io import atomic_write_json, atomic_write_text, read_json
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.tokenizer import ASSISTANT_END, EOT, SPECIAL_TOKENS, Tokenizer
 
-EXPORTABLE = {"gpt2": "GPT2LMHeadModel", "modern": "LlamaForCausalLM"}
+EXPORTABLE = {"gpt2": "GPT2LMHeadModel", "modern": "LlamaForCausalLM", "fast": "Qwen3ForCausalLM"}
 NO_HF_EQUIVALENT = {
     "gpt1": "post-LayerNorm blocks without a final LayerNorm",
     "gpt3": "locally banded sparse attention layers",
@@ -107,6 +109,9 @@ def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
             out[q + "mlp.gate_proj." + suffix] = sd[p + "mlp.gate_proj." + suffix]
             out[q + "mlp.up_proj." + suffix] = sd[p + "mlp.c_fc." + suffix]
             out[q + "mlp.down_proj." + suffix] = sd[p + "mlp.c_proj." + suffix]
+        if cfg.qk_norm:
+            out[q + "self_attn.q_norm.weight"] = sd[p + "attn.q_norm.weight"]
+            out[q + "self_attn.k_norm.weight"] = sd[p + "attn.k_norm.weight"]
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out
@@ -173,6 +178,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
         tensors, config = _gpt2_tensors(model), _gpt2_config(cfg, tok)
     else:
         tensors, config = _llama_tensors(model), _llama_config(cfg, tok)
+        if cfg.qk_norm:   # Qwen3 is Llama with QK-norm
+            config.update(architectures=[EXPORTABLE[cfg.arch]], model_type="qwen3", use_sliding_window=False,
+                          sliding_window=None, max_window_layers=cfg.n_layer,
+                          layer_types=["full_attention"] * cfg.n_layer)
     config["gptlab"] = {"arch": cfg.arch, "source_stage": run_cfg.get("stage")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,11 @@ Architectures (``GPTConfig.arch``):
              locally banded sparse (odd layers: each token sees the previous ``sparse_band`` tokens).
 * ``modern`` Llama-style: rotary position embeddings (RoPE), RMSNorm, SwiGLU FFN, grouped-query
              attention (``n_kv_head`` < ``n_head``), no biases.
+* ``fast``   this project's recipe for learning fast on small budgets (the ``gptlab pretrain``
+             default; docs/BENCHMARKS.md has its measurements): ``modern`` with full multi-head
+             attention, an RMSNorm on each head's queries and keys (QK-norm, as in Qwen3: attention
+             logits stay bounded at high learning rates), an untied LM head, and the residual
+             projections and the head initialised to zero (every block starts as the identity).
 * ``bert``   Devlin et al. 2018: bidirectional (no causal mask) post-LayerNorm blocks like gpt1; the
              input is token + position + segment (token-type A/B) embeddings, then a LayerNorm.
              Trained with the masked-LM objective (see gptlab.train.pretrain).
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from gptlab.errors import GptlabError
 from gptlab.model.fused import linear_cross_entropy
 
-ARCHS = ("gpt1", "gpt2", "gpt3", "modern", "bert")
+ARCHS = ("gpt1", "gpt2", "gpt3", "modern", "fast", "bert")
 # Far beyond any real model (GPT-3 175B: vocab 50k, context 2k, width 12k, 96 layers), small enough that
 # a typo (a 1e9-token context) is caught before the allocator is asked for terabytes.
 SIZE_LIMITS = {"vocab_size": 1 << 22, "block_size": 1 << 20, "n_layer": 1 << 10, "n_head": 1 << 10,
@@ -56,6 +61,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    qk_norm: bool = False          # RMSNorm on each head's queries and keys (fast)
 
     def __post_init__(self):
         self._check_types()
@@ -70,7 +76,7 @@ class GPTConfig:
             raise GptlabError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise GptlabError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if self.arch == "modern" and (self.n_embd // self.n_head) % 2:
+        if self.rope and (self.n_embd // self.n_head) % 2:
             raise GptlabError("RoPE needs an even head dimension (n_embd / n_head)")
         if not 0.0 <= self.dropout < 1.0:
             raise GptlabError("dropout must be in [0, 1)")
@@ -110,15 +116,15 @@ class GPTConfig:
 
     @property
     def rmsnorm(self) -> bool:
-        return self.arch == "modern"
+        return self.arch in ("modern", "fast")
 
     @property
     def rope(self) -> bool:
-        return self.arch == "modern"
+        return self.arch in ("modern", "fast")
 
     @property
     def swiglu(self) -> bool:
-        return self.arch == "modern"
+        return self.arch in ("modern", "fast")
 
     @property
     def causal(self) -> bool:
@@ -158,8 +164,10 @@ class GPTConfig:
         base: dict = {"arch": arch}
         if arch == "gpt1":
             base.update(dropout=0.1)
-        if arch == "modern":
+        if arch in ("modern", "fast"):
             base.update(bias=False)
+        if arch == "fast":
+            base.update(qk_norm=True, tie_embeddings=False)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -385,15 +393,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_projection = True
         self.resid_dropout = make_dropout(cfg.dropout)
         self.band = cfg.sparse_band if cfg.is_sparse_layer(layer) else None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None):
         n_q, n_kv, hd = self.n_head, self.n_kv_head, self.head_dim
         B, T, C = x.shape
         heads = _linear(self, "c_attn", x).view(B, T, n_q + 2 * n_kv, hd).transpose(1, 2)
-        qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
-        if rope is not None:   # queries and keys turn by the same angles: one rotation for both
-            qk = apply_rope(qk, *rope)
-        q, k = qk.split([n_q, n_kv], dim=1)
+        if self.cfg.qk_norm:
+            q, k, v = _qk_norm(self, heads, n_q, n_kv)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        else:
+            qk, v = heads.split([n_q + n_kv, n_kv], dim=1)
+            if rope is not None:   # queries and keys turn by the same angles: one rotation for both
+                qk = apply_rope(qk, *rope)
+            q, k = qk.split([n_q, n_kv], dim=1)
 
         mask, is_causal = None, False
         if cache is None:
@@ -408,6 +424,16 @@ class CausalSelfAttention(nn.Module):
         y = attend(q, k, v, mask, is_causal, self.cfg.dropout if self.training else 0.0)
         y = _linear(self, "c_proj", y.transpose(1, 2).contiguous().view(B, T, C))
         return self.resid_dropout(y) if self.training else y
+
+
+def _qk_norm(attn: nn.Module, heads: torch.Tensor, n_q: int, n_kv: int):
+    """Split [B, q+k+v heads, T, hd] into q, k, v; with QK-norm, each query and key is RMS-normalised
+    over its head dimension (separate gains for queries and keys, as Qwen3)."""
+    q, k, v = heads.split_with_sizes([n_q, n_kv, n_kv], 1)
+    m = attn._modules
+    if "q_norm" in m:
+        q, k = _norm(m["q_norm"], q), _norm(m["k_norm"], k)
+    return q, k, v
 
 
 def attend(q, k, v, mask=None, is_causal: bool = False, dropout: float = 0.0) -> torch.Tensor:
@@ -507,6 +533,10 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
+            if self.config.arch == "fast" and (getattr(module, "residual_projection", False)
+                                               or module is self.lm_head):
+                nn.init.zeros_(module.weight)   # blocks start as the identity, logits as uniform
+                return
             std = 0.02
             # GPT-2: scale residual projections by 1/sqrt(N), N = 2 residual layers per block (a
             # pre-LN stream adds every block's output; post-LN blocks renormalise it instead).
@@ -583,7 +613,7 @@ class GPT(nn.Module):
         """
         cfg = self.config
         nq, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        pre_norm, rope, swiglu = cfg.pre_norm, cfg.rope, cfg.swiglu
+        pre_norm, rope, swiglu, qk_norm = cfg.pre_norm, cfg.rope, cfg.swiglu, cfg.qk_norm
         tr = self._modules["transformer"]._modules
         wte = tr["wte"]._parameters["weight"]
         B = len(rows)
@@ -615,7 +645,10 @@ class GPT(nn.Module):
             h = _norm(m["ln_1"], x) if pre_norm else x
             # [B, heads * hd] is laid out as [B, heads, 1, hd]: views only, no transposes or copies.
             heads = _dense(h, *_weights(attn._modules["c_attn"])).view(B, nq + 2 * nkv, 1, hd)
-            if rope:   # queries and keys turn by the same angles: one rotation for both
+            if qk_norm:
+                q, k, v = _qk_norm(attn, heads, nq, nkv)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            elif rope:   # queries and keys turn by the same angles: one rotation for both
                 qk, v = heads.split_with_sizes([nq + nkv, nkv], 1)
                 q, k = apply_rope(qk, cos, sin).split_with_sizes([nq, nkv], 1)
             else:

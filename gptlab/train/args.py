@@ -11,9 +11,10 @@ from gptlab.train.loop import TrainConfig
 from gptlab.train.optim import OPTIMIZERS
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, arch: str = "gpt2") -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=ARCHS, default="gpt2", help="architecture (default gpt2)")
+    g.add_argument("--arch", choices=ARCHS, default=arch,
+                   help=f"architecture (default {arch}; fast is this project's recipe, the others are the papers')")
     g.add_argument("--preset", choices=list(PRESETS), default="tiny",
                    help="size preset; the flags below override single fields (default tiny)")
     for flag, typ, help_ in [("--n-layer", int, "transformer blocks"), ("--n-head", int, "attention heads"),
@@ -34,7 +35,7 @@ def model_config_from_args(args, vocab_size: int) -> GPTConfig:
 
 def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
     """The optimiser/loop flags; ``defaults`` lets a stage choose its own defaults."""
-    d = TrainConfig(**{k: v for k, v in defaults.items() if k in TrainConfig.__dataclass_fields__})
+    d = TrainConfig(**{k: v for k, v in defaults.items() if k in TrainConfig.__dataclass_fields__ and v is not None})
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch (default {d.batch_size})")
@@ -45,9 +46,11 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--schedule", choices=["cosine", "linear", "constant", "wsd"], default=d.schedule,
                    help="lr after warm-up; wsd: constant, then linear decay over the last --cooldown-frac")
     g.add_argument("--cooldown-frac", type=float, default=d.cooldown_frac, help="wsd: fraction of steps decaying")
-    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer,
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=defaults.get("optimizer", d.optimizer),
                    help="muon: Muon (orthogonalised momentum) on the blocks' matrices, AdamW at --lr on "
-                   "embeddings, head, gains and biases; adamw: AdamW on everything")
+                   "embeddings, head, gains and biases; adamw: AdamW on everything"
+                   + ("; default: muon for --arch fast, adamw for the papers' archs (as they were trained)"
+                      if defaults.get("optimizer", "") is None else ""))
     g.add_argument("--muon-lr", type=float, default=d.muon_lr, help="muon: peak lr of the hidden matrices")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
@@ -72,16 +75,17 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def train_config_from_args(args) -> TrainConfig:
-    return TrainConfig(
+def train_config_from_args(args, **overrides) -> TrainConfig:
+    """The TrainConfig the flags describe; ``overrides`` settle what the flags left to the stage."""
+    return TrainConfig(**{**dict(
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, schedule=args.schedule,
-        cooldown_frac=args.cooldown_frac, optimizer=args.optimizer, muon_lr=args.muon_lr,
+        cooldown_frac=args.cooldown_frac, optimizer=args.optimizer or "adamw", muon_lr=args.muon_lr,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
         eval_every_s=args.eval_every_s, target_loss=args.target_loss,
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
         compile=args.compile, fsdp=args.fsdp, time_budget_s=args.time_budget, resume=args.resume,
-        progress=not args.no_progress)
+        progress=not args.no_progress), **overrides})
 
 
 def add_ptx_data_arg(p, what: str) -> None:

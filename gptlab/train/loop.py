@@ -43,6 +43,9 @@ from gptlab.plots import plot_curves, plot_loss, read_metrics
 from gptlab.train.optim import OPTIMIZERS, make_optimizer  # noqa: F401  (make_optimizer: bench, tools)
 
 
+NEAR_TARGET = 0.1   # nats: train loss this close to --target-loss switches to evaluating every 10 steps
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
@@ -312,7 +315,12 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         is_last = step == cfg.max_steps
         elapsed = elapsed0 + time.perf_counter() - t_start
         out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
-        do_eval = step % cfg.eval_every == 0 or is_last or out_of_time or _eval_due(cfg, last_eval_t, d, device)
+        # With a target, evaluate every 10 steps once the training loss is near it: the time to target
+        # is then precise without paying for frequent evaluations the whole run.
+        near_target = (cfg.target_loss is not None and last_train is not None and step % 10 == 0
+                       and last_train <= cfg.target_loss + NEAR_TARGET)
+        do_eval = (step % cfg.eval_every == 0 or is_last or out_of_time or near_target
+                   or _eval_due(cfg, last_eval_t, d, device))
         if step % cfg.log_every == 0 or do_eval:
             if device.type == "cuda":
                 torch.cuda.synchronize()
