@@ -30,9 +30,9 @@ from pathlib import Path
 
 NANOGPT_FLAGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                  "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
-                 "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+                 "--n_embd=128", "--dropout=0.0"]
 PAPER_FLAGS = ["--arch", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "64",
-               "--batch-size", "12", "--max-steps", "2000"]
+               "--batch-size", "12"]
 
 
 def timed(cmd: list[str], cwd: Path, val_pattern: re.Pattern, log: Path) -> tuple[float, list]:
@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--tokenizer", default=None, help="a char tokenizer of --data (default: trained here)")
     ap.add_argument("--gptlab-args", default="", help="extra flags for gptlab pretrain (quoted)")
     ap.add_argument("--paper", action="store_true", help="also run --arch gpt2 at nanoGPT's shape and steps")
+    ap.add_argument("--iters", type=int, default=2000,
+                    help="nanoGPT's iterations, and the steps of --paper (2000: the README's recipe)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default="race", help="folder for logs, runs, results.json")
     ap.add_argument("--plot", default=None, help="PNG of val loss vs wall time, both recipes")
@@ -114,7 +116,8 @@ def main() -> int:
         res: dict = {"round": r}
         if nano:
             shutil.rmtree(nano / "out", ignore_errors=True)
-            wall, pts = timed([sys.executable, "train.py", *NANOGPT_FLAGS, "--dataset=race_char", "--out_dir=out"],
+            wall, pts = timed([sys.executable, "train.py", *NANOGPT_FLAGS, f"--max_iters={args.iters}",
+                               f"--lr_decay_iters={args.iters}", "--dataset=race_char", "--out_dir=out"],
                               nano, re.compile(r"^step \d+: train loss [0-9.]+, val loss ([0-9.]+)"),
                               out / f"nanogpt_{r}.log")
             res["nanogpt"] = {"wall_s": round(wall, 2), "final_val": pts[-1][1], "points": pts}
@@ -137,16 +140,17 @@ def main() -> int:
             prun = out / f"paper_{r}"
             shutil.rmtree(prun, ignore_errors=True)
             wall, _ = timed(gptlab_cmd("pretrain", "--data", str(data), "--tokenizer", str(tok), "--out", str(prun),
-                                       "--no-progress", "--no-sample", "--eval-every", "250", *PAPER_FLAGS),
+                                       "--no-progress", "--no-sample", "--eval-every", "250", *PAPER_FLAGS,
+                                       "--max-steps", str(args.iters)),
                             Path.cwd(), gl_val, out / f"paper_{r}.log")
             res["paper"] = {"wall_s": round(wall, 2),
                             "val": json.loads((prun / "summary.json").read_text())["val_loss"]}
         line = f"round {r}: gptlab {res['gptlab']['wall_s']:.1f}s to val <= {target:.4f}"
         if nano:
-            line += (f"; nanoGPT {res['nanogpt']['wall_s']:.1f}s (2000 iters, final val "
+            line += (f"; nanoGPT {res['nanogpt']['wall_s']:.1f}s ({args.iters} iters, final val "
                      f"{res['nanogpt']['final_val']:.4f}); ratio {res['gptlab']['wall_s'] / res['nanogpt']['wall_s']:.3f}")
             if args.paper:
-                line += f"; gptlab --arch gpt2 2000 steps {res['paper']['wall_s']:.1f}s " \
+                line += f"; gptlab --arch gpt2 {args.iters} steps {res['paper']['wall_s']:.1f}s " \
                         f"(nanoGPT/gptlab-gpt2 speed {res['nanogpt']['wall_s'] / res['paper']['wall_s']:.3f}x)"
         print(line, flush=True)
         results.append(res)
