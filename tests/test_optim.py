@@ -7,7 +7,7 @@ import torch
 
 from gptlab.cli import main
 from gptlab.model.gpt import GPT, GPTConfig
-from gptlab.train import checkpoint as ckpt
+from gptlab import runs
 from gptlab.train.loop import TrainConfig, lr_at
 from gptlab.train.optim import MuonAdamW, hidden_matrices, make_optimizer, orthogonalize
 
@@ -88,7 +88,7 @@ def test_target_loss_stops_and_records_time(tmp_path, corpus_file, tok_dir):
     assert s["target_loss"] == 4.0 and 0 < s["steps_to_target"] < 300 and s["step"] == s["steps_to_target"]
     assert evals[-1]["val_loss"] <= 4.0 < min(r["val_loss"] for r in evals[:-1])   # stopped at the first hit
     assert evals[-1]["time_to_target_s"] == s["time_to_target_s"] >= evals[-1]["elapsed_s"]
-    ckpt.load_run(out)   # the stopped run is a complete run folder
+    runs.load_run(out)   # the stopped run is a complete run folder
 
 
 def test_target_not_reached_and_eval_every_seconds(tmp_path, corpus_file, tok_dir):
@@ -127,9 +127,9 @@ def test_muon_state_survives_a_checkpoint(tmp_path):
 
     a, opt_a = fresh()
     steps(a, opt_a, 3)
-    ckpt.save_checkpoint(tmp_path, a, opt_a, 3, {})
+    runs.save_checkpoint(tmp_path, a, opt_a, 3, {})
     b, opt_b = fresh()
-    assert ckpt.load_checkpoint(tmp_path, b, opt_b)[0] == 3
+    assert runs.load_checkpoint(tmp_path, b, opt_b)[0] == 3
     steps(a, opt_a, 2)
     steps(b, opt_b, 2)
     for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
