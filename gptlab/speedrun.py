@@ -25,9 +25,9 @@ from gptlab.io import atomic_write_json, atomic_write_text, read_json
 # Per preset: model shape and per-stage budgets. ``seconds`` are expected durations, used for the ETA.
 PRESETS = {
     # The whole run on a 2-core CPU in about 15 minutes.
-    "cpu": dict(arch="gpt2", preset="tiny", model=[], mixture_lines=100_000, per_family=6000,
+    "cpu": dict(arch="fast", preset="tiny", model=[], mixture_lines=100_000, per_family=6000,
                 tokenizer=["--vocab-size", "4096"], corpus_weights=dict(text=1, mixture=2, transcripts=2), exam_n=40,
-                pretrain=["--max-steps", "2000", "--batch-size", "16", "--lr", "2e-3", "--time-budget", "400",
+                pretrain=["--max-steps", "1400", "--batch-size", "16", "--time-budget", "400",
                           "--eval-every", "250", "--ckpt-every", "250"],
                 eval=["--shots", "0,1,4", "--n", "60", "--tasks", "icl"],
                 sft=["--max-steps", "600", "--batch-size", "16", "--lr", "1e-3", "--time-budget", "120",
@@ -62,7 +62,7 @@ PRESETS = {
                 seconds=dict(data=60, tokenizer=60, pretrain=2700, eval_pretrain=120, sft=300, label=200,
                              rm=150, ppo=600, dpo=200, compare=120, exam=60, report=5)),
     # Seconds, not minutes: for tests of the orchestration (stage skipping, resume, report).
-    "test": dict(arch="gpt2", preset="tiny", model=["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
+    "test": dict(arch="fast", preset="tiny", model=["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
                                                     "--block-size", "128"],
                  mixture_lines=3000, per_family=40,
                  tokenizer=["--vocab-size", "600"], corpus_weights=dict(text=1, mixture=1, transcripts=1), exam_n=4,
