@@ -126,10 +126,11 @@ def test_ddp_two_processes_match_one(tmp_path, corpus_file, tok_dir):
 
 
 def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path, corpus_file, tok_dir):
-    # Constant lr after warm-up, so a run cut at step 4 and resumed follows the same schedule.
+    # Constant lr after warm-up, so a run cut at step 4 and resumed follows the same schedule. AdamW on both
+    # sides: FSDP shards AdamW (Muon orthogonalises whole matrices, so it runs in one process only).
     common = ["--eval-every", "4", "--eval-batches", "3", "--seed", "3", "--batch-size", "4",
               "--device", "cpu", "--lr", "1e-3", "--schedule", "constant", "--warmup-steps", "2",
-              "--ckpt-every", "4", "--no-sample"]
+              "--ckpt-every", "4", "--no-sample", "--optimizer", "adamw"]
     one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
     assert main(pretrain_args(corpus_file, tok_dir, one, *common, "--max-steps", "8", "--grad-accum", "2")) == 0
     run_torchrun(*pretrain_args(corpus_file, tok_dir, two, *common, "--max-steps", "8", "--fsdp"))
