@@ -61,14 +61,14 @@ def _samples(sr) -> list[str]:
 
 
 def _headline_exam(sr) -> list[str]:
-    from gptlab.evals.exam import format_table
+    from gptlab.evals.exam import FAMILIES, format_table
     res = _load(sr.d["exam"] / "results.json")
     if not res:
         return []
     results = {Path(k).name: v for k, v in res["results"].items()}
     best = max(results.values(), key=lambda r: r["mean_family_accuracy"])
     return ["### 1. It answers questions in a person's own words", "",
-            f"`gptlab exam`: {res['results'][next(iter(res['results']))]['n'] // 5} questions per family, five families, "
+            f"`gptlab exam`: {res['results'][next(iter(res['results']))]['n'] // len(FAMILIES)} questions per family, five families, "
             "wordings the curriculum never uses, greedy (what `gptlab serve` answers at temperature 0). "
             f"Best mean family accuracy {best['mean_family_accuracy']:.1%}, its weakest family "
             f"{best['min_family_accuracy']:.1%}.", "", format_table(results), "![exam](exam/results.png)", ""]

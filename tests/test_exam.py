@@ -84,17 +84,14 @@ def test_roughen_keeps_slots_and_payload():
 def test_exam_through_the_server_matches_the_engine(tmp_path, small_tokenizer):
     """The acceptance path: `gptlab serve` + the official openai client at temperature 0 gives the same
     replies as the exam's own greedy pass over the run folder, so the report's figure is the server's."""
-    import socket
-    import threading
-    import time
-
     import torch
-    import uvicorn
+    from test_serve import LiveServer
 
     from gptlab.generate.engine import Engine
     from gptlab.model.gpt import GPT, GPTConfig
-    from gptlab.serve.app import Backend, create_app
-    from gptlab.train.sft import task_accuracy
+    from gptlab.serve.app import create_app
+    from gptlab.serve.backend import Backend
+    from gptlab.train.heldout import task_accuracy
 
     torch.manual_seed(0)
     tok = small_tokenizer
@@ -106,19 +103,9 @@ def test_exam_through_the_server_matches_the_engine(tmp_path, small_tokenizer):
     items = exam.build_exam(2)
     local = task_accuracy(model, tok, items, max_new_tokens=48, return_responses=True)["responses"]
     backend = Backend(Engine(model, tok), "tiny", max_batch=4)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(backend), log_level="error"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        deadline = time.time() + 10
-        while not server.started and time.time() < deadline:
-            time.sleep(0.01)
-        served = exam.exam_server(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", items, model="tiny")
+        with LiveServer(create_app(backend)) as server:
+            served = exam.exam_server(f"{server.url}/v1", items, model="tiny")
     finally:
-        server.should_exit = True
-        thread.join(timeout=5)
         backend.close()
-        sock.close()
     assert served == local and any(served)

@@ -147,11 +147,8 @@ def build_exam(n_per_family: int = 40, seed: int = 0) -> list[dict]:
 
 def summarise(items: list[dict], responses: list[str]) -> dict:
     """{"mean_family_accuracy", "min_family_accuracy", "per_family", "n"} from checked responses."""
-    from gptlab.data.instruct import check_answer
-    right: dict[str, list[int]] = {}
-    for it, text in zip(items, responses):
-        right.setdefault(it["family"], []).append(int(check_answer(it, text)))
-    per = {f: sum(v) / len(v) for f, v in right.items()}
+    from gptlab.train.heldout import checked_by_family
+    per = {f: sum(v) / len(v) for f, v in checked_by_family(items, responses).items()}
     return {"mean_family_accuracy": sum(per.values()) / len(per), "min_family_accuracy": min(per.values()),
             "per_family": per, "n": len(items)}
 

@@ -31,6 +31,14 @@ def curriculum_heldout(data: Path) -> Path | None:
     return None
 
 
+def checked_by_family(items: list[dict], responses: list[str]) -> dict[str, list[int]]:
+    """{family: [1 if right else 0, ...]}: each response checked with check_answer, grouped by family."""
+    right: dict[str, list[int]] = {}
+    for it, text in zip(items, responses):
+        right.setdefault(it.get("family", "?"), []).append(int(check_answer(it, text)))
+    return right
+
+
 def task_accuracy(model, tok, items: list[dict], max_new_tokens: int = 48, batch_size: int = 64,
                   return_responses: bool = False) -> dict:
     """Greedy answers to curriculum prompt items, checked with gptlab.data.instruct.check_answer.
@@ -56,9 +64,7 @@ def task_accuracy(model, tok, items: list[dict], max_new_tokens: int = 48, batch
             responses.append(c.text)
             lengths.append(len(c.ids))
     model.train(was_training)
-    right: dict[str, list[int]] = {}
-    for it, text in zip(items, responses):
-        right.setdefault(it.get("family", "?"), []).append(int(check_answer(it, text)))
+    right = checked_by_family(items, responses)
     total = sum(sum(v) for v in right.values())
     out = {"accuracy": total / max(1, len(items)), "n": len(items),
            "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
