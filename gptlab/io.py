@@ -143,3 +143,27 @@ def iter_jsonl(path: str | os.PathLike, skip_partial_last: bool = False) -> Iter
         if not isinstance(obj, dict):
             raise GptlabError(f"{path}:{i}: expected a JSON object")
         yield i, obj
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Like ``atomic_open``, for writers that insist on opening a file name themselves (e.g. the
+    ``gguf`` package's writer): the block writes the yielded temporary path, which is fsynced and renamed
+    over ``path`` when the block ends without an error (and removed when it raises)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)

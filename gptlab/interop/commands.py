@@ -1,20 +1,40 @@
 """`gptlab export` and `gptlab import`: move models between gptlab run folders and Hugging Face.
 
     gptlab export runs/tiny --format hf hf/tiny     # then AutoModelForCausalLM.from_pretrained("hf/tiny")
+    gptlab export runs/tiny --format gguf tiny.gguf --type q8_0   # llama.cpp, llama-cpp-python, Ollama
     gptlab import hf/gpt2 --out runs/gpt2 --add-chat-tokens
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from gptlab.errors import GptlabError
 
 
 def run_export(args) -> int:
+    if args.format == "gguf":
+        return run_export_gguf(args)
+    if args.type is not None:
+        raise GptlabError("--type is for --format gguf (the Hugging Face export is float32)")
     from gptlab.interop.hf import export_hf
     s = export_hf(args.run_dir, args.out_dir)
     print(f"exported {args.run_dir} ({s['arch']}, {s['params'] / 1e6:.2f}M parameters) as {s['hf_class']} "
           f"to {args.out_dir}: {', '.join(s['files'])}")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r}); "
           f"AutoTokenizer.from_pretrained({str(args.out_dir)!r})")
+    return 0
+
+
+def run_export_gguf(args) -> int:
+    from gptlab.interop.gguf_export import export_gguf
+    s = export_gguf(args.run_dir, args.out_dir, args.type or "f16", progress=True)
+    print(f"exported {args.run_dir} ({s['arch']} as llama.cpp {s['gguf_arch']}, {s['params'] / 1e6:.2f}M parameters, "
+          f"{s['type']}, {s['bytes'] / 1e6:.1f} MB, {s['tensors']} tensors) to {args.out_dir}")
+    print(f"run it with: python -c \"from llama_cpp import Llama; print(Llama({str(args.out_dir)!r})"
+          "('Hello', max_tokens=32)['choices'][0]['text'])\"")
+    if len(s["files"]) > 1:
+        print(f"Ollama: ollama create NAME -f {Path(args.out_dir).with_suffix('.Modelfile')} && ollama run NAME")
     return 0
 
 
@@ -32,16 +52,22 @@ def run_import(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "export", help="export a run as a Hugging Face transformers checkpoint",
+        "export", help="export a run as a Hugging Face transformers checkpoint or a GGUF file (llama.cpp, Ollama)",
         description="Write RUN_DIR's model as a folder that transformers loads offline with "
         "AutoModelForCausalLM.from_pretrained(OUT_DIR) and AutoTokenizer.from_pretrained(OUT_DIR): "
         "config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json "
         "(with the chat template) and special_tokens_map.json. arch gpt2 becomes GPT2LMHeadModel, modern "
-        "becomes LlamaForCausalLM; gpt1, gpt3 and bert have no identical Hugging Face class.",
+        "becomes LlamaForCausalLM; gpt1, gpt3 and bert have no identical Hugging Face class. "
+        "--format gguf writes one OUT.gguf file for llama.cpp / llama-cpp-python / Ollama (gpt2 as gpt2, "
+        "modern as llama, fast as qwen3; tokenizer, special tokens and chat template included) and, for a "
+        "tokenizer with chat tokens, OUT.Modelfile for `ollama create`; needs pip install 'gptlab[gguf]'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="gptlab run folder (model.safetensors + config.json)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write")
-    p.add_argument("--format", choices=["hf"], default="hf", help="output format (Hugging Face transformers)")
+    p.add_argument("out_dir", metavar="OUT", help="folder to write (hf) or .gguf file to write (gguf)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="output format: Hugging Face transformers folder, or one GGUF file")
+    p.add_argument("--type", choices=["f32", "f16", "q8_0"], default=None,
+                   help="GGUF weight type (default f16; q8_0: 8-bit blocks, about half of f16's size)")
     p.set_defaults(func=run_export)
 
     p = sub.add_parser(
