@@ -27,6 +27,7 @@ COMMANDS = [
     ("gptlab.train.dpo", ["dpo"]),
     ("gptlab.label.commands", ["label"]),
     ("gptlab.generate.commands", ["sample"]),
+    ("gptlab.tools.search", ["index"]),
     ("gptlab.chat.commands", ["chat"]),
     ("gptlab.serve.commands", ["serve", "feedback"]),
     ("gptlab.evals.commands", ["eval", "fill"]),

@@ -15,6 +15,8 @@ LAYERS = [
     # cross-cutting: user errors, files, devices, plots, and the arithmetic of intervals, which a
     # training stage's own summary uses as much as an evaluation does
     ("base", ["gptlab.errors", "gptlab.io", "gptlab.device", "gptlab.plots", "gptlab.evals.stats"]),
+    # tools a model calls (calculator, search): plain Python, below the curriculum that teaches them
+    ("tools", ["gptlab.tools"]),
     ("data", ["gptlab.data"]),
     # token bins need a tokenizer; the chat template turns conversations into token ids
     ("tokenizer", ["gptlab.tokenizer", "gptlab.data.tokens", "gptlab.data.commands"]),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gptlab.errors import GptlabError
+
 
 def run(args) -> int:
     from gptlab.chat.repl import ChatSession, setup_readline
@@ -14,18 +16,24 @@ def run(args) -> int:
     from gptlab.generate.engine import SamplingParams
     from gptlab.tokenizer.chat_template import require_chat_tokens
     from gptlab.io import gptlab_home
+    from gptlab.tools import builtin_toolbox
 
+    toolbox = builtin_toolbox(args.tools, args.index)   # checked before the model loads
+    if args.max_tool_calls < 1:
+        raise GptlabError("--max-tool-calls must be at least 1")
     engine, tok, _ = load_for_generation(args.run_dir, args.device)
     require_chat_tokens(tok, args.run_dir)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if sys.stdin.isatty():
         setup_readline(gptlab_home() / "chat_history")
-    return ChatSession(engine, params, system=args.system).run()
+    return ChatSession(engine, params, system=args.system, toolbox=toolbox or None,
+                       max_tool_calls=args.max_tool_calls).run()
 
 
 def register(sub) -> None:
     from gptlab.generate.commands import add_sampling_args
+    from gptlab.tools import add_tool_args
     p = sub.add_parser(
         "chat", help="chat with a run in the terminal (streaming, history, /commands)",
         description="An interactive chat with RUN_DIR (an SFT/RLHF run, or any run whose tokenizer has the "
@@ -38,4 +46,5 @@ def register(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (sft, ppo, dpo, or import --add-chat-tokens)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message for the conversation")
     add_sampling_args(p, temperature=0.7, top_p=0.9, max_new_tokens=256)
+    add_tool_args(p)
     p.set_defaults(func=run)

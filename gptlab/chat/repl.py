@@ -10,6 +10,7 @@ answer), the oldest turns are dropped for good (the system message stays) and th
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from typing import Callable, TextIO
@@ -30,8 +31,10 @@ HELP = """commands:
 class ChatSession:
     def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None,
                  input_fn: Callable[[str], str] = input, out: TextIO | None = None,
-                 user_prompt: str = "you> ", bot_prompt: str = "gpt> "):
+                 user_prompt: str = "you> ", bot_prompt: str = "gpt> ", toolbox=None, max_tool_calls: int = 4):
         self.engine, self.tok = engine, engine.tok
+        self.toolbox, self.max_tool_calls = toolbox, max_tool_calls   # tools run only when the user enabled them
+        self.tools = toolbox.specs() if toolbox else None
         self.params = params
         self.system = system or None
         self.turns: list[dict] = []          # user/assistant messages, oldest first
@@ -60,7 +63,7 @@ class ChatSession:
         """Add a user turn, stream the answer (Ctrl-C keeps what came so far); None if it cannot fit."""
         self.turns.append({"role": "user", "content": user_text})
         try:
-            fitted = fit_prompt(self.tok, self.messages, self.prompt_budget())
+            fitted = fit_prompt(self.tok, self.messages, self.prompt_budget(), self.tools)
         except GptlabError:
             self.turns.pop()
             self.say(f"[message too long: it does not fit the {self.engine.block_size}-token context window "
@@ -75,6 +78,8 @@ class ChatSession:
                      + ("; the system message is kept]" if self.system else "]"))
         self.out.write(self.bot_prompt)
         self.out.flush()
+        if self.toolbox:
+            return self._reply_with_tools(fitted.messages)
         parts: list[str] = []
         stream = self.engine.stream(fitted.ids, self.params)
         try:
@@ -91,6 +96,30 @@ class ChatSession:
         answer = "".join(parts)
         self.turns.append({"role": "assistant", "content": answer})
         return answer
+
+    def _reply_with_tools(self, messages: list[dict]) -> str:
+        """Stream the answer, showing each tool call and its result on a line of its own."""
+        from gptlab.generate.tool_loop import ToolCall, ToolTurn
+        turn = ToolTurn(self.tok, messages, self.tools, self.toolbox, self.max_tool_calls, self.prompt_budget())
+        stream = self.engine.stream_with_tools(turn, self.params)
+        parts: list[str] = []
+        try:
+            for ev in stream:
+                if isinstance(ev, ToolCall):
+                    self.out.write(f"\n[{ev.name} {json.dumps(ev.arguments, ensure_ascii=False)} -> {ev.result}]\n")
+                    parts = []
+                elif ev.text:
+                    self.out.write(ev.text)
+                    parts.append(ev.text)
+                self.out.flush()
+        except KeyboardInterrupt:
+            self.out.write(" [stopped]")
+            turn.new.append({"role": "assistant", "content": "".join(parts)})
+        finally:
+            stream.close()
+        self.say()
+        self.turns += turn.new
+        return turn.new[-1]["content"] if turn.new else ""
 
     # ----- commands -----------------------------------------------------------------------------
     def command(self, line: str) -> bool:

@@ -1,6 +1,8 @@
 """The JSONL formats every InstructGPT stage reads, validated line by line.
 
-* conversations (SFT demonstrations): ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+* conversations (SFT demonstrations): ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
+  with tools, ``"tools": [function definitions]``, assistant turns may carry
+  ``"tool_calls": [{"name": str, "arguments": {...}}]`` and ``{"role": "tool", "content": result}`` turns follow
 * prompts (RM labelling, PPO): ``{"prompt": str}`` or ``{"messages": [...]}`` ending with a user turn
 * rankings (RM): ``{"prompt": str|messages, "responses": [r0, ..., rK-1], "ranking": [best, ..., worst]}``,
   optionally ``"ties": [[i, j], ...]``: pairs judged equally good, which carry no comparison
@@ -12,6 +14,7 @@ training starts, and every error names ``file:line`` and what is wrong. Fields b
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -19,7 +22,7 @@ from itertools import combinations
 from gptlab.errors import GptlabError
 from gptlab.io import iter_jsonl
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MIN_K, MAX_K = 2, 9   # InstructGPT's labelers ranked 4 to 9 responses; a pair is the smallest ranking
 FORMATS = ("conversations", "prompts", "rankings", "pairs")
 
@@ -41,14 +44,30 @@ class Ranking:
 
 
 # ----- a plain-text transcript ---------------------------------------------------------------------------
-TRANSCRIPT_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+TRANSCRIPT_NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
+def _transcript_text(m: dict) -> str:
+    calls = " ".join(f"[{c['name']} {json.dumps(c['arguments'], ensure_ascii=False)}]" for c in m.get("tool_calls", []))
+    return " ".join((m["content"] + " " + calls).split())
 
 
 def render_transcript(messages: list[dict]) -> str:
     """A conversation as plain ``Role: content`` lines: how a model that never saw the reserved chat
     tokens is asked (GPT-3 style, before InstructGPT), and how conversations enter a pre-training corpus."""
-    return "".join(f"{TRANSCRIPT_NAMES[m['role']]}: {' '.join(m['content'].split())}\n"
+    return "".join(f"{TRANSCRIPT_NAMES[m['role']]}: {_transcript_text(m)}\n"
                    for m in check_messages(messages, "transcript"))
+
+
+def check_tool_calls(calls, where: str) -> list[dict]:
+    """An assistant turn's ``tool_calls``: a non-empty list of {"name": str, "arguments": object}."""
+    if not isinstance(calls, list) or not calls:
+        raise GptlabError(f"{where}: \"tool_calls\" must be a non-empty list")
+    for j, c in enumerate(calls):
+        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"]
+                and isinstance(c.get("arguments"), dict)):
+            raise GptlabError(f"{where}: tool call {j} must be {{\"name\": str, \"arguments\": {{...}}}}")
+    return [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
 
 
 # ----- field checks (``where`` is "file:line") ------------------------------------------------------
@@ -60,7 +79,7 @@ def check_messages(messages, where: str, last: str | None = None, need_assistant
         if not isinstance(m, dict):
             raise GptlabError(f"{where}: message {i} must be an object with \"role\" and \"content\"")
         if m.get("role") not in ROLES:
-            raise GptlabError(f"{where}: message {i} has role {m.get('role')!r} (expected system, user or assistant)")
+            raise GptlabError(f"{where}: message {i} has role {m.get('role')!r} (expected system, user, assistant or tool)")
         if not isinstance(m.get("content"), str):
             raise GptlabError(f"{where}: message {i} needs a string \"content\"")
         if m["role"] == "system" and i != 0:
@@ -71,8 +90,12 @@ def check_messages(messages, where: str, last: str | None = None, need_assistant
         raise GptlabError(f"{where}: no assistant turn (SFT learns from assistant turns)")
     if last is not None and messages[-1]["role"] != last:
         raise GptlabError(f"{where}: the last message must be a {last} turn, not {messages[-1]['role']}")
-    # Drop extra keys so downstream code sees exactly role/content.
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        if m.get("tool_calls") is not None and m["role"] != "assistant":
+            raise GptlabError(f"{where}: message {i}: only an assistant turn makes tool calls")
+    # Drop extra keys so downstream code sees exactly role/content (and an assistant's tool calls).
+    return [{"role": m["role"], "content": m["content"]}
+            | ({"tool_calls": check_tool_calls(m["tool_calls"], f"{where}: message {i}")} if m.get("tool_calls") else {})
+            for m in messages]
 
 
 def _prompt_field(row: dict, where: str, key: str = "prompt") -> list[dict]:
@@ -117,7 +140,13 @@ def _rows(path) -> list[tuple[str, dict]]:
 def parse_conversation(row: dict, where: str) -> dict:
     if "messages" not in row:
         raise GptlabError(f"{where}: missing \"messages\" (conversations are {{\"messages\": [...]}})")
-    return {**row, "messages": check_messages(row["messages"], where, need_assistant=True)}
+    out = {**row, "messages": check_messages(row["messages"], where, need_assistant=True)}
+    if row.get("tools") is not None:
+        from gptlab.tools import check_spec
+        if not isinstance(row["tools"], list):
+            raise GptlabError(f"{where}: \"tools\" must be a list of function definitions")
+        out["tools"] = [check_spec(t, f"{where}: tools[{i}]") for i, t in enumerate(row["tools"])]
+    return out
 
 
 def parse_prompt(row: dict, where: str) -> dict:

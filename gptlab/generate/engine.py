@@ -8,6 +8,11 @@
 * Text is produced incrementally: a delta is held back while it could still be the start of a stop
   string or ends inside a multi-byte character.
 * When a row fills the context window it slides: the cache row is rebuilt from the last half window.
+* Tools: ``ToolTurn`` is one assistant turn that may call tools. Generation stops at the call's opening
+  token, the call is generated up to its closing token, the tool runs (``gptlab.tools.ToolBox``: time
+  and size limits, failures as text), its result is appended and generation resumes, up to a per-turn
+  call limit. ``Engine.answer_with_tools`` drives many such turns in batches; the server drives one
+  from asyncio with the same ``ToolTurn``.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ class Completion:
     text: str
     finish_reason: str      # "stop" | "length" | "cancelled"
     prompt_tokens: int
+    stop_token: int | None = None   # the stop id that ended it, if one did
 
 
 @dataclass
@@ -60,6 +66,7 @@ class TokenEvent:
     text: str
     token_id: int | None
     finish_reason: str | None = None
+    stop_token: int | None = None   # on the last event: the stop id that ended the row, if one did
 
 
 def _uniform(gen: torch.Generator | None) -> torch.Tensor:
@@ -134,6 +141,7 @@ class _Row:
         self.out: list[int] = []
         self.emitted = ""
         self.finish: str | None = None
+        self.stop_token: int | None = None
         self.sink = sink   # callable(TokenEvent) for streaming, or None
         self.gen = None
         if params.temperature > 0:
@@ -154,6 +162,7 @@ class _Row:
     def push(self, token: int) -> None:
         """Take a sampled token: end on a stop id/string or the length limit, else stream new text."""
         if token in self.stop_ids:
+            self.stop_token = token
             self._finish("stop", self.text())
             return
         self.out.append(token)
@@ -189,10 +198,10 @@ class _Row:
         self.finish = reason
         delta = final_text[len(self.emitted):] if final_text.startswith(self.emitted) else ""
         self.emitted = final_text
-        self._emit(TokenEvent(delta, None, reason))
+        self._emit(TokenEvent(delta, None, reason, self.stop_token))
 
     def completion(self) -> Completion:
-        return Completion(self.out, self.emitted, self.finish or "cancelled", self.prompt_tokens)
+        return Completion(self.out, self.emitted, self.finish or "cancelled", self.prompt_tokens, self.stop_token)
 
 
 class Engine:
@@ -282,6 +291,16 @@ class Engine:
                 if row.finish:
                     return
                 self._step_rows(cache, {0: row})
+
+    def answer_with_tools(self, turns: list, params: SamplingParams, on_event=None) -> list:
+        """Finish each ``gptlab.generate.tool_loop.ToolTurn``: pause at calls, run tools, resume."""
+        from gptlab.generate.tool_loop import answer_with_tools
+        return answer_with_tools(self, turns, params, on_event)
+
+    def stream_with_tools(self, turn, params: SamplingParams):
+        """One ToolTurn streamed: TokenEvents of the reply and each ToolCall as it runs."""
+        from gptlab.generate.tool_loop import stream_with_tools
+        return stream_with_tools(self, turn, params)
 
     def scheduler(self, max_batch: int = 16) -> "Scheduler":
         return Scheduler(self, max_batch)

@@ -9,22 +9,38 @@ A prompt for generation ends with ``<|assistant_start|>``; the model answers and
 string cannot forge a turn boundary. For SFT the loss mask covers assistant content and the
 assistant-end token only (the model must learn to stop, not to predict what the user says).
 
-The same template is exported as a Jinja string (``CHAT_TEMPLATE_JINJA``) for Hugging Face tokenizers.
+Tools: when a conversation has tools, each is described on one line of the system turn
+(``gptlab.tools.describe``). An assistant turn may end with calls, each wrapped in the tool tokens, and
+each result comes back as a ``tool`` turn wrapped in the same tokens::
+
+    <|system_start|>Tools:
+    calculator(expression: string) - exact arithmetic<|system_end|><|user_start|>What is 1234 * 5678?<|user_end|>
+    <|assistant_start|><|tool_start|>calculator {"expression": "1234 * 5678"}<|tool_end|><|assistant_end|>
+    <|tool_start|>7006652<|tool_end|><|assistant_start|>1234 * 5678 = 7006652.<|assistant_end|>
+
+Inside an assistant turn the tool tokens hold a call; between turns they hold a result. The call and
+its closing tokens are trained on; a result is not (the model must learn to ask, never to make up what
+a tool says).
+
+The same template is exported as a Jinja string (``CHAT_TEMPLATE_JINJA``) for Hugging Face tokenizers
+(conversations without tool calls).
 """
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
 
-from gptlab.data.formats import TRANSCRIPT_NAMES, render_transcript
+from gptlab.data.formats import TRANSCRIPT_NAMES, check_tool_calls, render_transcript
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import (ASSISTANT_END, ASSISTANT_START, SYSTEM_END, SYSTEM_START, USER_END,
-                              USER_START, Tokenizer)
+from gptlab.tokenizer import (ASSISTANT_END, ASSISTANT_START, SYSTEM_END, SYSTEM_START, TOOL_END, TOOL_START,
+                              USER_END, USER_START, Tokenizer)
+from gptlab.tools import describe, format_call
 
 ROLES = {
     "system": (SYSTEM_START, SYSTEM_END),
     "user": (USER_START, USER_END),
     "assistant": (ASSISTANT_START, ASSISTANT_END),
+    "tool": (TOOL_START, TOOL_END),
 }
 
 CHAT_TEMPLATE_JINJA = (
@@ -37,7 +53,7 @@ CHAT_TEMPLATE_JINJA = (
 
 def _role_ids(tok: Tokenizer, role: str) -> tuple[int, int]:
     if role not in ROLES:
-        raise GptlabError(f"unknown role {role!r} (expected system, user or assistant)")
+        raise GptlabError(f"unknown role {role!r} (expected system, user, assistant or tool)")
     start, end = (tok.special_id(t) for t in ROLES[role])
     if start is None or end is None:
         raise GptlabError("this tokenizer has no chat tokens; train one with `gptlab tokenizer train`")
@@ -60,28 +76,60 @@ def validate_messages(messages) -> list[dict]:
         raise GptlabError("messages must be a non-empty list")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise GptlabError(f"message {i} must be {{'role': system|user|assistant, 'content': str}}")
+            raise GptlabError(f"message {i} must be {{'role': system|user|assistant|tool, 'content': str}}")
         if m["role"] == "system" and i != 0:
             raise GptlabError(f"message {i}: a system message may only come first")
+        if m.get("tool_calls"):
+            if m["role"] != "assistant":
+                raise GptlabError(f"message {i}: only an assistant turn makes tool calls")
+            check_tool_calls(m["tool_calls"], f"message {i}")
     return messages
 
 
-def render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+def tool_preamble(tools: list[dict]) -> str:
+    """The system-turn text that tells the model which tools it may call, one per line."""
+    return "Tools:\n" + "\n".join(describe(t) for t in tools)
+
+
+def with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """``messages`` with the tool descriptions added to the system turn (one is made if there is none)."""
+    if not tools:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        sys = messages[0]["content"]
+        return [{"role": "system", "content": (sys + "\n" if sys else "") + tool_preamble(tools)}] + messages[1:]
+    return [{"role": "system", "content": tool_preamble(tools)}] + list(messages)
+
+
+def _turn(tok: Tokenizer, m: dict) -> tuple[list[int], list[int]]:
+    """One message's ids and its SFT mask (assistant content, calls and closing tokens are trained on)."""
+    start, end = _role_ids(tok, m["role"])
+    train = 1 if m["role"] == "assistant" else 0
+    ids, mask = [start] + tok.encode(m["content"]), [0]
+    mask += [train] * (len(ids) - 1)
+    if m.get("tool_calls"):
+        call_start, call_end = _role_ids(tok, "tool")
+        for c in m["tool_calls"]:
+            body = [call_start] + tok.encode(format_call(c["name"], c["arguments"])) + [call_end]
+            ids += body
+            mask += [1] * len(body)
+    return ids + [end], mask + [train]
+
+
+def render(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """Ids of a whole conversation and a 0/1 mask marking the tokens an SFT loss should train on."""
     ids: list[int] = []
     mask: list[int] = []
-    for m in validate_messages(messages):
-        start, end = _role_ids(tok, m["role"])
-        body = tok.encode(m["content"])
-        train = 1 if m["role"] == "assistant" else 0
-        ids += [start] + body + [end]
-        mask += [0] + [train] * len(body) + [train]
+    for m in with_tools(validate_messages(messages), tools):
+        t_ids, t_mask = _turn(tok, m)
+        ids += t_ids
+        mask += t_mask
     return ids, mask
 
 
-def render_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
+def render_prompt(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Ids of the conversation so far plus ``<|assistant_start|>``: what generation continues."""
-    ids, _ = render(tok, messages)
+    ids, _ = render(tok, messages, tools)
     return ids + [_role_ids(tok, "assistant")[0]]
 
 
@@ -96,15 +144,17 @@ class FittedPrompt:
     dropped: int          # how many of the oldest non-system turns were left out
 
 
-def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int) -> FittedPrompt:
+def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> FittedPrompt:
     """Drop the oldest turns (keeping a leading system message) until the prompt fits ``max_tokens``.
 
+    With ``tools`` their descriptions join the system turn, which is always kept.
     Raises GptlabError when even the last message alone (with the system message) does not fit.
     Linear: turns are encoded newest first, each once, and a turn too long to fit in what room is left
     (judged by its length, see ``max_token_chars``) is not encoded at all, so a huge conversation costs
     about as much as the part of it that fits.
     """
-    messages = validate_messages(messages)
+    original = validate_messages(messages)   # what the caller gave: FittedPrompt.messages has no preamble
+    messages = with_tools(original, tools)
     system = messages[:1] if messages[0]["role"] == "system" else []
     rest = messages[len(system):]
     widest = max_token_chars(tok)
@@ -113,11 +163,10 @@ def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int) -> FittedP
     room = max_tokens - len(head) - 1   # the closing <|assistant_start|>
     kept: list[list[int]] = []
     for m in reversed(rest):
-        start, end = _role_ids(tok, m["role"])
         # Each token stands for at most `widest` characters: a longer text needs more tokens than fit.
         if room < 2 or len(m["content"]) > (room - 2) * widest:
             break
-        ids = [start] + tok.encode(m["content"]) + [end]
+        ids = _turn(tok, m)[0]
         if len(ids) > room:
             break
         kept.append(ids)
@@ -126,7 +175,7 @@ def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int) -> FittedP
         raise GptlabError(f"the last message does not fit in the context window ({max_tokens} tokens)")
     dropped = len(rest) - len(kept)
     ids = head + [i for turn in reversed(kept) for i in turn] + [start_id]
-    return FittedPrompt(ids, system + rest[dropped:], dropped)
+    return FittedPrompt(ids, original[:len(original) - len(rest)] + rest[dropped:], dropped)
 
 
 _WIDEST: "weakref.WeakKeyDictionary[Tokenizer, int]" = weakref.WeakKeyDictionary()

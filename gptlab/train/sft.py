@@ -107,7 +107,7 @@ class SFTStage:
 
 def render_conversations(tok, convs: list[dict]) -> list[tuple[list[int], list[int]]]:
     from gptlab.tokenizer.chat_template import render
-    return [render(tok, c["messages"]) for c in convs]
+    return [render(tok, c["messages"], c.get("tools")) for c in convs]
 
 
 def run(args) -> int:
