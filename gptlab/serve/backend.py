@@ -18,10 +18,12 @@ class Backend:
     """What the server needs from a model: its id, context size, tokenizer and a batching scheduler.
 
     Tests inject any object with the same attributes (``model_id``, ``context_size``, ``tok``,
-    ``max_batch``, ``busy_slots``, ``submit(ids, params)``, ``close()``).
+    ``max_batch``, ``busy_slots``, ``submit(ids, params)``, ``close()``; optionally ``toolbox`` and
+    ``max_tool_calls``: the tools this server runs itself, ``gptlab serve --tools``).
     """
 
-    def __init__(self, engine, model_id: str, max_batch: int = 16):
+    def __init__(self, engine, model_id: str, max_batch: int = 16, toolbox=None, max_tool_calls: int = 4):
+        self.toolbox, self.max_tool_calls = toolbox, max_tool_calls
         self.engine = engine
         self.tok = engine.tok
         self.model_id = model_id

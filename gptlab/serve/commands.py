@@ -62,11 +62,15 @@ def run_serve(args) -> int:
     except OSError as e:
         raise GptlabError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     max_batch = _positive("--max-batch", args.max_batch)
+    from gptlab.tools import builtin_toolbox
+    toolbox = builtin_toolbox(args.tools, args.index)   # a missing index fails now, not at the first call
+    max_calls = _positive("--max-tool-calls", args.max_tool_calls)
     hosts = HostPolicy(args.host, args.allowed_host or ())
     store = Store(args.db)   # an unusable database fails now, before minutes of model loading
     try:
         _leave_a_core(args.device)
         backend = Backend.from_run(args.run_dir, device=args.device, max_batch=max_batch)
+        backend.toolbox, backend.max_tool_calls = toolbox or None, max_calls
     except BaseException:
         store.close()
         raise
@@ -96,6 +100,7 @@ def run_export(args) -> int:
 
 
 def register(sub) -> None:
+    from gptlab.tools import add_tool_args
     p = sub.add_parser(
         "serve", help="serve a run as an OpenAI-compatible API with a web chat page",
         description="Serve RUN_DIR: POST /v1/chat/completions, /v1/completions, GET /v1/models (works with "
@@ -115,6 +120,7 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
     p.add_argument("--max-messages", type=int, default=512, help="most messages in one chat request")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    add_tool_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from gptlab.serve import functions
 from gptlab.tokenizer.chat_template import max_token_chars
 from gptlab.serve.backend import ClientGone, completion_tokens, drain, finish_reason, fit_chat, submit
 from gptlab.serve.protocol import (SSE_HEADERS, APIError, Limits, Sampling, bad, boolean, check_model, is_int,
@@ -35,7 +36,11 @@ _SAMPLING_DOC = {
 }
 CHAT_DOC = _body_schema({**_SAMPLING_DOC, "messages": {"type": "array", "items": {
     "type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]}, "content": {"type": "string"}}}}},
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]}, "content": {"type": "string"},
+        "tool_calls": {"type": "array"}, "tool_call_id": {"type": "string"}}}},
+    "tools": {"type": "array", "items": {"type": "object", "properties": {
+        "type": {"enum": ["function"]}, "function": {"type": "object", "required": ["name"]}}}},
+    "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]}},
     ["model", "messages"])
 COMPLETIONS_DOC = _body_schema({**_SAMPLING_DOC, "echo": {"type": "boolean"}, "prompt": {"oneOf": [
     {"type": "string"}, {"type": "array", "items": {"type": "string"}},
@@ -93,6 +98,45 @@ async def _stream(backend, prompts, s: Sampling, request: Request, chunk, prompt
     finally:
         for r in reqs:
             r.cancel()
+
+
+async def _chat_with_tools(backend, body: dict, messages: list[dict], s: Sampling, model: str, request: Request):
+    """A chat completion whose model may call tools (the request's functions, the server's own)."""
+    turn = functions.make_turn(backend, messages, body, s)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def usage() -> dict:
+        prompt = len(backend.tok.encode("".join(m["content"] for m in messages)))
+        made = len(backend.tok.encode("".join(m["content"] for m in turn.new)))
+        return _usage(prompt, made)
+    if s.stream:
+        def chunk(delta, finish):
+            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "system_fingerprint": None,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if s.include_usage:
+                c["usage"] = None
+            return c
+
+        async def events():
+            try:
+                async for c in functions.stream(backend, turn, s, request, chunk):
+                    yield sse(c)
+                if s.include_usage:
+                    yield sse({**chunk({}, None), "choices": [], "usage": usage()})
+                yield b"data: [DONE]\n\n"
+            except ClientGone:
+                return
+            except APIError as e:
+                yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        choice = await functions.complete(backend, turn, s, request)
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                         "system_fingerprint": None, "choices": [choice], "usage": usage()},
+                        headers={"x-gptlab-truncated-turns": str(turn.dropped)})
 
 
 def parse_prompts(body: dict, backend, limits: Limits) -> tuple[list[list[int]], list[str]]:
@@ -164,6 +208,8 @@ def router(backend, limits: Limits) -> APIRouter:
             raise bad("you must provide a 'messages' parameter", "messages", "missing_required_parameter")
         messages = parse_messages(body["messages"], limits)
         s = parse_sampling(body, limits)
+        if functions.uses_tools(body, backend) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            return await _chat_with_tools(backend, body, messages, s, model, request)
         ids, dropped = await fit_chat(backend, messages, s.max_tokens)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         headers = {"x-gptlab-truncated-turns": str(dropped)}

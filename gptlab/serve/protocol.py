@@ -212,8 +212,35 @@ def parse_sampling(body: dict, limits: Limits, min_tokens: int = 1) -> Sampling:
         ignore_eos=boolean(body, "ignore_eos"))
 
 
+def _tool_calls(raw, where: str, ids: set[str]) -> list[dict]:
+    """An assistant message's OpenAI ``tool_calls`` -> [{name, arguments}]; their ids join ``ids``."""
+    if not isinstance(raw, list) or not raw:
+        raise bad(f"{where}.tool_calls must be a non-empty list", f"{where}.tool_calls", "invalid_type")
+    out = []
+    for j, c in enumerate(raw):
+        w = f"{where}.tool_calls[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(c.get("id"), str) or c.get("type", "function") != "function":
+            raise bad(f"{w} must be {{'id': str, 'type': 'function', 'function': {{'name', 'arguments'}}}}", w)
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad(f"{w}.function.name must be a string", f"{w}.function.name")
+        try:
+            args = json.loads(fn.get("arguments") or "{}") if isinstance(fn.get("arguments", ""), str) else None
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise bad(f"{w}.function.arguments must be a JSON object in a string", f"{w}.function.arguments")
+        ids.add(c["id"])
+        out.append({"name": fn["name"], "arguments": args})
+    return out
+
+
 def parse_messages(raw, limits: Limits) -> list[dict]:
-    """OpenAI messages -> gptlab's [{role, content}] (leading system/developer turns merged into one)."""
+    """OpenAI messages -> gptlab's [{role, content}] (leading system/developer turns merged into one).
+
+    Function calling: an assistant message's ``tool_calls`` become gptlab's ``[{name, arguments}]``; a
+    ``tool`` message must answer one of them by its ``tool_call_id``.
+    """
     if not isinstance(raw, list):
         raise bad("'messages' must be a list", "messages", "invalid_type")
     if not raw:
@@ -221,6 +248,7 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
     if len(raw) > limits.max_messages:
         raise bad(f"'messages' holds {len(raw)} messages; the limit is {limits.max_messages}", "messages")
     out: list[dict] = []
+    call_ids: set[str] = set()
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -228,10 +256,12 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise bad(f"{where}.role {role!r} is not supported (system, developer, user, assistant)",
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad(f"{where}.role {role!r} is not supported (system, developer, user, assistant, tool)",
                       f"{where}.role")
         content = m.get("content")
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            content = ""   # a message that only calls tools
         if isinstance(content, list):   # content parts: only text is understood
             texts = []
             for j, part in enumerate(content):
@@ -247,7 +277,18 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
             if out:
                 out[-1]["content"] += "\n\n" + content
                 continue
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], where, call_ids)
+        if role == "tool":
+            tid = m.get("tool_call_id")
+            if not isinstance(tid, str):
+                raise bad(f"{where}.tool_call_id is required for a tool message", f"{where}.tool_call_id",
+                          "missing_required_parameter")
+            if tid not in call_ids:
+                raise bad(f"{where}.tool_call_id {tid!r} answers no earlier assistant tool call",
+                          f"{where}.tool_call_id")
+        out.append(msg)
     if all(m["role"] == "system" for m in out):
         raise bad("'messages' needs at least one user or assistant message", "messages")
     return out
