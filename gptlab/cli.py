@@ -28,6 +28,7 @@ COMMANDS = [
     ("gptlab.label.commands", ["label"]),
     ("gptlab.generate.commands", ["sample"]),
     ("gptlab.tools.search", ["index"]),
+    ("gptlab.evals.tools", ["eval-tools"]),
     ("gptlab.chat.commands", ["chat"]),
     ("gptlab.serve.commands", ["serve", "feedback"]),
     ("gptlab.evals.commands", ["eval", "fill"]),

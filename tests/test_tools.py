@@ -2,6 +2,7 @@
 engine's tool loop (pause at a call, run it with limits, resume)."""
 import json
 import os
+import re
 import time
 from fractions import Fraction
 
@@ -232,3 +233,76 @@ def test_chat_session_shows_calls_and_keeps_them(small_tokenizer, tmp_path):
 def test_chat_command_checks_tool_flags(tmp_path, capsys):
     assert "needs --index" in user_error(capsys, "chat", tmp_path, "--tools", "search")
     assert "unknown tool" in user_error(capsys, "chat", tmp_path, "--tools", "shell")
+
+
+# ----- teaching it: the tool families and the with/without evaluation -------------------------------------
+@pytest.fixture(scope="module")
+def tool_curriculum(tmp_path_factory):
+    from gptlab.cli import main
+    out = tmp_path_factory.mktemp("curriculum")
+    assert main(["data", "instruct", "--out", str(out), "--n-per-family", "60", "--no-shakespeare", "--tools"]) == 0
+    return out
+
+
+def test_tool_families_hold_out_documents_and_functions(tool_curriculum, small_tokenizer):
+    from gptlab.data.formats import load_conversations, load_prompt_items
+    out = tool_curriculum
+    sft = load_conversations(out / "sft.jsonl")
+    held = load_prompt_items(out / "tools_heldout.jsonl")
+    fams = {c["family"] for c in sft}
+    assert {"calc", "lookup", "funcs", "no_tool", "arithmetic"} <= fams and {i["family"] for i in held} >= {"calc", "lookup", "funcs"}
+    sft_text = (out / "sft.jsonl").read_text(encoding="utf-8") + (out / "transcripts.txt").read_text(encoding="utf-8")
+    train_docs = (out / "tool_docs" / "train" / "facts.jsonl").read_text(encoding="utf-8")
+    held_docs = [json.loads(line) for line in (out / "tool_docs" / "heldout" / "facts.jsonl").read_text().splitlines()]
+    assert held_docs
+    for d in held_docs:   # a held-out document is nowhere in training
+        assert d["title"] not in sft_text and d["title"] not in train_docs
+    for it in held:
+        if it["family"] == "funcs":   # nor is a held-out function, even as an unused neighbour
+            assert f'"{it["call"]["name"]}"' not in sft_text
+        if it["family"] == "calc":   # the answer is the sum or the product of the question's numbers
+            a, b = (int(x) for x in re.findall(r"\d+", it["messages"][-1]["content"])[:2])
+            assert int(it["answer"]) in (a + b, a * b) and max(a, b) >= 100
+    for c in (c for c in sft if c["family"] in ("calc", "lookup", "funcs") and "tools" in c):
+        ids, mask = render(small_tokenizer, c["messages"], c["tools"])
+        at = next(i for i, m in enumerate(c["messages"]) if m["role"] == "tool")
+        lo, hi = (len(render(small_tokenizer, c["messages"][:k], c["tools"])[0]) for k in (at, at + 1))
+        assert not any(mask[lo:hi]) and all(mask[lo - 2:lo]) and mask[-1] == 1   # result untrained, call trained
+    no_tool = [c for c in sft if c["family"] == "no_tool"]
+    assert no_tool and all("tools" in c and len(c["messages"]) == 2 for c in no_tool)
+    # the default curriculum has no tool family
+    from gptlab.data.instruct import build_curriculum
+    assert {i["family"] for i in build_curriculum(0, 20, works={})["sft"]} <= {
+        "arithmetic", "strings", "translate", "multiturn", "decline"}
+
+
+def test_eval_tools_scores_with_and_without(tool_curriculum, small_tokenizer, tmp_path):
+    import re as re_
+
+    from gptlab.data.formats import load_prompt_items
+    from gptlab.evals.tools import evaluate_tools, format_table, summarize
+    tok = small_tokenizer
+
+    def script(text):
+        q = text.rsplit("<|user_start|>", 1)[1].split("<|user_end|>")[0]
+        if text.endswith("<|tool_end|>"):
+            return "Result: " + text.rsplit("<|tool_start|>", 1)[1][: -len("<|tool_end|>")]
+        if "Tools:" not in text:
+            return "I am not sure."
+        if "calculator(" in text and len(re_.findall(r"\d{3,}", q)) == 2:
+            a, b = re_.findall(r"\d{3,}", q)
+            op = "+" if any(w in q.lower() for w in ("+", "plus", "add", "sum", "加")) else "*"
+            return '<|tool_start|>calculator {"expression": "%s %s %s"}<|tool_end|>' % (a, op, b)
+        if "search(" in text:
+            return '<|tool_start|>search {"query": "%s"}<|tool_end|>' % q.replace('"', "")
+        return "Hmm."
+    index = tmp_path / "held.index"
+    build_index(tool_curriculum / "tool_docs" / "heldout", index)
+    items = [i for i in load_prompt_items(tool_curriculum / "tools_heldout.jsonl") if i["family"] in ("calc", "lookup")
+             and "tools" in i][:12]
+    model = ScriptedLM(tok, script, block_size=4096)
+    scores = evaluate_tools(model, tok, items, builtin_toolbox("calculator,search", str(index)))
+    table = summarize(scores)
+    assert table["calc"]["with"]["accuracy"] == 1.0 and table["calc"]["without"]["accuracy"] == 0.0
+    assert table["lookup"]["with"]["accuracy"] >= 0.5 and table["lookup"]["without"]["accuracy"] == 0.0
+    assert "| calc | 100.0%" in format_table(table)

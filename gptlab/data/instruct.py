@@ -454,6 +454,9 @@ def add_instruct_parser(data_sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default GPTLAB_HOME/instruct)")
     p.add_argument("--n-per-family", type=int, default=2000, help="distinct problems per family (default 2000)")
     p.add_argument("--no-shakespeare", action="store_true", help="leave the Shakespeare family out")
+    p.add_argument("--tools", action="store_true", help="add the tool families (calculator, search, function "
+                   "calls; gptlab.data.tool_tasks) to sft.jsonl, their held-out prompts in tools_heldout.jsonl "
+                   "and their documents in tool_docs/")
     p.set_defaults(func=run_instruct)
 
 
@@ -464,18 +467,35 @@ def run_instruct(args) -> int:
     if out.exists() and not out.is_dir():
         raise GptlabError(f"--out {out}: exists and is not a folder")
     splits = build_curriculum(args.seed, args.n_per_family, works={} if args.no_shakespeare else None)
-    for split, items in splits.items():
-        atomic_write_jsonl(out / f"{split}.jsonl", items)
     # The demonstrations again as plain text, one conversation a document, for the pre-training corpus:
     # the task wordings are learned there too, and a pre-trained-only model can be asked GPT-3 style.
-    atomic_write_text(out / "transcripts.txt", "\n".join(render_transcript(i["messages"]) for i in splits["sft"]))
+    transcripts = "\n".join(render_transcript(i["messages"]) for i in splits["sft"])
+    tool_counts = None
+    if getattr(args, "tools", False):
+        # Opt-in: the default curriculum (and every run made from it) stays as it was. Tool conversations
+        # stay out of the transcripts: the held-out documents must never reach pre-training either.
+        from gptlab.data.tool_tasks import TOOL_FAMILIES, build_tool_curriculum
+        tools = build_tool_curriculum(args.seed, args.n_per_family, GENERATORS, _Context({}),
+                                      lambda key: _split_of(_bucket(key)), out / "tool_docs")
+        splits["sft"] += tools["sft"]
+        random.Random(f"{args.seed}:tools").shuffle(splits["sft"])
+        atomic_write_jsonl(out / "tools_heldout.jsonl", tools["heldout"])
+        tool_counts = {s: {f: sum(i["family"] == f for i in tools[s]) for f in TOOL_FAMILIES} for s in tools}
+    for split, items in splits.items():
+        atomic_write_jsonl(out / f"{split}.jsonl", items)
+    atomic_write_text(out / "transcripts.txt", transcripts)
     counts = {s: {f: sum(i["family"] == f for i in items) for f in FAMILIES} for s, items in splits.items()}
     atomic_write_json(out / "curriculum.json", {"seed": args.seed, "n_per_family": args.n_per_family,
-                                               "families": list(FAMILIES), "counts": counts})
+                                               "families": list(FAMILIES), "counts": counts,
+                                               **({"tool_counts": tool_counts} if tool_counts else {})})
     print(f"{'family':<12}" + "".join(f"{s:>9}" for s in SPLITS))
     for f in FAMILIES:
         print(f"{f:<12}" + "".join(f"{counts[s][f]:>9}" for s in SPLITS))
     if not any(counts[s]["shakespeare"] for s in SPLITS) and not args.no_shakespeare:
         print("(no Shakespeare family: run `gptlab data shakespeare` first to include it)")
+    if tool_counts:
+        for f in tool_counts["sft"]:
+            print(f"{f:<12}{tool_counts['sft'][f]:>9}{'-':>9}{tool_counts['heldout'][f]:>9}   (tools)")
+        print(f"wrote {out}/tools_heldout.jsonl and {out}/tool_docs/ (train, heldout)")
     print(f"wrote {out}/sft.jsonl, prompts.jsonl, heldout.jsonl, transcripts.txt")
     return 0

@@ -26,6 +26,8 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 
 SUFFIXES = (".txt", ".md", ".jsonl")
+SEARCH_SPEC = {"name": "search", "description": "find passages in the local documents",
+               "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}
 SCHEMA_VERSION = 1
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -209,8 +211,7 @@ def search_tool(index: str | Path, k: int = 2):
 
     def run(arguments: dict, deadline: float) -> str:
         return format_results(search(index, arguments.get("query", ""), k, deadline))
-    return Tool("search", "find passages in the local documents",
-                {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}, run)
+    return Tool(SEARCH_SPEC["name"], SEARCH_SPEC["description"], SEARCH_SPEC["parameters"], run)
 
 
 # ----- the command ------------------------------------------------------------------------------------
