@@ -193,6 +193,12 @@ def build_report(sr) -> str:
                "| A vs B | A preferred (95% interval) | task accuracy A / B | response tokens A / B | prompts |",
                "|---|---|---|---|---|", *rows, ""]
 
+    tools = _load(d["tools"] / "results.json") if "tools" in d else None
+    if tools:
+        from gptlab.evals.tools import format_table
+        md += ["## Tools", "", "Held-out items answered by the SFT model with the tools shown and run, and with none "
+               "(`gptlab eval-tools`; lookup documents never reached training):", "", format_table(tools["table"]), ""]
+
     try:
         samples = _samples(sr)
     except Exception as e:  # a report without samples is still a report

@@ -105,7 +105,8 @@ def _fmt(seconds: float) -> str:
 
 
 class Speedrun:
-    def __init__(self, out: Path, preset: str, corpus: str | None, device: str, progress: bool, seed: int = 0):
+    def __init__(self, out: Path, preset: str, corpus: str | None, device: str, progress: bool, seed: int = 0,
+                 tools: bool = False):
         if preset not in PRESETS:
             raise GptlabError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
         self.out, self.preset, self.p = out, preset, PRESETS[preset]
@@ -113,8 +114,9 @@ class Speedrun:
         self.device = device
         self.seed = seed   # every training stage and the labeler; the data (and its held-out split) stay fixed
         self.quiet = [] if progress else QUIET
+        self.tools = tools   # optional: the curriculum's tool families, and a with/without-tools stage
         self.d = {k: out / k for k in ["data", "tokenizer", "pretrain", "eval_pretrain", "sft", "rm", "ppo",
-                                       "dpo", "compare", "exam", "eval_final"]}
+                                       "dpo", "compare", "exam", "eval_final", "tools"]}
         self.state_path = out / "speedrun.json"
         self.state = read_json(self.state_path) if self.state_path.is_file() else {"stages": {}}
 
@@ -152,6 +154,8 @@ class Speedrun:
         inst = ["data", "instruct", "--out", str(self.instruct), "--n-per-family", str(self.p["per_family"])]
         if self.corpus is not None:
             inst.append("--no-shakespeare")
+        if self.tools:
+            inst.append("--tools")
         _cli(inst)
         atomic_write_json(self.d["data"] / "data.done", {"mixture": str(self._mixture_path())})
 
@@ -215,8 +219,19 @@ class Speedrun:
         _cli(["exam", *[str(self.d[k]) for k in self.exam_models()], "--n", str(self.p["exam_n"]),
               "--out", str(self.d["exam"] / "results.json")])
 
+    def stage_tools(self):
+        items = self.instruct / "tools_heldout.jsonl"
+        if not items.is_file():
+            raise GptlabError(f"{items}: missing (the data stage ran without --tools); use a new --out")
+        index = self.d["tools"] / "heldout.index"
+        _cli(["index", str(self.instruct / "tool_docs" / "heldout"), "--out", str(index)])
+        _cli(["eval-tools", str(self.d["sft"]), "--items", str(items), "--index", str(index),
+              "--device", self.device, "--out", str(self.d["tools"] / "results.json")])
+
     def stages(self) -> list[Stage]:
         d = self.d
+        tools = [Stage("tools", "held-out answers with and without tools",
+                       lambda: (d["tools"] / "results.json").is_file(), self.stage_tools)] if self.tools else []
         return [
             Stage("data", "corpus, task mixture, instruction curriculum",
                   lambda: (d["data"] / "data.done").is_file(), self.stage_data),
@@ -236,6 +251,7 @@ class Speedrun:
                   self.stage_compare),
             Stage("exam", "questions in a person's own words", lambda: (d["exam"] / "results.json").is_file(),
                   self.stage_exam),
+            *tools,
             Stage("report", "report card", lambda: False, self.write_report),
         ]
 
@@ -271,7 +287,8 @@ def run(args) -> int:
     out = Path(args.out)
     if args.preset == "gpu" and not torch.cuda.is_available() and args.device == "auto":
         print("note: --preset gpu without a CUDA device will be very slow")
-    Speedrun(out, args.preset, args.corpus, args.device, progress=not args.no_progress, seed=args.seed).run()
+    Speedrun(out, args.preset, args.corpus, args.device, progress=not args.no_progress, seed=args.seed,
+             tools=args.tools).run()
     return 0
 
 
@@ -293,4 +310,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every training stage and of the labeler's noise "
                    "(the data and its held-out split are the same for every seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside stages")
+    p.add_argument("--tools", action="store_true", help="optional: add the tool families to the curriculum and a "
+                   "last stage measuring held-out accuracy with and without tools (off by default)")
     p.set_defaults(func=run)

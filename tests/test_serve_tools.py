@@ -5,12 +5,13 @@ import json
 import openai
 import pytest
 from scripted_lm import ScriptedLM
-from test_serve import LiveServer
+from test_serve import LiveServer, page_client, sse_events
 
 from gptlab.generate.engine import Engine
 from gptlab.generate.tool_loop import ToolTurn
 from gptlab.serve.app import create_app
 from gptlab.serve.backend import Backend
+from gptlab.serve.store import Store
 from gptlab.tools import builtin_toolbox
 from gptlab.tools.search import build_index
 
@@ -40,12 +41,16 @@ def live(small_tokenizer, tmp_path_factory):
                                encoding="utf-8")
     index = docs.parent / "docs.index"
     build_index(docs, index)
-    servers = []
+    servers, stores = [], []
     for toolbox in (None, builtin_toolbox("search", str(index))):
         engine = Engine(ScriptedLM(small_tokenizer, _script, block_size=1024), small_tokenizer)
-        servers.append(LiveServer(create_app(Backend(engine, "scripted", max_batch=4, toolbox=toolbox))))
+        stores.append(Store(docs.parent / f"chat{len(stores)}.sqlite3"))
+        servers.append(LiveServer(create_app(Backend(engine, "scripted", max_batch=4, toolbox=toolbox),
+                                             store=stores[-1])))
     with servers[0] as plain, servers[1] as searching:
         yield plain, searching
+    for st in stores:
+        st.close()
 
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -150,3 +155,19 @@ def test_serve_checks_tool_flags_before_loading(tmp_path, capsys):
     assert "needs --index" in user_error(capsys, "serve", tmp_path, "--port", "0", "--tools", "search")
     assert "no such file" in user_error(capsys, "serve", tmp_path, "--port", "0", "--tools", "search",
                                         "--index", tmp_path / "none.index")
+
+
+def test_web_page_shows_and_keeps_tool_runs(live):
+    http = page_client(live[1])
+    cid = http.post("/api/conversations", json={}).json()["id"]
+    with http.stream("POST", f"/api/conversations/{cid}/messages",
+                     json={"content": "What is the capital of Zorbland?", "temperature": 0}) as r:
+        events = sse_events(r)
+    tool = next(e for e in events if e["type"] == "tool")
+    assert tool["name"] == "search" and tool["arguments"] == {"query": "What is the capital of Zorbland?"}
+    assert "Quellport" in tool["result"] and events[-1]["message"]["tool_runs"][0]["result"] == tool["result"]
+    shown = http.get(f"/api/conversations/{cid}").json()["messages"]
+    assert shown[-1]["tool_runs"] == [{k: tool[k] for k in ("name", "arguments", "result")}]
+    assert "Found: [z.md] The capital" in shown[-1]["content"] and "tool_runs" not in shown[0]
+    script = http.get("/static/app.js").text   # a <details> without "open": collapsed until clicked
+    assert 'el("details", "tool-run")' in script and ".open" not in script.split("function addToolRun")[1][:400]

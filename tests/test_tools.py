@@ -306,3 +306,12 @@ def test_eval_tools_scores_with_and_without(tool_curriculum, small_tokenizer, tm
     assert table["calc"]["with"]["accuracy"] == 1.0 and table["calc"]["without"]["accuracy"] == 0.0
     assert table["lookup"]["with"]["accuracy"] >= 0.5 and table["lookup"]["without"]["accuracy"] == 0.0
     assert "| calc | 100.0%" in format_table(table)
+
+
+def test_speedrun_tools_stage_is_optional(tmp_path):
+    from gptlab.speedrun import Speedrun
+    names = [s.name for s in Speedrun(tmp_path / "a", "test", None, "cpu", False).stages()]
+    with_tools = Speedrun(tmp_path / "b", "test", None, "cpu", False, tools=True)
+    assert "tools" not in names and [s.name for s in with_tools.stages()] == names[:-1] + ["tools", "report"]
+    with pytest.raises(GptlabError, match="without --tools"):
+        with_tools.stage_tools()

@@ -71,6 +71,19 @@ CREATE TABLE IF NOT EXISTS comparisons (
 );
 """
 
+# Tools the server ran while writing an answer, shown collapsed above it on the page. A table of its own,
+# created where missing: older files gain it on open and nothing else about them changes.
+TOOL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tool_runs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id  INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    arguments   TEXT NOT NULL,     -- JSON object
+    result      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tool_runs_by_message ON tool_runs(message_id, id);
+"""
+
 
 def default_db_path() -> Path:
     return gptlab_home() / "chat.sqlite3"
@@ -104,7 +117,7 @@ class Store:
             if version == 1:
                 self._migrate_v1()
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};"
+            self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + TOOL_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};"
                                    f"PRAGMA application_id={APPLICATION_ID};COMMIT;")
         except sqlite3.DatabaseError as e:
             raise GptlabError(f"{self.path}: not a usable chat database ({e})") from None
@@ -221,6 +234,24 @@ class Store:
             db.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?",
                        (now, title, conversation_id))
         return self.get_message(mid)
+
+    def add_tool_runs(self, message_id: int, runs: list[dict]) -> None:
+        """Record the tools run for an answer ({name, arguments, result} each, in order)."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO tool_runs (message_id, name, arguments, result) VALUES (?, ?, ?, ?)",
+                           [(message_id, r["name"], json.dumps(r["arguments"], ensure_ascii=False), r["result"])
+                            for r in runs])
+
+    def tool_runs(self, message_ids: list[int]) -> dict[int, list[dict]]:
+        """{message id: [{name, arguments, result}]} for those of ``message_ids`` that ran tools."""
+        out: dict[int, list[dict]] = {}
+        for i in range(0, len(message_ids), 500):
+            chunk = message_ids[i:i + 500]
+            for r in self._query(f"SELECT * FROM tool_runs WHERE message_id IN ({','.join('?' * len(chunk))}) "
+                                 "ORDER BY id", chunk):
+                out.setdefault(r["message_id"], []).append(
+                    {"name": r["name"], "arguments": json.loads(r["arguments"]), "result": r["result"]})
+        return out
 
     def get_message(self, mid: int) -> dict | None:
         return self._one("SELECT m.*, f.rating FROM messages m LEFT JOIN feedback f ON f.message_id = m.id "

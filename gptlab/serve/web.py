@@ -16,8 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from gptlab.errors import GptlabError
+from gptlab.serve import functions
 from gptlab.serve.backend import ClientGone, drain, finish_reason, fit_chat, submit
-from gptlab.serve.protocol import (SSE_HEADERS, Limits, Sampling, bad, is_int, not_found, parse_sampling,
+from gptlab.serve.protocol import (SSE_HEADERS, APIError, Limits, Sampling, bad, is_int, not_found, parse_sampling,
                                    read_json, row_id, sse)
 from gptlab.serve.store import Store
 
@@ -100,28 +101,46 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
         thread = store.thread(cid)
         return thread[-1]["id"] if thread else None
 
-    async def prepare(cid: int, upto: int | None, s: Sampling, new_user: str | None = None):
+    async def prepare(cid: int, upto: int | None, s: Sampling, new_user: str | None = None, tools: bool = True):
         """Prompt ids for the path to ``upto`` (plus a user message not stored yet): fit before storing,
-        so a message that can never fit is refused without leaving a dangling turn behind."""
+        so a message that can never fit is refused without leaving a dangling turn behind. With the
+        server's own tools, the conversation itself (the tool turn fits it, tools described)."""
         messages = await db(store.chat_messages, cid, upto)
         if new_user is not None:
             messages.append({"role": "user", "content": new_user})
-        return await fit_chat(backend, messages, s.max_tokens)
+        ids, dropped = await fit_chat(backend, messages, s.max_tokens)
+        return (messages if tools and getattr(backend, "toolbox", None) else ids), dropped
 
-    async def reply_stream(request: Request, cid: int, parent_id: int, ids: list[int], dropped: int,
+    async def reply_stream(request: Request, cid: int, parent_id: int, ids, dropped: int,
                            s: Sampling, start: dict, regenerated_from: int | None = None):
-        """Stream one answer; store it when it ends, also when the user stops it (the fetch is aborted)."""
-        req, text, finish, saved = None, "", None, None
+        """Stream one answer; store it when it ends, also when the user stops it (the fetch is aborted).
+        ``ids`` is a conversation (a list of messages) when the server runs tools: each run is sent as a
+        ``tool`` event and stored with the answer."""
+        req, text, finish, saved, runs = None, "", None, None, []
         try:
             yield sse({"type": "start", "truncated_turns": dropped, **start})
-            req = submit(backend, [ids], s)[0]
-            async for _, ev in drain([req], request):
-                text += ev.text
-                finish = ev.finish_reason or finish
-                if ev.text:
-                    yield sse({"type": "delta", "text": ev.text})
+            if ids and isinstance(ids[0], dict):
+                turn = functions.make_turn(backend, ids, {}, s)
+                async for kind, value in functions.drive(backend, turn, s, request):
+                    if kind == "text":
+                        text += value
+                        yield sse({"type": "delta", "text": value})
+                    else:
+                        runs.append({"name": value.name, "arguments": value.arguments, "result": value.result or ""})
+                        yield sse({"type": "tool", **runs[-1]})
+                finish = turn.finish_reason
+            else:
+                req = submit(backend, [ids], s)[0]
+                async for _, ev in drain([req], request):
+                    text += ev.text
+                    finish = ev.finish_reason or finish
+                    if ev.text:
+                        yield sse({"type": "delta", "text": ev.text})
         except ClientGone:
             pass
+        except APIError as e:   # e.g. the conversation with its tool results outgrew the window
+            finish = "stop"
+            yield sse({"type": "error", "message": e.message})
         finally:
             if req is not None:
                 req.cancel()
@@ -129,6 +148,9 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
                 saved = store.add_message(cid, "assistant", text, parent_id=parent_id, model=backend.model_id,
                                           finish_reason=finish_reason(finish) if finish else "stopped",
                                           regenerated_from=regenerated_from)
+                if runs:
+                    store.add_tool_runs(saved["id"], runs)
+                    saved["tool_runs"] = runs
             except GptlabError:   # the conversation was deleted meanwhile
                 saved = None
         if finish == "error":
@@ -166,6 +188,10 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
         if conv is None:
             raise not_found("conversation", cid)
         thread = with_versions(store.thread(cid), store.messages(cid))
+        runs = store.tool_runs([m["id"] for m in thread if m["role"] == "assistant"])
+        for m in thread:
+            if m["id"] in runs:
+                m["tool_runs"] = runs[m["id"]]
         pending = None
         if thread and thread[-1]["role"] == "user":
             open_ = [c for c in store.comparisons(cid) if c["message_id"] == thread[-1]["id"] and not c["choice"]]
@@ -216,7 +242,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
             s.temperature = 1.0   # two greedy answers would be identical: nothing to compare
         s.n, s.seed = 2, None
         parent = await db(leaf, cid)
-        ids, dropped = await prepare(cid, parent, s, content)
+        ids, dropped = await prepare(cid, parent, s, content, tools=False)   # side by side: plain answers
         user = await db(store.add_message, cid, "user", content, parent_id=parent)
         prompt = await db(store.chat_messages, cid, user["id"])
 

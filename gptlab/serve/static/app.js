@@ -164,6 +164,15 @@ function addRow(role, text) {
   return row;
 }
 
+// A tool the server ran for this answer: collapsed by default, the call in the summary, the result inside.
+function addToolRun(row, run) {
+  const box = el("details", "tool-run");
+  box.append(el("summary", "tool-call", `${run.name} ${JSON.stringify(run.arguments)}`));
+  box.append(el("pre", "tool-result", run.result));
+  row.insertBefore(box, row.querySelector(".msg"));
+  scrollDown();
+}
+
 function assistantActions(row, m) {
   const bar = el("div", "actions");
   const up = iconButton("up", "thumb-up" + (m.rating === 1 ? " on" : ""), "Good answer", () => rate(m, 1, bar));
@@ -179,6 +188,7 @@ function assistantActions(row, m) {
 function renderMessage(m) {
   const row = addRow(m.role, m.content);
   row.dataset.id = m.id;
+  for (const run of m.tool_runs || []) addToolRun(row, run);
   if (m.role === "assistant") {
     if (m.finish_reason === "stopped") row.querySelector(".msg").append(el("span", "stopped", m.content ? "  (stopped)" : "(stopped)"));
     assistantActions(row, m);
@@ -338,6 +348,7 @@ async function send() {
     { content: text, ...settings() }, (ev) => {
       if (ev.type === "start") { showTruncation(ev.truncated_turns); loadConvs(); }   // the new title
       else if (ev.type === "delta") { msg.textContent += ev.text; scrollDown(); }
+      else if (ev.type === "tool") addToolRun(row, ev);
       else if (ev.type === "error") notice(ev.message);
     }, signal));
   msg.classList.remove("streaming");
@@ -352,8 +363,9 @@ async function regenerate(m, row) {
   msg.classList.add("streaming");
   row.querySelector(".actions").remove();
   const stopped = await withStop((signal) => stream(`/api/messages/${m.id}/regenerate`, settings(), (ev) => {
-    if (ev.type === "start") showTruncation(ev.truncated_turns);
+    if (ev.type === "start") { showTruncation(ev.truncated_turns); row.querySelectorAll(".tool-run").forEach((t) => t.remove()); }
     else if (ev.type === "delta") { msg.textContent += ev.text; scrollDown(); }
+    else if (ev.type === "tool") addToolRun(row, ev);
   }, signal));
   msg.classList.remove("streaming");
   await reload(stopped);
