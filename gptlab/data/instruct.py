@@ -469,11 +469,11 @@ def run_instruct(args) -> int:
     splits = build_curriculum(args.seed, args.n_per_family, works={} if args.no_shakespeare else None)
     # The demonstrations again as plain text, one conversation a document, for the pre-training corpus:
     # the task wordings are learned there too, and a pre-trained-only model can be asked GPT-3 style.
-    transcripts = "\n".join(render_transcript(i["messages"]) for i in splits["sft"])
     tool_counts = None
     if getattr(args, "tools", False):
-        # Opt-in: the default curriculum (and every run made from it) stays as it was. Tool conversations
-        # stay out of the transcripts: the held-out documents must never reach pre-training either.
+        # Opt-in: the default curriculum (and every run made from it) stays as it was. The tool
+        # conversations join the transcripts too: their results come from the training documents only,
+        # so no held-out document reaches pre-training.
         from gptlab.data.tool_tasks import TOOL_FAMILIES, build_tool_curriculum
         tools = build_tool_curriculum(args.seed, args.n_per_family, GENERATORS, _Context({}),
                                       lambda key: _split_of(_bucket(key)), out / "tool_docs")
@@ -481,6 +481,7 @@ def run_instruct(args) -> int:
         random.Random(f"{args.seed}:tools").shuffle(splits["sft"])
         atomic_write_jsonl(out / "tools_heldout.jsonl", tools["heldout"])
         tool_counts = {s: {f: sum(i["family"] == f for i in tools[s]) for f in TOOL_FAMILIES} for s in tools}
+    transcripts = "\n".join(render_transcript(i["messages"]) for i in splits["sft"])
     for split, items in splits.items():
         atomic_write_jsonl(out / f"{split}.jsonl", items)
     atomic_write_text(out / "transcripts.txt", transcripts)

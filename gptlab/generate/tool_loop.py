@@ -124,6 +124,11 @@ class ToolTurn:
         self.new.append({"role": "tool", "content": call.result})
         self._phase, self._prefix, self.force = "answer", [], None
 
+    def give_up(self) -> None:
+        """End the turn where it stands: the conversation, tool results included, outgrew the window."""
+        self.finish_reason = "length"
+        self._close_reply()
+
     def _close_reply(self) -> None:
         self.new.append({"role": "assistant", "content": self.content})
 
@@ -131,7 +136,14 @@ class ToolTurn:
 def answer_with_tools(engine, turns: list[ToolTurn], params, on_event=None) -> list[ToolTurn]:
     """Drive every turn to its end, one batched ``engine.generate`` per round of steps."""
     while live := [t for t in turns if not t.done]:
-        steps = [t.step() for t in live]
+        steps = []
+        for t in live:
+            try:
+                steps.append(t.step())
+            except GptlabError:   # a result too long for the window: that turn ends, the others go on
+                t.give_up()
+                steps.append(None)
+        live, steps = [t for t, s in zip(live, steps) if s], [s for s in steps if s]
         plist = [replace(params, stop_ids=list(params.stop_ids or []) + s.stop_ids) for s in steps]
         for t, c in zip(live, engine.generate([s.ids for s in steps], plist)):
             before = len(t.calls)
@@ -145,7 +157,11 @@ def stream_with_tools(engine, turn: ToolTurn, params):
     """Yield the reply's TokenEvents as they come and each ToolCall once it has run (or is pending)."""
     from gptlab.generate.engine import TokenEvent
     while not turn.done:
-        s = turn.step()
+        try:
+            s = turn.step()
+        except GptlabError:
+            turn.give_up()
+            break
         p = replace(params, stop_ids=list(params.stop_ids or []) + s.stop_ids)
         text, last = "", None
         for ev in engine.stream(s.ids, p):
