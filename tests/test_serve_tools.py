@@ -103,6 +103,7 @@ def test_bad_tool_requests_are_openai_400s(live):
         (dict(tools=[{"type": "retrieval"}]), "tools[0]"),
         (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
         (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
+        (dict(tool_choice="auto"), "tool_choice"),
         (dict(tools=[WEATHER], n=2), "n"),
         (dict(messages=ASK + [{"role": "tool", "tool_call_id": "call_404", "content": "x"}], tools=[WEATHER]),
          "messages[1].tool_call_id"),

@@ -50,10 +50,10 @@ def parse_tools(body: dict, builtin: list[dict]) -> tuple[list[dict] | None, str
     choice = body.get("tool_choice", "auto" if shown else "none")
     if choice == "none":
         return None, None
-    if choice == "auto":
-        return shown or None, None
     if not shown:
-        raise bad("'tool_choice' needs 'tools'", "tool_choice")
+        raise bad("'tool_choice' is only allowed when 'tools' are given", "tool_choice")
+    if choice == "auto":
+        return shown, None
     if choice == "required":
         return shown, True
     fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
