@@ -6,7 +6,8 @@ import time
 
 from gptlab.data.mixture import DEFAULT_LINES
 
-DATA_HELP = ("Corpus: a text file, a folder of .txt/.md files, a .jsonl file with a \"text\" field, "
+DATA_HELP = ("Corpus: a text file, a .jsonl file with a \"text\" field (or .jsonl.gz / .jsonl.zst), a "
+             ".parquet file with a \"text\" column, a folder of any of these (and .txt/.md), "
              "or the built-in 'shakespeare' / 'mixture'; append :WEIGHT to mix (e.g. "
              "--data shakespeare:3 notes/:1). Repeatable.")
 
@@ -45,7 +46,7 @@ def _run_mixture(args) -> int:
 def _run_prepare(args) -> int:
     from gptlab.data.tokens import TokenDataset
     t0 = time.time()
-    ds = TokenDataset.prepare(args.data, args.tokenizer, val_fraction=args.val_fraction)
+    ds = TokenDataset.prepare(args.data, args.tokenizer, val_fraction=args.val_fraction, workers=args.workers)
     print(f"{'source':<30} {'weight':>6} {'docs':>8} {'train':>12} {'val':>10} {'dtype':>6}  cache")
     for r in ds.describe():
         state = "reused" if r["cached"] else "built"
@@ -100,6 +101,9 @@ def register(sub) -> None:
                    help="folder with tokenizer.json (from `gptlab tokenizer train`)")
     r.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="share of each source held out for validation (default 0.1)")
+    r.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that tokenize side by side (default: one per CPU core); an interrupted "
+                   "run keeps its finished shards and the next one encodes only the rest")
     r.set_defaults(func=_run_prepare)
 
     try:

@@ -52,24 +52,29 @@ def _show(piece: bytes | str) -> str:
 
 
 def _run_train(args) -> int:
-    from gptlab.data.corpus import iter_documents, parse_sources
+    from gptlab.data.corpus import parse_sources
     from gptlab.tokenizer import Tokenizer, iter_texts
     sources = parse_sources(args.data)
+    if args.max_chars is not None and args.max_chars < 1:
+        raise GptlabError(f"--max-chars must be positive, got {args.max_chars}")
     if any(s.weight != 1 for s in sources):
         print("note: weights are ignored for tokenizer training (every document is read once)")
     if args.vocab_size < 1:
         raise GptlabError(f"--vocab-size must be positive, got {args.vocab_size}")
     t0 = time.time()
-    tok = Tokenizer.train(iter_texts(iter_documents(sources)), vocab_size=args.vocab_size,
+    seen = [0]
+    tok = Tokenizer.train(iter_texts(_sample(sources, args.max_chars, seen)), vocab_size=args.vocab_size,
                           kind=args.kind, min_frequency=args.min_frequency, digits=args.digits)
     train_s = time.time() - t0
+    print(f"read {seen[0]:,} characters" + (f" (--max-chars {args.max_chars:,}: the corpus's first ones)"
+                                           if args.max_chars is not None else ""))
     path = tok.save(args.out)
     print(f"trained a {tok.kind} tokenizer in {train_s:.1f} s: vocab size {tok.vocab_size:,}"
           + (" (one token per character seen, plus bytes and specials; --vocab-size does not apply)"
              if tok.kind == "char" else ""))
     t1 = time.time()
     n_chars = n_tokens = 0
-    for chunk in _chunks(iter_texts(iter_documents(sources), chunk_chars=1 << 16)):
+    for chunk in _chunks(iter_texts(_sample(sources, None, [0]), chunk_chars=1 << 16)):
         n_chars += sum(len(c) for c in chunk)
         n_tokens += sum(len(ids) for ids in tok.encode_batch(chunk))
         if n_chars >= _MEASURE_CHARS:  # a big corpus: its first part tells the ratio well enough
@@ -78,6 +83,23 @@ def _run_train(args) -> int:
           f"{n_chars / max(n_tokens, 1):.2f} chars/token (measured in {time.time() - t1:.1f} s)")
     print(f"saved {path}")
     return 0
+
+
+def _sample(sources, max_chars: int | None, seen: list[int]):
+    """The sources' text, streamed in bounded pieces (Source.texts), stopping after ``max_chars``
+    characters; ``seen[0]`` counts what was read."""
+    for s in sources:
+        before = seen[0]
+        for text in s.texts():
+            if max_chars is not None and seen[0] + len(text) >= max_chars:
+                text = text[:max_chars - seen[0]]
+                seen[0] += len(text)
+                yield text
+                return
+            seen[0] += len(text)
+            yield text
+        if seen[0] == before:
+            raise GptlabError(f"--data {s.spec}: empty corpus (no text in {s.resolve()})")
 
 
 def _chunks(texts, size: int = 64):
@@ -143,6 +165,9 @@ def register(sub) -> None:
     t.add_argument("--digits", choices=["split", "runs"], default="split",
                    help="bpe only: split: every digit its own token, as LLaMA does (default); runs: "
                    "GPT-2's digit runs, which BPE merges into arbitrary chunks")
+    t.add_argument("--max-chars", type=int, default=None, metavar="N",
+                   help="train on the first N characters of the corpus only (a large corpus needs far "
+                   "less text than it holds to learn its merges; default: all of it)")
     t.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json to")
     t.set_defaults(func=_run_train)
 

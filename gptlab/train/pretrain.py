@@ -109,7 +109,7 @@ def run(args) -> int:
     muon = model_cfg.arch == "fast" and not args.fsdp
     cfg = train_config_from_args(args, optimizer=args.optimizer or ("muon" if muon else "adamw"))
     sources = parse_sources(args.data)
-    dataset = TokenDataset.prepare(sources, tok, val_fraction=args.val_fraction)
+    dataset = TokenDataset.prepare(sources, tok, val_fraction=args.val_fraction, workers=args.workers)
     dataset.check_fits(model_cfg.block_size)
     if model_cfg.arch == "bert":
         stage = MaskedLanguageModeling(dataset, cfg.batch_size, model_cfg.block_size, tok)
@@ -150,7 +150,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "pretrain", help="pre-train a GPT (next token) or BERT (masked LM) on a corpus",
         description="Pre-train on one or more corpora. --data takes built-in names (shakespeare, mixture), "
-        "text files, folders of text files or JSONL files with a 'text' field, each optionally :WEIGHT "
+        "text files, JSONL files with a 'text' field (also .jsonl.gz / .jsonl.zst), Parquet files with a 'text' "
+        "column, or folders of any of these, each optionally :WEIGHT "
         "(e.g. --data shakespeare:3 mixture:1). Writes the run folder given by --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", nargs="+", default=["shakespeare"], metavar="SOURCE[:WEIGHT]")
@@ -159,6 +160,8 @@ def register(sub) -> None:
     p.add_argument("--init", default=None, help="start from this run's weights (continued pre-training)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each source held out for validation")
     p.add_argument("--no-sample", action="store_true", help="skip the sample printed at the end")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that tokenize a large corpus side by side (default: one per CPU core)")
     add_model_args(p, arch="fast")
     # This project's recipe (docs/BENCHMARKS.md, "Learning per CPU second"): Muon at 0.04 on the
     # blocks' matrices, AdamW at 3e-3 elsewhere, batch 12, short warm-up, constant lr, then a linear
