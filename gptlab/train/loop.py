@@ -41,6 +41,7 @@ from gptlab.errors import GptlabError
 from gptlab.io import append_jsonl, atomic_write_json, atomic_write_jsonl
 from gptlab.plots import plot_curves, plot_loss, read_metrics
 from gptlab.train.optim import OPTIMIZERS, make_optimizer  # noqa: F401  (make_optimizer: bench, tools)
+from gptlab.train.trackers import TRACKERS, Trackers
 
 
 NEAR_TARGET = 0.1   # nats: train loss this close to --target-loss switches to evaluating every 10 steps
@@ -75,6 +76,7 @@ class TrainConfig:
     time_budget_s: float | None = None   # stop early (and save) after this much training time
     resume: bool = False
     progress: bool = True
+    log: tuple = ()                 # experiment trackers mirroring metrics.jsonl: tensorboard, wandb
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -95,6 +97,9 @@ class TrainConfig:
             raise GptlabError("--eval-every and --eval-every-s must be positive")
         if self.target_loss is not None and not math.isfinite(self.target_loss):
             raise GptlabError("--target-loss must be a finite number")
+        bad = [t for t in self.log if t not in TRACKERS]
+        if bad:
+            raise GptlabError(f"--log {bad[0]}: unknown tracker (choose {', '.join(TRACKERS)})")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -271,6 +276,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                  "stage": stage.state() if hasattr(stage, "state") else None}
         runs.save_checkpoint(run_dir, model, optimizer, step, state, model_state, optim_state)
 
+    trackers = Trackers(cfg.log if d.main else (), run_dir, stage.name, asdict(cfg), start_step)
     model.train()
     t_start = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
@@ -353,6 +359,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                     row.update(reached)
             if d.main:
                 append_jsonl(metrics_path, row, fsync=False)
+                trackers.log(row)
                 post = {"loss": f"{last_train:.3f}"}
                 if last_val is not None:
                     post["val"] = f"{last_val:.3f}"
@@ -372,6 +379,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         if stop:
             break
     bar.close()
+    trackers.close()
 
     elapsed = elapsed0 + time.perf_counter() - t_start
     if start_step >= cfg.max_steps:   # every rank: evaluate() holds collectives
