@@ -17,6 +17,7 @@ KNOWN_GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple's MPS, then the CPU; any other name as torch spells it."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -32,6 +33,8 @@ def hardware_name(device: torch.device) -> str:
     60% on another, so a figure without its hardware cannot be compared."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS, {platform.machine()}"
     model = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -42,11 +45,37 @@ def hardware_name(device: torch.device) -> str:
     return f"{model or platform.processor() or platform.machine()}, {isa}"
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision a device trains and evaluates in, or None for plain fp32.
+
+    bf16 on CUDA GPUs that have it (Ampere and later). Older GPUs and Apple's MPS stay in fp32: their
+    fast half type is fp16, whose narrow range needs loss scaling, which the training loop does not
+    do. CPUs stay in fp32 too (without AMX, bf16 matmuls are no faster there)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 elsewhere (CPUs without fast bf16 gain nothing)."""
+    """Autocast to ``autocast_dtype(device)``, or nothing where that is fp32."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on GPUs and MPS measure nothing otherwise)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def describe_device(device: torch.device) -> str:
+    """One line for logs: the device, its hardware, and the precision training runs in."""
+    dtype = autocast_dtype(device)
+    return f"{device} ({hardware_name(device)}; {'bf16 autocast' if dtype is not None else 'fp32'})"
 
 
 _ALLOCATOR_TUNED = False
@@ -83,8 +112,7 @@ def measure_matmul_peak(device: torch.device, n: int = 1024, seconds: float = 1.
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(3):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     # The best of several short bursts: a peak is what the hardware can do, and on a shared machine
     # one long average mostly measures the neighbours.
     best, bursts = 0.0, 5
@@ -93,8 +121,7 @@ def measure_matmul_peak(device: torch.device, n: int = 1024, seconds: float = 1.
         while time.perf_counter() - t0 < seconds / bursts:
             a @ b
             iters += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
         best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0))
     return best
 

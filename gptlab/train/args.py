@@ -73,6 +73,10 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
                    help="stop (and save) after this much training time")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each block's input in the forward pass and recompute the rest in the "
+                   "backward (~1/3 more compute, a fraction of the activation memory); with --batch-size "
+                   "(the micro-batch) and --grad-accum, what fits a model into a smaller GPU")
     g.add_argument("--log", nargs="+", choices=["tensorboard", "wandb"], default=[], metavar="TRACKER",
                    help="also send metrics.jsonl's rows to tensorboard (event files in OUT/tensorboard) "
                    "and/or wandb (WANDB_MODE=offline logs locally, under OUT/wandb)")
@@ -88,7 +92,8 @@ def train_config_from_args(args, **overrides) -> TrainConfig:
         eval_every_s=args.eval_every_s, target_loss=args.target_loss,
         eval_batches=args.eval_batches, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
         compile=args.compile, fsdp=args.fsdp, time_budget_s=args.time_budget, resume=args.resume,
-        progress=not args.no_progress, log=tuple(getattr(args, "log", None) or ())), **overrides})
+        progress=not args.no_progress, log=tuple(getattr(args, "log", None) or ()),
+        activation_checkpointing=bool(getattr(args, "activation_checkpointing", False))), **overrides})
 
 
 def add_ptx_data_arg(p, what: str) -> None:

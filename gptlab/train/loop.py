@@ -36,11 +36,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gptlab import runs
-from gptlab.device import autocast, matmul_peak, pick_device, tune_cpu_allocator
+from gptlab.device import autocast, matmul_peak, pick_device, synchronize, tune_cpu_allocator
 from gptlab.errors import GptlabError
 from gptlab.io import append_jsonl, atomic_write_json, atomic_write_jsonl
 from gptlab.plots import plot_curves, plot_loss, read_metrics
 from gptlab.train.optim import OPTIMIZERS, make_optimizer  # noqa: F401  (make_optimizer: bench, tools)
+from gptlab.train.memory import checkpoint_blocks
 from gptlab.train.trackers import TRACKERS, Trackers
 
 
@@ -77,6 +78,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     log: tuple = ()                 # experiment trackers mirroring metrics.jsonl: tensorboard, wandb
+    activation_checkpointing: bool = False   # recompute each block's activations in backward (memory)
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -204,6 +206,9 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         raise GptlabError(f"{stage.name} does not support --fsdp (its rollouts need the whole "
                           "policy on every rank); run it under torchrun without --fsdp (DDP)")
     fsdp = cfg.fsdp and d.world > 1
+    if fsdp and cfg.activation_checkpointing:
+        raise GptlabError("--activation-checkpointing does not work with --fsdp yet (the recomputed "
+                          "forward would see sharded weights); use DDP, or --fsdp without it")
     if cfg.fsdp and d.world == 1 and d.main:
         print("note: --fsdp has no effect in a single process (launch with torchrun)")
     if fsdp:
@@ -219,6 +224,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         if resumed is not None:
             sharding.load_optimizer_state(model, optimizer, resumed)
 
+    restore_blocks = checkpoint_blocks(model) if cfg.activation_checkpointing else None
     train_model = torch.compile(model) if cfg.compile else model
     # The stage's whole loss computation runs inside one module's forward, so DDP sees every parameter
     # use (stages may call model.hidden, heads or value functions, not just model.forward).
@@ -328,8 +334,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         do_eval = (step % cfg.eval_every == 0 or is_last or out_of_time or near_target
                    or _eval_due(cfg, last_eval_t, d, device))
         if step % cfg.log_every == 0 or do_eval:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)   # GPUs and MPS queue work: time what has run
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t, 1e-9)
             tokens_seen += window_tokens
@@ -380,6 +385,8 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
             break
     bar.close()
     trackers.close()
+    if restore_blocks is not None:
+        restore_blocks()
 
     elapsed = elapsed0 + time.perf_counter() - t_start
     if start_step >= cfg.max_steps:   # every rank: evaluate() holds collectives
