@@ -59,6 +59,10 @@ def _health_times(url: str, stop: threading.Event, out: list) -> None:
             time.sleep(0.01)
 
 
+def _json(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
 def test_health_answers_while_the_worst_request_is_served(server):
     limits = Limits()
     n = limits.max_messages
@@ -66,18 +70,44 @@ def test_health_answers_while_the_worst_request_is_served(server):
     chat = json.dumps({"model": "fake-model", "max_tokens": 4, "messages": [
         {"role": "user" if i % 2 == 0 else "assistant", "content": "word " * (per // 5)} for i in range(n)]}).encode()
     legacy = json.dumps({"model": "fake-model", "max_tokens": 4, "prompt": "word " * (per * n // 5)}).encode()
-    assert len(chat) <= limits.max_body_bytes and len(legacy) <= limits.max_body_bytes
+    big = "word " * (limits.max_body_bytes // 5 - 1000)
+    # Texts the fitting must judge by their length, never tokenise: a system message, tool descriptions,
+    # an old call's arguments (each took 5-13 s on the event loop's GIL before).
+    system = _json({"model": "fake-model", "max_tokens": 4, "messages": [
+        {"role": "system", "content": big}, {"role": "user", "content": "hi"}]})
+    tools = _json({"model": "fake-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],
+                   "tools": [{"type": "function", "function": {"name": f"f{i}", "description": "word " * 1600}}
+                             for i in range(500)]})
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "f", "arguments": json.dumps({"x": big[:-100]})}}]}
+    answered = _json({"model": "fake-model", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "hi"}, call, {"role": "tool", "tool_call_id": "c1", "content": "ok"}]})
+    # A whole long history with tools: answered from what fits (its usage was re-encoded on the loop).
+    history = _json({"model": "fake-model", "max_tokens": 4, "tool_choice": "none",
+                     "tools": [{"type": "function", "function": {"name": "f"}}], "messages": [
+                         {"role": "user" if i % 2 == 0 else "assistant", "content": "word " * (per // 5)}
+                         for i in range(n - 2)] + [{"role": "user", "content": "hi"}]})
+    # Two million JSON values: parsing alone held the GIL for ~130 ms.
+    values = b'{"model": "fake-model", "prompt": [' + b"0," * (limits.max_body_bytes // 2 - 100) + b"0]}"
+    long = "context_length_exceeded"
+    cases = [("/v1/chat/completions", chat, long), ("/v1/completions", legacy, long),
+             ("/v1/chat/completions", system, long), ("/v1/chat/completions", tools, long),
+             ("/v1/chat/completions", answered, None), ("/v1/chat/completions", history, None),
+             ("/v1/completions", values, "too_many_values")]
+    for _, body, _ in cases:
+        assert len(body) <= limits.max_body_bytes
     times, stop = [], threading.Event()
     poller = threading.Thread(target=_health_times, args=(server.url, stop, times))
     poller.start()
     try:
         time.sleep(0.2)
         with httpx.Client(timeout=60) as http:
-            for path, body in [("/v1/chat/completions", chat), ("/v1/completions", legacy)] * 2:
+            for path, body, code in cases * 2:
                 t = time.perf_counter()
                 r = http.post(server.url + path, content=body, headers={"content-type": "application/json"})
                 took = time.perf_counter() - t
-                assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+                assert r.status_code == (400 if code else 200), (path, body[:80], r.text[:300])
+                assert code is None or r.json()["error"]["code"] == code, r.text
                 assert took < 5, (path, took)   # before: 40 s for 201 messages of 2 KB
         time.sleep(0.1)
     finally:
@@ -85,6 +115,18 @@ def test_health_answers_while_the_worst_request_is_served(server):
         poller.join()
     times.sort()
     assert len(times) > 5 and times[len(times) // 2] < 0.1 and times[-1] < 0.25, times[-5:]
+
+
+def test_json_values_are_counted_outside_strings():
+    from gptlab.serve.protocol import MAX_JSON_VALUES, APIError, _parse, _values_outside_strings
+    assert _values_outside_strings(b'["a,b[{", "x\\\\", "q\\"q,", [1, 2], {"k": 3}]', 10 ** 9) == 8
+    # Commas, escaped quotes and backslashes in long strings (across the scan's chunks) are text, not values.
+    text = ('a,b\\"c\\\\,' * 100_000 + ",") * 2
+    body = {"t": text, "l": list(range(1000)), "u": text}
+    raw = json.dumps(body).encode()
+    assert 1001 <= _values_outside_strings(raw, 10 ** 9) <= 1010 and _parse(raw) == body
+    with pytest.raises(APIError, match="JSON values"):
+        _parse(json.dumps({"t": text, "l": [0] * (MAX_JSON_VALUES + 1)}).encode())
 
 
 # ----- 2. browsers: only the page itself writes, only our Host names are answered --------------------------

@@ -13,6 +13,7 @@ from gptlab.serve.app import create_app
 from gptlab.serve.backend import Backend
 from gptlab.serve.store import Store
 from gptlab.tools import builtin_toolbox
+from gptlab.tokenizer.chat_template import render_prompt
 from gptlab.tools.search import build_index
 
 WEATHER = {"type": "function", "function": {
@@ -65,6 +66,10 @@ def test_function_call_round_trip(live):
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
     assert choice.message.content == "Let me look."
+    # Usage counts what the engine was given and made (the prompt as fitted, every generated id).
+    tok = live[0].server.config.app.state.backend.tok
+    assert r.usage.prompt_tokens == len(render_prompt(tok, ASK, [WEATHER["function"]]))
+    assert r.usage.completion_tokens >= len(tok.encode("Let me look."))
     follow = ASK + [choice.message.model_dump(exclude_none=True),
                     {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
     r2 = client.chat.completions.create(model="scripted", messages=follow, tools=[WEATHER], temperature=0)

@@ -56,14 +56,16 @@ def _fit(backend, messages: list[dict], max_tokens: int) -> tuple[list[int], int
     if not has_chat_tokens(backend.tok):
         raise bad("this model's tokenizer has no chat tokens; use /v1/completions", "messages")
     ctx = backend.context_size
+    what = "the last message alone does not fit"
     for budget in (ctx - min(max_tokens, ctx // 4), ctx - 1):
         try:
             fitted = fit_prompt(backend.tok, messages, budget)
             return fitted.ids, fitted.dropped
-        except GptlabError:
-            continue
-    raise bad(f"This model's maximum context length is {ctx} tokens and the last message alone does not "
-              "fit; shorten it", "messages", "context_length_exceeded")
+        except GptlabError as e:
+            if "system message" in str(e):
+                what = "the system message does not fit"
+    raise bad(f"This model's maximum context length is {ctx} tokens and {what}; shorten it", "messages",
+              "context_length_exceeded")
 
 
 async def fit_chat(backend, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:

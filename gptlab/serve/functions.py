@@ -78,15 +78,20 @@ def _runs(turn: ToolTurn) -> list[dict]:
     return [{"name": c.name, "arguments": c.arguments, "result": c.result} for c in turn.calls if c.result is not None]
 
 
-async def drive(backend, turn: ToolTurn, s: Sampling, request):
+async def drive(backend, turn: ToolTurn, s: Sampling, request, usage: dict | None = None):
     """Run one tool turn on the scheduler: yield ("text", delta) of the reply and ("call", ToolCall) as
-    each server-side tool runs or a client call is made."""
+    each server-side tool runs or a client call is made. ``usage`` gets the token counts as they are
+    known (the first prompt's length, every generated id), so nothing is re-encoded to report them."""
+    usage = {} if usage is None else usage
+    usage.setdefault("prompt_tokens", 0)
+    usage.setdefault("completion_tokens", 0)
     while not turn.done:
         try:
             step = await run_in_threadpool(turn.step)   # tokenising: off the event loop
         except GptlabError:
             raise bad(f"This model's maximum context length is {backend.context_size} tokens and the "
                       "conversation does not fit; shorten it", "messages", "context_length_exceeded") from None
+        usage["prompt_tokens"] = usage["prompt_tokens"] or len(step.ids)
         base = s.params(0)
         params = replace(base, stop_ids=list(base.stop_ids or []) + step.stop_ids)
         req = _submit_one(backend, step.ids, params)
@@ -100,6 +105,7 @@ async def drive(backend, turn: ToolTurn, s: Sampling, request):
             if ev.finish_reason is not None:
                 last = ev
         ids = req.completion.ids if getattr(req, "completion", None) is not None else backend.tok.encode(text)
+        usage["completion_tokens"] += len(ids)
         before = len(turn.calls)
         # A tool may take its whole time limit: it runs in a worker thread, never on the event loop.
         await run_in_threadpool(turn.feed, ids, text, last.finish_reason if last else "stop",
@@ -125,9 +131,9 @@ def make_turn(backend, messages: list[dict], body: dict, s: Sampling) -> ToolTur
                     ctx - min(s.max_tokens, ctx // 4), force)
 
 
-async def complete(backend, turn: ToolTurn, s: Sampling, request) -> dict:
+async def complete(backend, turn: ToolTurn, s: Sampling, request, usage: dict | None = None) -> dict:
     """The whole reply as one ``choices[0]`` object."""
-    async for _ in drive(backend, turn, s, request):
+    async for _ in drive(backend, turn, s, request, usage):
         pass
     message = {"role": "assistant", "content": turn.new[-1]["content"] if turn.pending is None else
                (turn.new[-1]["content"] or None), "refusal": None}
@@ -140,11 +146,11 @@ async def complete(backend, turn: ToolTurn, s: Sampling, request) -> dict:
     return {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
 
 
-async def stream(backend, turn: ToolTurn, s: Sampling, request, chunk):
+async def stream(backend, turn: ToolTurn, s: Sampling, request, chunk, usage: dict | None = None):
     """SSE chunks: text deltas as they come, a client call as OpenAI's tool-call deltas (the call's
     id, type and name first, then its arguments), server-side runs as ``tool_run`` deltas (extension)."""
     yield chunk({"role": "assistant", "content": ""}, None)
-    async for kind, value in drive(backend, turn, s, request):
+    async for kind, value in drive(backend, turn, s, request, usage):
         if kind == "text":
             yield chunk({"content": value}, None)
         elif value.result is not None:

@@ -105,10 +105,10 @@ async def _chat_with_tools(backend, body: dict, messages: list[dict], s: Samplin
     turn = functions.make_turn(backend, messages, body, s)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
+    counts: dict = {}   # filled by functions.drive as the turn runs
+
     def usage() -> dict:
-        prompt = len(backend.tok.encode("".join(m["content"] for m in messages)))
-        made = len(backend.tok.encode("".join(m["content"] for m in turn.new)))
-        return _usage(prompt, made)
+        return _usage(counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0))
     if s.stream:
         def chunk(delta, finish):
             c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -120,7 +120,7 @@ async def _chat_with_tools(backend, body: dict, messages: list[dict], s: Samplin
 
         async def events():
             try:
-                async for c in functions.stream(backend, turn, s, request, chunk):
+                async for c in functions.stream(backend, turn, s, request, chunk, counts):
                     yield sse(c)
                 if s.include_usage:
                     yield sse({**chunk({}, None), "choices": [], "usage": usage()})
@@ -131,7 +131,7 @@ async def _chat_with_tools(backend, body: dict, messages: list[dict], s: Samplin
                 yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        choice = await functions.complete(backend, turn, s, request)
+        choice = await functions.complete(backend, turn, s, request, counts)
     except ClientGone:
         return Response(status_code=499)
     return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,

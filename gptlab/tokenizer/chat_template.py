@@ -159,12 +159,13 @@ def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int, tools: lis
     rest = messages[len(system):]
     widest = max_token_chars(tok)
     start_id = _role_ids(tok, "assistant")[0]
+    if system and _longer_than(system[0], max_tokens - 1, widest):   # the system turn (tools included)
+        raise GptlabError(f"the system message does not fit in the context window ({max_tokens} tokens)")
     head = render(tok, system)[0] if system else []
     room = max_tokens - len(head) - 1   # the closing <|assistant_start|>
     kept: list[list[int]] = []
     for m in reversed(rest):
-        # Each token stands for at most `widest` characters: a longer text needs more tokens than fit.
-        if room < 2 or len(m["content"]) > (room - 2) * widest:
+        if _longer_than(m, room, widest):
             break
         ids = _turn(tok, m)[0]
         if len(ids) > room:
@@ -176,6 +177,13 @@ def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int, tools: lis
     dropped = len(rest) - len(kept)
     ids = head + [i for turn in reversed(kept) for i in turn] + [start_id]
     return FittedPrompt(ids, original[:len(original) - len(rest)] + rest[dropped:], dropped)
+
+
+def _longer_than(m: dict, room: int, widest: int) -> bool:
+    """True when message ``m`` cannot fit in ``room`` tokens, judged by its length alone (no tokenising):
+    each token stands for at most ``widest`` characters, so a longer text needs more tokens than fit."""
+    chars = len(m["content"]) + sum(len(format_call(c["name"], c["arguments"])) for c in m.get("tool_calls") or ())
+    return room < 2 or chars > (room - 2) * widest
 
 
 _WIDEST: "weakref.WeakKeyDictionary[Tokenizer, int]" = weakref.WeakKeyDictionary()
