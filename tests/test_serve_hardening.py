@@ -274,6 +274,20 @@ def test_ids_are_never_reused_and_old_databases_migrate(tmp_path):
     db.close()
 
 
+def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path):
+    old = tmp_path / "v1.sqlite3"
+    db = sqlite3.connect(old)
+    db.executescript(V1_SCHEMA + "INSERT INTO messages VALUES (4, 99, NULL, NULL, 'user', 'orphan', NULL, NULL, 0);")
+    db.close()
+    with pytest.raises(GptlabError, match="schema 2"):
+        Store(old)
+    db = sqlite3.connect(old)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 4
+    assert "AUTOINCREMENT" not in db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    db.close()
+
+
 # ----- 6 and 7. the CLI: one-line errors before any model loads ---------------------------------------------
 @pytest.fixture
 def no_model_load(monkeypatch):

@@ -119,7 +119,11 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + TOOL_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};"
                                    f"PRAGMA application_id={APPLICATION_ID};COMMIT;")
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, GptlabError) as e:
+            if getattr(self, "_db", None) is not None:
+                self._db.close()   # nothing held open (or left in WAL mode) by a refused file
+            if isinstance(e, GptlabError):
+                raise
             raise GptlabError(f"{self.path}: not a usable chat database ({e})") from None
 
     def _check_ours(self) -> int:
@@ -140,18 +144,27 @@ class Store:
 
     def _migrate_v1(self) -> None:
         """Schema 1 -> 2: rebuild each table with AUTOINCREMENT keys, rows and ids kept (SQLite cannot
-        add AUTOINCREMENT to a column in place). Foreign keys are off while the tables are swapped."""
-        script = ["BEGIN IMMEDIATE;"]
-        for name in TABLES:
-            ddl = SCHEMA[SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {name} ("):]
-            ddl = ddl[: ddl.index(");") + 2].replace(f"IF NOT EXISTS {name} (", f"{name}_v2 (")
-            script += [ddl, f"INSERT INTO {name}_v2 SELECT * FROM {name};", f"DROP TABLE {name};",
-                       f"ALTER TABLE {name}_v2 RENAME TO {name};"]
-        script += ["PRAGMA user_version=2;", "COMMIT;"]
+        add AUTOINCREMENT to a column in place). One transaction: a failure (a full disk, rows whose
+        references are broken) leaves the file exactly as it was. Foreign keys are off while the tables
+        are swapped (the pragma cannot change inside a transaction) and checked before committing."""
         self._db.execute("PRAGMA foreign_keys=OFF")
-        self._db.executescript("\n".join(script))
-        if self._db.execute("PRAGMA foreign_key_check").fetchone() is not None:
-            raise GptlabError(f"{self.path}: broken references after migrating to schema 2")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for name in TABLES:
+                ddl = SCHEMA[SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {name} ("):]
+                ddl = ddl[: ddl.index(");") + 2].replace(f"IF NOT EXISTS {name} (", f"{name}_v2 (")
+                for sql in (ddl, f"INSERT INTO {name}_v2 SELECT * FROM {name}", f"DROP TABLE {name}",
+                            f"ALTER TABLE {name}_v2 RENAME TO {name}"):
+                    self._db.execute(sql)
+            broken = self._db.execute("PRAGMA foreign_key_check").fetchone()
+            if broken is not None:
+                raise GptlabError(f"{self.path}: cannot migrate to schema 2: a row of {broken[0]} refers to "
+                                  f"a missing row of {broken[2]} (the file is left as it was)")
+            self._db.execute("PRAGMA user_version=2")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     # ----- plumbing -----------------------------------------------------------------------------
     def _tx(self):
