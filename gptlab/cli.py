@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
+    except OSError as e:
+        # A path the user named that cannot be read or written (a file where a folder is needed, no
+        # permission, a full disk): say which and why in one line.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -352,3 +352,25 @@ def test_export_into_a_folder_leaves_no_hidden_files(tmp_path):
             counts = export_feedback(s, prefix)
             assert counts["sft"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["feedback.pairs.jsonl", "feedback.sft.jsonl"]
+
+
+def test_paths_that_cannot_be_written_are_one_line(tmp_path, capsys):
+    from conftest import user_error
+    with Store(tmp_path / "c.sqlite3"):
+        pass
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    line = user_error(capsys, "feedback", "export", "--db", tmp_path / "c.sqlite3", "--out", blocker / "fb")
+    assert str(blocker) in line and blocker.read_text() == "x"
+
+
+def test_text_that_is_not_unicode_is_a_user_error(tok):  # noqa: F811
+    # Bytes that are not UTF-8 in argv or a file reach Python as lone surrogates (surrogateescape).
+    bad = b"caf\xe9 \xed\xa0\x80".decode("utf-8", "surrogateescape")
+    with pytest.raises(GptlabError, match="not valid Unicode"):
+        tok.encode(bad)
+    with pytest.raises(GptlabError, match="not valid Unicode"):
+        tok.encode_batch(["fine", bad])
+    with pytest.raises(TypeError):
+        tok.encode(None)
+    assert tok.encode("caf\u00e9 \U0001F600") == tok.encode_batch(["caf\u00e9 \U0001F600"])[0]

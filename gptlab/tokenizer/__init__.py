@@ -51,6 +51,23 @@ _SPLITS = {"split": _DIGIT_SPLIT, "runs": _GPT2_SPLIT}
 _BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _not_unicode(text) -> Exception:
+    """The error for a text the Rust tokenizer refuses: a str holding a lone UTF-16 surrogate (what
+    Python makes of bytes that are not UTF-8 in argv or a file read with surrogateescape)."""
+    if isinstance(text, str) and _has_surrogate(text):
+        return GptlabError("the text is not valid Unicode (it holds a lone surrogate such as \\udced, e.g. from "
+                           "bytes that are not UTF-8)")
+    return TypeError(f"text must be a string, not {type(text).__name__}")
+
+
 class Tokenizer:
     """A trained tokenizer. ``encode`` never interprets special tokens; use the ``*_id`` attributes."""
 
@@ -146,12 +163,19 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if self._char_ids is not None:
             return self._encode_chars(text)
-        return self._plain.encode(text, add_special_tokens=False).ids
+        try:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            raise _not_unicode(text) from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._char_ids is not None:
             return [self._encode_chars(t) for t in texts]
-        return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            raise next((_not_unicode(t) for t in texts if isinstance(t, str) and _has_surrogate(t)),
+                       TypeError("texts must be strings")) from None
 
     def _encode_chars(self, text: str) -> list[int]:
         table, out = self._char_ids, []
