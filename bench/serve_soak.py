@@ -6,8 +6,9 @@ tiny random-weights GPT made here, so generation is real but cheap), then runs `
 
 * ``stream``: a streamed chat completion read to the end;
 * ``disconnect``: a streamed chat completion dropped after a few chunks;
-* ``large``: the largest allowed chat body (``--max-messages`` messages filling ``--max-body-bytes``),
-  or a ~3.9 MB ``/v1/completions`` prompt (both answered 400: they can never fit);
+* ``large``: one of ``worst_bodies``: the largest allowed chat body (``--max-messages`` messages filling
+  ``--max-body-bytes``), a ~4 MB ``/v1/completions`` prompt, system prompt, tool list or list of token
+  ids (all answered 400: they can never fit), or a whole long history with tools (answered from its end);
 * ``web``: the chat page's flow: a conversation, a streamed message, a thumbs up/down, sometimes a
   side-by-side comparison and its choice.
 
@@ -112,8 +113,38 @@ async def sse(http: httpx.AsyncClient, path: str, body: dict, stats: Stats, head
     return events
 
 
-async def worker(url: str, model: str, token: str, big_chat: bytes, big_prompt: bytes, stats: Stats,
-                 deadline: float, seed: int) -> None:
+def worst_bodies(model: str, max_body_bytes: int = 4 << 20, max_messages: int = 512) -> dict:
+    """The costliest requests the limits allow, by name: (path, body, expected status). Each was once a
+    way to hold the server (quadratic fitting; tokenising a huge system prompt, tool list or history on
+    the GIL; parsing millions of JSON values)."""
+    per = (max_body_bytes - 8192) // max_messages - 48
+    words = "word " * ((max_body_bytes - 8192) // 5)
+
+    def chat(**kw) -> bytes:
+        return json.dumps({"model": model, "max_tokens": 8, **kw}).encode()
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * (per // 5)}
+             for i in range(max_messages)]
+    n_tools = max(1, max_body_bytes // 8400)
+    return {
+        "chat: max messages filling the body": ("/v1/chat/completions", chat(messages=turns), 400),
+        "completions: one prompt filling the body": (
+            "/v1/completions", json.dumps({"model": model, "max_tokens": 8, "prompt": words}).encode(), 400),
+        "chat: a system prompt filling the body": ("/v1/chat/completions", chat(messages=[
+            {"role": "system", "content": words}, {"role": "user", "content": "hi"}]), 400),
+        "chat: tool descriptions filling the body": ("/v1/chat/completions", chat(
+            messages=[{"role": "user", "content": "hi"}], tools=[
+                {"type": "function", "function": {"name": f"f{i}", "description": "word " * 1600}}
+                for i in range(n_tools)]), 400),
+        "chat with tools: a whole long history": ("/v1/chat/completions", chat(
+            tool_choice="none", tools=[{"type": "function", "function": {"name": "f"}}],
+            messages=turns[:max_messages - 2] + [{"role": "user", "content": "hi"}]), 200),
+        "completions: token ids filling the body": (
+            "/v1/completions", b'{"model": %s, "max_tokens": 8, "prompt": [' % json.dumps(model).encode()
+            + b"0," * ((max_body_bytes - 200) // 2) + b"0]}", 400),
+    }
+
+
+async def worker(url: str, model: str, token: str, big: list, stats: Stats, deadline: float, seed: int) -> None:
     rng = random.Random(seed)
     page = {"X-CSRF-Token": token}
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
@@ -127,9 +158,9 @@ async def worker(url: str, model: str, token: str, big_chat: bytes, big_prompt: 
                     await sse(http, "/v1/chat/completions", body, stats,
                               stop_after=3 if kind == "disconnect" else None)
                 elif kind == "large":
-                    path, raw = rng.choice([("/v1/chat/completions", big_chat), ("/v1/completions", big_prompt)])
+                    path, raw, status = rng.choice(big)
                     r = await http.post(path, content=raw, headers={"content-type": "application/json"})
-                    check(r, stats, expect=(400,))
+                    check(r, stats, expect=(status,))
                 else:
                     r = await http.post("/api/conversations", json={}, headers=page)
                     if check(r, stats):
@@ -173,15 +204,11 @@ async def probe(url: str, stats: Stats, deadline: float) -> None:
 
 
 async def soak(url: str, pid: int, model: str, token: str, args) -> tuple[list[dict], Stats]:
-    per = (args.max_body_bytes - 8192) // args.max_messages - 48
-    big_chat = json.dumps({"model": model, "max_tokens": 8, "messages": [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": "word " * (per // 5)}
-        for i in range(args.max_messages)]}).encode()
-    big_prompt = json.dumps({"model": model, "max_tokens": 8, "prompt": "word " * ((args.max_body_bytes - 8192) // 5)}).encode()
+    big = list(worst_bodies(model, args.max_body_bytes, args.max_messages).values())
     stats = Stats()
     start = time.monotonic()
     deadline = start + args.minutes * 60
-    tasks = [asyncio.create_task(worker(url, model, token, big_chat, big_prompt, stats, deadline, i))
+    tasks = [asyncio.create_task(worker(url, model, token, big, stats, deadline, i))
              for i in range(args.clients)]
     tasks.append(asyncio.create_task(probe(url, stats, deadline)))
     rows = []
