@@ -7,6 +7,7 @@ import json
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -374,3 +375,55 @@ def test_text_that_is_not_unicode_is_a_user_error(tok):  # noqa: F811
     with pytest.raises(TypeError):
         tok.encode(None)
     assert tok.encode("caf\u00e9 \U0001F600") == tok.encode_batch(["caf\u00e9 \U0001F600"])[0]
+
+
+def test_ctrl_c_at_the_labeling_prompt_exits_at_once(tmp_path, tok):  # noqa: F811
+    """A person pressing Ctrl-C while `gptlab label` waits for a ranking: the process ends (130) without
+    waiting for Enter, and nothing is written for the prompt on screen."""
+    import os
+    import select
+    import sys
+    pty = pytest.importorskip("pty")
+    from gptlab import runs
+    from gptlab.model.gpt import GPT, GPTConfig
+    run = tmp_path / "run"
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)
+    runs.write_run_config(run, cfg, tok, stage="sft")
+    runs.save_tensors(run / runs.MODEL_FILE, runs.gpt_state(GPT(cfg)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    out = tmp_path / "rankings.jsonl"
+    argv = [sys.executable, "-m", "gptlab", "label", "--prompts", str(prompts), "--policy", str(run), "-k", "2",
+            "--out", str(out), "--max-new-tokens", "4", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    pid, fd = pty.fork()
+    if pid == 0:   # the child: the labeling CLI on a terminal
+        os.execvpe(sys.executable, argv, env)
+    shown, deadline, status = b"", time.monotonic() + 60, None
+    try:
+        while b"q = quit: " not in shown and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                shown += os.read(fd, 65536)
+        assert b"q = quit: " in shown, shown[-500:]
+        time.sleep(0.2)
+        os.write(fd, b"\x03")   # Ctrl-C, as the terminal sends it
+        t = time.monotonic()
+        while time.monotonic() - t < 10:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = code
+                break
+            if select.select([fd], [], [], 0.05)[0]:
+                try:
+                    shown += os.read(fd, 65536)
+                except OSError:
+                    pass
+        else:
+            raise AssertionError("still waiting 10 s after Ctrl-C")
+    finally:
+        if status is None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 130 and time.monotonic() - t < 5
+    assert not out.exists() or out.read_text() == ""
