@@ -169,6 +169,25 @@ def test_only_our_host_names_are_answered(server):
     assert HostPolicy("127.0.0.1", ["*"]).allows("anything")
 
 
+def test_conversation_titles_and_system_prompts_are_bounded(server):
+    # Every conversation is listed in full by GET /api/conversations: unbounded fields would make that
+    # one response (rendered holding the GIL) as large as the history.
+    from gptlab.tokenizer.chat_template import max_token_chars
+    backend = server.server.config.app.state.backend
+    most = backend.context_size * max_token_chars(backend.tok)
+    page = page_client(server)
+    before = len(server.store.list_conversations())
+    r = page.post("/api/conversations", json={"system_prompt": "x" * (most + 1)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "system_prompt", r.text
+    r = page.post("/api/conversations", json={"title": "t" * 201})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "title"
+    assert len(server.store.list_conversations()) == before
+    cid = page.post("/api/conversations", json={"title": "t" * 200, "system_prompt": "x" * most}).json()["id"]
+    r = page.patch(f"/api/conversations/{cid}", json={"system_prompt": "y" * (most + 1)})
+    assert r.status_code == 400
+    assert page.get(f"/api/conversations/{cid}").json()["conversation"]["system_prompt"] == "x" * most
+
+
 # ----- 3. any input: 2xx or an OpenAI-shaped 4xx --------------------------------------------------------
 def test_huge_ids_and_lone_surrogates_are_4xx(server):
     page = page_client(server)

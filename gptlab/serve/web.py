@@ -21,6 +21,7 @@ from gptlab.serve.backend import ClientGone, drain, finish_reason, fit_chat, sub
 from gptlab.serve.protocol import (SSE_HEADERS, APIError, Limits, Sampling, bad, is_int, not_found, parse_sampling,
                                    read_json, row_id, sse)
 from gptlab.serve.store import Store
+from gptlab.tokenizer.chat_template import max_token_chars
 
 STATIC = Path(__file__).parent / "static"
 
@@ -50,11 +51,28 @@ def _content(body: dict) -> str:
     return content
 
 
+MAX_TITLE_CHARS = 200
+
+
 def _strings(body: dict, *names: str) -> list:
     values = [body.get(n) for n in names]
     if any(v is not None and not isinstance(v, str) for v in values):
         raise bad(" and ".join(f"'{n}'" for n in names) + " must be strings")
     return values
+
+
+def _conversation_fields(body: dict, backend) -> tuple[str | None, str | None]:
+    """(title, system prompt) of a create/update body. Both are bounded: every conversation is listed
+    in full by GET /api/conversations, and a system prompt longer than the context could ever hold
+    would only fail at the first message."""
+    title, system = _strings(body, "title", "system_prompt")
+    if title is not None and len(title) > MAX_TITLE_CHARS:
+        raise bad(f"'title' is longer than {MAX_TITLE_CHARS} characters", "title")
+    most = backend.context_size * max_token_chars(backend.tok)
+    if system is not None and len(system) > most:
+        raise bad(f"'system_prompt' is longer than this model's context ({backend.context_size} tokens) could "
+                  "hold", "system_prompt", "context_length_exceeded")
+    return title, system
 
 
 def with_versions(thread: list[dict], everything: list[dict]) -> list[dict]:
@@ -167,14 +185,14 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
     @api.post("/conversations", openapi_extra=_CONVERSATION_DOC)
     async def create_conversation(request: Request):
         body = await read_json(request)
-        title, system = _strings(body, "title", "system_prompt")
+        title, system = await run_in_threadpool(_conversation_fields, body, backend)
         return await db(store.create_conversation, title or "", system or "")
 
     @api.patch("/conversations/{cid}", openapi_extra=_CONVERSATION_DOC)
     async def update_conversation(cid: int, request: Request):
         await conversation(cid)
         body = await read_json(request)
-        title, system = _strings(body, "title", "system_prompt")
+        title, system = await run_in_threadpool(_conversation_fields, body, backend)
         return await db(store.update_conversation, cid, title, system)
 
     @api.delete("/conversations/{cid}")
