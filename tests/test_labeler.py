@@ -259,6 +259,8 @@ def test_cli_bad_input(tmp_path, capsys):
         (base + ["--prompts", str(plain), "--noise", "0.2"], "--noise only applies with --auto"),
         (base + ["--prompts", str(plain), "--temperature", "0"], "--temperature"),
         (["label", "--policy", str(tmp_path), "--out", "o.jsonl", "--prompts", str(plain)], "not a run folder"),
+        # --out where nothing can be written: said before the model loads (this run has no weights)
+        (["label", "--policy", str(run), "--out", str(plain / "o.jsonl"), "--prompts", str(plain)], "cannot write"),
     ]
     for argv, words in cases:
         code, err = _cli(argv, capsys)

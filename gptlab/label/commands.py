@@ -243,6 +243,12 @@ def run(args) -> int:
     if args.auto:
         check_auto_items(items, args.prompts)
     done_keys(args.out)   # a bad output file fails now, not after the model has loaded
+    try:   # and one that cannot be appended to (what labeling does), not after the first ranking
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise GptlabError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
     from gptlab.device import pick_device
     fn = policy_responses_fn(args.policy, args.temperature, args.top_p, args.max_new_tokens, args.seed,
                              device=str(pick_device(args.device)))
