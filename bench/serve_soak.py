@@ -73,7 +73,9 @@ class Stats:
     def __init__(self):
         self.lat: list[tuple[str, float]] = []
         self.health: list[float] = []
-        self.errors = {"5xx": 0, "transport": 0, "4xx": 0}
+        # "bad_reply": anything else that went wrong with an answer (an SSE event that is not JSON...)
+        self.errors = {"5xx": 0, "transport": 0, "4xx": 0, "bad_reply": 0}
+        self.first_bad: str | None = None
         self.total_errors = dict(self.errors)
         self.done = 0
         self.kinds: dict[str, int] = {}
@@ -185,6 +187,10 @@ async def worker(url: str, model: str, token: str, big: list, stats: Stats, dead
             except httpx.HTTPError:
                 stats.error("transport")
                 continue
+            except Exception as e:   # counted, never the end of this client (which would look like calm)
+                stats.error("bad_reply")
+                stats.first_bad = stats.first_bad or f"{kind}: {type(e).__name__}: {e}"
+                continue
             stats.lat.append((kind, time.perf_counter() - t))
             stats.done += 1
             stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
@@ -243,7 +249,7 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     ax[1].set_yscale("log")
     ax[1].set_ylabel("latency (s)")
     ax[1].legend(loc="upper right", fontsize=8)
-    for key in ("err_5xx", "err_transport", "err_4xx"):
+    for key in ("err_5xx", "err_transport", "err_4xx", "err_bad_reply"):
         ax[2].plot(t, [r[key] for r in rows], marker=".", label=key[4:])
     ax[2].set_ylabel("errors per window")
     ax[2].set_xlabel("minutes")
@@ -296,7 +302,7 @@ def main() -> int:
     warm = [r["rss_mb"] for r in rows[max(1, len(rows) // 5):]]
     summary = {
         "minutes": args.minutes, "clients": args.clients, "requests": stats.done, "by_kind": stats.kinds,
-        "errors": stats.total_errors, "feedback_rows_lost": len(stats.feedback_told - rated),
+        "errors": stats.total_errors, "first_bad_reply": stats.first_bad, "feedback_rows_lost": len(stats.feedback_told - rated),
         "choices_lost": len(stats.choices_told - decided), "feedback_told": len(stats.feedback_told),
         "rss_after_warmup_mb": [min(warm), max(warm)] if warm else None,
         "rss_spread_after_warmup": (max(warm) / min(warm) - 1) if warm else None,
@@ -311,7 +317,8 @@ def main() -> int:
     plot(rows, out, f"gptlab serve soak: {args.minutes:g} min, {args.clients} clients, mixed traffic "
          f"({stats.done} requests, {stats.total_errors['5xx']} 5xx)")
     print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0 if stats.total_errors["5xx"] == 0 and summary["feedback_rows_lost"] == 0 else 1
+    ok = stats.total_errors["5xx"] == stats.total_errors["bad_reply"] == summary["feedback_rows_lost"] == 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

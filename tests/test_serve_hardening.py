@@ -221,6 +221,20 @@ def test_huge_ids_and_lone_surrogates_are_4xx(server):
     assert r.status_code == 200 and r.json()["title"] == "\U0001F600"
 
 
+def test_streamed_text_with_unicode_line_breaks_stays_one_event_per_line(server):
+    # A model may write U+2028, U+2029 or NEL; clients that split SSE with str.splitlines (httpx's
+    # iter_lines) broke those events in two (found by the soak: its clients died on the JSON).
+    said = "a\u2028b\x85c\u2029d"
+    body = {"model": "fake-model", "stream": True, "temperature": 0, "max_tokens": 30,
+            "messages": [{"role": "user", "content": said}]}
+    with httpx.Client(base_url=server.url, timeout=20) as http, \
+            http.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines), lines
+    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in lines[:-1])
+    assert said in text
+
+
 # ----- 4 and 5. the store: only gptlab's databases; ids never reused ------------------------------------------
 def test_store_refuses_a_foreign_database(tmp_path):
     other = tmp_path / "other.sqlite3"

@@ -133,8 +133,14 @@ async def read_json(request: Request) -> dict:
     return body
 
 
+# JSON leaves these raw in strings, yet many clients split SSE lines with str.splitlines (httpx's
+# iter_lines among them), which also breaks at them: an answer holding one arrived as two broken events.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    """One server-sent event: a single line of JSON, whatever the text in it."""
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n".encode()
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
