@@ -33,6 +33,9 @@ def run_export_gguf(args) -> int:
           f"{s['type']}, {s['bytes'] / 1e6:.1f} MB, {s['tensors']} tensors) to {args.out_dir}")
     print(f"run it with: python -c \"from llama_cpp import Llama; print(Llama({str(args.out_dir)!r})"
           "('Hello', max_tokens=32)['choices'][0]['text'])\"")
+    if s["gguf_arch"] == "gpt2":   # learned positions end there, but llama.cpp pads its context to 256
+        print(f"note: keep prompt plus max_tokens within {s['context']} tokens: llama.cpp aborts the process "
+              "past a gpt2 model's last learned position")
     if len(s["files"]) > 1:
         print(f"Ollama: ollama create NAME -f {Path(args.out_dir).with_suffix('.Modelfile')} && ollama run NAME")
     return 0

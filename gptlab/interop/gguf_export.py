@@ -265,6 +265,6 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, wtype: str = "f16", p
         mf = out.with_suffix(".Modelfile")
         atomic_write_text(mf, modelfile(out.name))
         files.append(mf.name)
-    return {"arch": cfg.arch, "gguf_arch": arch, "type": wtype, "params": model.num_params(),
+    return {"arch": cfg.arch, "gguf_arch": arch, "type": wtype, "params": model.num_params(), "context": cfg.block_size,
             "bytes": out.stat().st_size, "tensors": len(tensors), "files": files,
             "specials": [t for t in SPECIAL_TOKENS if tok.special_id(t) is not None]}
