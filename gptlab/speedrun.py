@@ -25,12 +25,15 @@ from gptlab.io import atomic_write_json, atomic_write_text, read_json
 # Per preset: model shape and per-stage budgets. ``seconds`` are expected durations, used for the ETA.
 PRESETS = {
     # The whole run on a 2-core CPU in about 15 minutes.
-    "cpu": dict(arch="fast", preset="tiny", model=[], mixture_lines=100_000, per_family=6000,
-                tokenizer=["--vocab-size", "4096"], corpus_weights=dict(text=1, mixture=2, transcripts=2), exam_n=40,
-                pretrain=["--max-steps", "1400", "--batch-size", "16", "--time-budget", "400",
+    # One token per character: a word is the same tokens wherever it stands (after a space, in quotes), so
+    # echoing it, copying it from a dictionary or spelling it backwards is plain copying. Against a 4096-token
+    # BPE on the same data and seed it copied far more (docs/INSTRUCT.md, "Tokenizer").
+    "cpu": dict(arch="fast", preset="tiny", model=["--block-size", "256"], mixture_lines=100_000, per_family=6000,
+                tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2), exam_n=40,
+                pretrain=["--max-steps", "1400", "--batch-size", "16", "--time-budget", "420",
                           "--eval-every", "250", "--ckpt-every", "250"],
                 eval=["--shots", "0,1,4", "--n", "60", "--tasks", "icl"],
-                sft=["--max-steps", "600", "--batch-size", "16", "--lr", "1e-3", "--time-budget", "120",
+                sft=["--max-steps", "600", "--batch-size", "16", "--lr", "1e-3", "--time-budget", "170",
                      "--eval-max-items", "120", "--eval-every", "250", "--ckpt-every", "250"],
                 label=["-k", "4", "--max-prompts", "500", "--noise", "0.16", "--max-new-tokens", "48"],
                 rm=["--batch-size", "8", "--time-budget", "60", "--ckpt-every", "200"],
@@ -41,8 +44,8 @@ PRESETS = {
                 dpo=["--max-steps", "150", "--batch-size", "8", "--lr", "5e-5", "--time-budget", "45",
                      "--eval-max-items", "120", "--ckpt-every", "75"],
                 compare_n=400, max_new_tokens=48,
-                seconds=dict(data=20, tokenizer=10, pretrain=410, eval_pretrain=25, sft=125, label=40, rm=65,
-                             ppo=110, dpo=55, compare=45, exam=20, report=10)),
+                seconds=dict(data=20, tokenizer=2, pretrain=430, eval_pretrain=25, sft=175, label=60, rm=65,
+                             ppo=110, dpo=55, compare=60, exam=20, report=10)),
     # A GPT-2-124M-class model on one GPU.
     "gpu": dict(arch="gpt2", preset="gpt2-124m", model=["--block-size", "512"], mixture_lines=400_000,
                 per_family=12000, tokenizer=["--vocab-size", "16384"],
@@ -65,7 +68,7 @@ PRESETS = {
     "test": dict(arch="fast", preset="tiny", model=["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
                                                     "--block-size", "128"],
                  mixture_lines=3000, per_family=40,
-                 tokenizer=["--vocab-size", "600"], corpus_weights=dict(text=1, mixture=1, transcripts=1), exam_n=4,
+                 tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=1, transcripts=1), exam_n=4,
                  pretrain=["--max-steps", "30", "--batch-size", "8", "--eval-every", "15", "--eval-batches", "2",
                            "--ckpt-every", "10"],
                  eval=["--shots", "0,1", "--n", "6", "--tasks", "add2", "icl_last"],

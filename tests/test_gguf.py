@@ -222,10 +222,42 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path, capsys, small_tokenize
     assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*"))
 
 
-def test_gguf_refuses_char_tokenizer_and_bad_flags(tmp_path, capsys, small_tokenizer):
-    char = Tokenizer.train([SAMPLE_TEXT], kind="char")
-    make_run(tmp_path / "run", char, "gpt2", vocab_size=512)
-    assert "char tokenizer" in user_error(capsys, "export", tmp_path / "run", "--format", "gguf", tmp_path / "m.gguf")
+def spm_tokenize(tokens, types, text):
+    """llama.cpp's SentencePiece ("llama") tokenisation as it runs on a vocabulary without multi-character
+    tokens: spaces become "▁", each character is looked up, a character with no token is spelled as its
+    UTF-8 bytes' <0xNN> tokens."""
+    ids = {t: i for i, t in enumerate(tokens) if types[i] in (1, 6)}
+    out = []
+    for ch in text.replace(" ", "\u2581"):
+        out += [ids[ch]] if ch in ids else [ids[f"<0x{b:02X}>"] for b in ch.encode()]
+    return out
+
+
+def test_gguf_char_tokenizer_as_sentencepiece(tmp_path, capsys):
+    """A char tokenizer (the speedrun's) travels as llama.cpp's SentencePiece vocabulary: spaces as "▁",
+    byte tokens typed as bytes, no merges; llama.cpp's tokenisation of the file gives gptlab's ids, a
+    character never seen included, and the model's logits come out the same."""
+    char = Tokenizer.train([SAMPLE_TEXT, TEXT], kind="char")
+    model = make_run(tmp_path / "run", char, "fast", vocab_size=512)
+    rc, out, _ = cli(capsys, "export", tmp_path / "run", "--format", "gguf", tmp_path / "m.gguf", "--type", "f32")
+    assert rc == 0 and "as llama.cpp qwen3" in out
+    meta, t = read(tmp_path / "m.gguf")
+    assert meta["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in meta
+    assert meta["tokenizer.ggml.add_space_prefix"] is False
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    vocab = char.hf.get_vocab(with_added_tokens=True)
+    assert tokens[vocab[" "]] == "\u2581" and types[vocab["<0xE2>"]] == 6 and types[vocab["a"]] == 1
+    assert {tokens[i] for i, ty in enumerate(types) if ty == 3} == set(SPECIAL_TOKENS)
+    for text in (TEXT, SAMPLE_TEXT[:300], "naïve 😀 x  y"):
+        assert spm_tokenize(tokens, types, text) == char.encode(text)
+    ids = char.encode(TEXT)[:40]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].double().numpy()
+    assert np.abs(ours - llama_cpp_logits(meta, t, ids)).max() < 1e-4
+
+
+def test_gguf_refuses_bad_flags(tmp_path, capsys, small_tokenizer):
+    make_run(tmp_path / "run", small_tokenizer, "gpt2")
     assert "--type is for --format gguf" in user_error(capsys, "export", tmp_path / "run", tmp_path / "hf",
                                                        "--type", "q8_0")
     assert "is a folder" in user_error(capsys, "export", tmp_path / "run", "--format", "gguf", tmp_path)
@@ -280,3 +312,24 @@ def test_llama_cpp_python_matches_gptlab(tmp_path, small_tokenizer, arch, kw, wa
         assert got == want_ids
     else:   # rounded weights may flip a near tie; each pick must still be within the logit tolerance of the best
         assert got[:3] == want_ids[:3] and gap < LOGIT_TOL[wtype]
+
+
+@pytest.mark.slow
+def test_llama_cpp_python_reads_a_char_tokenizer(tmp_path):
+    """llama.cpp's own SentencePiece tokeniser over the exported char vocabulary gives gptlab's ids,
+    and its logits are gptlab's."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from gptlab.interop.gguf_export import export_gguf
+    char = Tokenizer.train([SAMPLE_TEXT, TEXT], kind="char")
+    model = make_run(tmp_path / "run", char, "fast", vocab_size=512)
+    export_gguf(tmp_path / "run", tmp_path / "c.gguf", "f32")
+    llm = llama_cpp.Llama(str(tmp_path / "c.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    for text in (TEXT, "naïve 😀 x  y"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == char.encode(text)
+    ids = char.encode(TEXT)[:40]
+    llm.reset()
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].numpy()
+    assert np.abs(ours - np.array(llm.scores[:len(ids)])).max() < 1e-3

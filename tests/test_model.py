@@ -7,13 +7,25 @@ import torch
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPT, GPTConfig, band_mask
 
-CAUSAL = ["gpt1", "gpt2", "gpt3", "modern"]
+CAUSAL = ["gpt1", "gpt2", "gpt3", "modern", "fast"]
 
 
 def tiny(arch, **kw):
     base = dict(vocab_size=300, block_size=48, sparse_band=8)
     base.update(kw)
     return GPTConfig.preset("tiny", arch, **base)
+
+
+def built(arch, **kw) -> GPT:
+    """A model whose every weight is non-zero: ``fast`` starts its output projections and LM head at
+    zero, which would let a cache test pass with the cached paths ignored."""
+    model = GPT(tiny(arch, **kw)).eval()
+    if arch == "fast":
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.abs().sum():
+                    p.normal_(0.0, 0.1)
+    return model
 
 
 @pytest.mark.parametrize("arch", CAUSAL + ["bert"])
@@ -147,7 +159,7 @@ def test_gpt3_alternates_dense_and_banded_layers():
 @pytest.mark.parametrize("arch", CAUSAL)
 def test_kv_cache_matches_full_forward(arch):
     torch.manual_seed(0)
-    model = GPT(tiny(arch)).eval()
+    model = built(arch)
     x = torch.randint(0, 300, (3, 40))
     full = model.hidden(x)
     cache = model.new_cache(3)
@@ -170,7 +182,7 @@ def test_decode_logits_match_full_forward(arch):
     not consecutive, consecutive rows at different lengths, rows in lockstep; past gpt3's band
     (8 keys) and with GQA for modern (4 query heads, 2 key/value heads)."""
     torch.manual_seed(0)
-    model = GPT(tiny(arch)).eval()
+    model = built(arch)
     assert arch != "modern" or model.config.n_kv_head < model.config.n_head
     x = torch.randint(0, 300, (3, 40))
     with torch.no_grad():
@@ -198,19 +210,19 @@ def test_decode_logits_match_full_forward(arch):
         assert cache.lengths == [0, 16, 16, 0, 25]
 
         # Weights changed in place (PPO's optimizer, load_state_dict): decode follows at once.
-        model.load_state_dict(GPT(tiny(arch)).state_dict())
+        model.load_state_dict(built(arch).state_dict())
         full = model.lm_logits(model.hidden(x))
         cache = model.new_cache(2)
         model.hidden(x[:2, :25], cache=cache)
         check(x[:2, 25], [0, 1], [(0, 25), (1, 25)])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+@pytest.mark.parametrize("arch", ["gpt2", "modern", "fast"])
 def test_decode_under_autocast_and_with_a_bf16_cache(arch):
     """The dtype seams of decoding (on GPUs it runs under bf16 autocast over an fp32 cache): bf16 keys
     into an fp32 cache, and an fp32 model over a bf16 cache, both stay close to the full forward."""
     torch.manual_seed(0)
-    model = GPT(tiny(arch)).eval()
+    model = built(arch)
     x = torch.randint(0, 300, (2, 30))
     with torch.no_grad():
         want = model.lm_logits(model.hidden(x))[:, 24:]
@@ -243,3 +255,4 @@ def test_presets_reach_paper_shapes():
     assert (g.n_layer, g.n_embd, g.n_head, g.block_size) == (12, 768, 12, 1024)
     one = GPTConfig.preset("gpt1", "gpt1", vocab_size=40478)
     assert (one.n_layer, one.n_embd, one.block_size, one.hidden_dim) == (12, 768, 512, 3072)
+

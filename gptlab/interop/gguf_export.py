@@ -19,7 +19,10 @@ The tokenizer travels as llama.cpp's byte-level BPE (``tokenizer.ggml.model = "g
 ``gpt-2``): vocabulary, merges, special tokens as control tokens, and the chat template. gptlab's
 default tokenizer splits digits one by one where GPT-2's pattern keeps digit runs; the two give the
 same tokens as long as no merge joins a digit to anything but a leading space, which is true of every
-tokenizer trained with ``--digits split`` and is checked here. Weight types: f32, f16, and q8_0 (8-bit
+tokenizer trained with ``--digits split`` and is checked here. A ``char`` tokenizer (one token per
+character, byte fallback) travels as llama.cpp's SentencePiece vocabulary (``tokenizer.ggml.model =
+"llama"``): llama.cpp splits text into characters, writes spaces as "▁", merges nothing (no token
+is longer than one character) and falls back to ``<0xNN>`` byte tokens, which is what gptlab does. Weight types: f32, f16, and q8_0 (8-bit
 blocks of 32 with one f16 scale; matrices whose rows are not a multiple of 32 fall back to f16). Norm
 gains and biases stay f32, as llama.cpp's own converter keeps them.
 """
@@ -89,11 +92,15 @@ def _byte_level_chars() -> dict[str, int]:
     return table
 
 
+SPM_SPACE = "\u2581"   # SentencePiece's visible space, as llama.cpp's "llama" vocabulary stores " "
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
 def tokenizer_fields(tok: Tokenizer, n_vocab: int) -> dict:
-    """tokens, token types, merges and special ids as llama.cpp's BPE vocabulary reads them."""
-    if tok.kind != "bpe":
-        raise GptlabError(f"cannot export a {tok.kind} tokenizer to GGUF: llama.cpp reads byte-level BPE "
-                          "(train one with `gptlab tokenizer train --kind bpe`)")
+    """tokens, token types, merges and special ids as llama.cpp's vocabulary reads them: byte-level BPE
+    ("gpt2") for a bpe tokenizer, SentencePiece ("llama") for a char tokenizer."""
+    if tok.kind == "char":
+        return _char_fields(tok, n_vocab)
     spec = json.loads(tok.hf.to_str())
     pre = spec.get("pre_tokenizer") or {}
     pieces = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
@@ -113,6 +120,23 @@ def tokenizer_fields(tok: Tokenizer, n_vocab: int) -> dict:
         if re.search(r"[0-9]", text) and not re.fullmatch(r" ?[0-9]", text):
             raise GptlabError(f"cannot export this tokenizer to GGUF: merge {m!r} joins a digit to other text, "
                               "so llama.cpp's GPT-2 pre-tokenizer would split numbers differently")
+    fields = _vocab_fields(tok, n_vocab, lambda t: t, lambda t: 1)
+    return {**fields, "model": "gpt2", "merges": merges}
+
+
+def _char_fields(tok: Tokenizer, n_vocab: int) -> dict:
+    vocab = tok.hf.get_vocab(with_added_tokens=True)
+    if SPM_SPACE in vocab:
+        raise GptlabError(f"cannot export this char tokenizer to GGUF: it has a token for {SPM_SPACE!r}, the "
+                          "character llama.cpp's SentencePiece vocabulary uses for a space")
+    # 6 = byte (<0xNN>, llama.cpp's fallback for a character with no token), 1 = normal.
+    fields = _vocab_fields(tok, n_vocab, lambda t: t.replace(" ", SPM_SPACE),
+                           lambda t: 6 if _BYTE_TOKEN.fullmatch(t) else 1)
+    return {**fields, "model": "llama", "merges": None}
+
+
+def _vocab_fields(tok: Tokenizer, n_vocab: int, spell, kind_of) -> dict:
+    spec = json.loads(tok.hf.to_str())
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= n_vocab:
         raise GptlabError(f"tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} rows")
@@ -120,10 +144,10 @@ def tokenizer_fields(tok: Tokenizer, n_vocab: int) -> dict:
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]   # rows no token uses (vocab rounded up to 64)
     types = [5] * n_vocab                             # 5 = unused
     for t, i in vocab.items():
-        tokens[i] = t
-        types[i] = 3 if t in special else 1           # 3 = control, 1 = normal
+        tokens[i] = t if t in special else spell(t)
+        types[i] = 3 if t in special else kind_of(t)  # 3 = control
     end = tok.special_id(ASSISTANT_END)
-    return {"tokens": tokens, "types": types, "merges": merges, "eos": tok.eot_id, "pad": tok.pad_id,
+    return {"tokens": tokens, "types": types, "eos": tok.eot_id, "pad": tok.pad_id,
             "eot": end if end is not None else tok.eot_id, "chat": end is not None}
 
 
@@ -240,11 +264,15 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, wtype: str = "f16", p
             w.add_value_length(cfg.head_dim)
         w.add_string("gptlab.arch", cfg.arch)
         w.add_string("gptlab.stage", str(run_cfg.get("stage", "")))
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
+        w.add_tokenizer_model(fields["model"])
         w.add_token_list(fields["tokens"])
         w.add_token_types(fields["types"])
-        w.add_token_merges(fields["merges"])
+        if fields["model"] == "gpt2":
+            w.add_tokenizer_pre("gpt-2")
+            w.add_token_merges(fields["merges"])
+        else:   # no merges: every score equal; no space put before the text (gptlab adds none)
+            w.add_token_scores([0.0] * len(fields["tokens"]))
+            w.add_add_space_prefix(False)
         w.add_bos_token_id(fields["eos"])   # gptlab documents start with end-of-text, never added automatically
         w.add_eos_token_id(fields["eos"])
         w.add_eot_token_id(fields["eot"])
