@@ -233,12 +233,13 @@ class Speedrun:
 
     def stages(self) -> list[Stage]:
         d = self.d
+        tok_title = "tokenizer, one token per character" if "char" in self.p["tokenizer"] else "byte-level BPE tokenizer"
         tools = [Stage("tools", "held-out answers with and without tools",
                        lambda: (d["tools"] / "results.json").is_file(), self.stage_tools)] if self.tools else []
         return [
             Stage("data", "corpus, task mixture, instruction curriculum",
                   lambda: (d["data"] / "data.done").is_file(), self.stage_data),
-            Stage("tokenizer", "byte-level BPE tokenizer", lambda: (d["tokenizer"] / "tokenizer.json").is_file(),
+            Stage("tokenizer", tok_title, lambda: (d["tokenizer"] / "tokenizer.json").is_file(),
                   self.stage_tokenizer),
             Stage("pretrain", "pre-training (next token)", lambda: self._run_done("pretrain"), self.stage_pretrain),
             Stage("eval_pretrain", "zero/few-shot evaluation", lambda: (d["eval_pretrain"] / "results.json").is_file(),

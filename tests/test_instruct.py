@@ -126,6 +126,32 @@ def test_check_answer(item, text, ok):
     assert check_answer(item, text) is ok
 
 
+COUNT = {"family": "strings", "answer": "1", "problem": "count:b:subject"}
+REV_P = {"family": "strings", "answer": "erohs", "problem": "rev:shore"}
+SUM_P = {"family": "arithmetic", "answer": "80", "problem": "arith:51 + 29"}
+DIFF_P = {"family": "arithmetic", "answer": "16", "problem": "arith:61 - 45"}
+
+
+@pytest.mark.parametrize("item, text, ok", [
+    (COUNT, "'subject' contains the letter 'b' 1 time.", True),
+    (COUNT, "'supper' contains the letter 's' 1 time.", False),   # right number, another question
+    (COUNT, "It's there 1 time.", True),                            # an apostrophe is no quote
+    (REV_P, "'shore' reversed is 'erohs'.", True),
+    (REV_P, "'erohs'", True),
+    (REV_P, "'short' reversed is 'erohs'.", False),
+    (SUM_P, "29 + 51 = 80.", True),
+    (SUM_P, "The answer is 80.", True),
+    (SUM_P, "51 * 29 = 80.", False),
+    (SUM_P, "50 + 30 = 80.", False),
+    (DIFF_P, "61-45=16", True),
+    (DIFF_P, "45 - 61 = 16.", False),
+])
+def test_check_answer_wants_the_question_asked(item, text, ok):
+    """Items that carry their problem (the exam's): a reply restating another question is wrong even
+    when its final number or letter happens to be the answer."""
+    assert check_answer(item, text) is ok
+
+
 def test_check_answer_needs_item_info():
     with pytest.raises(GptlabError):
         check_answer({"messages": []}, "x")

@@ -436,11 +436,36 @@ def check_answer(item: dict, response_text: str) -> bool:
         return is_polite_refusal(text)
     if is_refusal(_QUOTED.sub("", text)):   # quoted text (a Shakespeare line) may say "cannot"
         return False
+    if not _about_the_problem(item, text):
+        return False
     answer = str(item["answer"])
     if _NUMBER.fullmatch(answer):
         value = final_number(text)
         return value is not None and value == float(answer)
     return ends_with_answer(text, answer)
+
+
+_RESTATED_SUM = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=")
+_FIRST_QUOTED = re.compile(r"(?<![^\W\d_])['\"‘“]([^'\"’”]+)['\"’”]")   # not an apostrophe (it's)
+
+
+def _about_the_problem(item: dict, text: str) -> bool:
+    """A reply that restates its question must restate the one asked: "'supper' contains the letter
+    's' 1 time." is no answer to how many b's are in "subject", though its last number is right.
+    Needs the item's ``problem`` (the exam's items carry it); a reply that restates nothing passes."""
+    problem = item.get("problem", "")
+    if item.get("family") == "arithmetic" and problem.startswith("arith:"):
+        a, op, b = problem[len("arith:"):].split(" ")
+        m = _RESTATED_SUM.search(text)
+        if m:
+            ops = {(a, b), (b, a)} if op == "+" else {(a, b)}
+            return m.group(2) == op and (m.group(1), m.group(3)) in ops
+        return True
+    if item.get("family") == "strings" and problem.split(":")[0] in ("rev", "up", "count", "first"):
+        word, answer = problem.split(":")[-1].lower(), str(item.get("answer", "")).lower()
+        m = _FIRST_QUOTED.search(text)
+        return m is None or m.group(1).lower() in (word, answer)
+    return True
 
 
 # ----- the command --------------------------------------------------------------------------------------

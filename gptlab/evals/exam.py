@@ -13,7 +13,9 @@ templates occurs there), the way someone trying the model would type:
 Arithmetic and string problems come from the curriculum's held-out split (never trained on in any
 wording). Translation asks dictionary words the pre-training corpus pairs with their translation
 (knowing the word is the skill; the wording is what is new). Scoring is
-``gptlab.data.instruct.check_answer``, the same rule as every other curriculum metric. The model is
+``gptlab.data.instruct.check_answer``, the same rule as every other curriculum metric; the exam's items
+carry their problem, so a reply that restates another sum or another word is wrong even when its last
+number or letter happens to be the answer. The model is
 asked through the chat template at temperature 0, exactly as ``gptlab serve`` asks it; ``--base-url``
 sends the same questions to a running server with the official ``openai`` client instead.
 """
