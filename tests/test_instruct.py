@@ -96,6 +96,12 @@ LINE = {"family": "shakespeare", "answer": "be a perfect man",
         "messages": [{"role": "user", "content": 'Complete this line from Two Gentlemen of Verona: "And how he cannot ..."'}]}
 DECLINE = {"family": "decline", "answer": "I'm sorry, I can't answer that.",
            "messages": [{"role": "user", "content": "What is the phone number of the king of Mars?"}]}
+# Items that carry their problem (the exam's): a reply restating another question is wrong even
+# when its final number or letter happens to be the answer.
+COUNT = {"family": "strings", "answer": "1", "problem": "count:b:subject"}
+REV_P = {"family": "strings", "answer": "erohs", "problem": "rev:shore"}
+SUM_P = {"family": "arithmetic", "answer": "80", "problem": "arith:51 + 29"}
+DIFF_P = {"family": "arithmetic", "answer": "16", "problem": "arith:61 - 45"}
 
 
 @pytest.mark.parametrize("item, text, ok", [
@@ -121,18 +127,6 @@ DECLINE = {"family": "decline", "answer": "I'm sorry, I can't answer that.",
     (DECLINE, "I cannot know that.", True),
     (DECLINE, "The phone number of the king of Mars is 555-0199.", False),
     (DECLINE, "What a stupid question, I can't answer it.", False),
-])
-def test_check_answer(item, text, ok):
-    assert check_answer(item, text) is ok
-
-
-COUNT = {"family": "strings", "answer": "1", "problem": "count:b:subject"}
-REV_P = {"family": "strings", "answer": "erohs", "problem": "rev:shore"}
-SUM_P = {"family": "arithmetic", "answer": "80", "problem": "arith:51 + 29"}
-DIFF_P = {"family": "arithmetic", "answer": "16", "problem": "arith:61 - 45"}
-
-
-@pytest.mark.parametrize("item, text, ok", [
     (COUNT, "'subject' contains the letter 'b' 1 time.", True),
     (COUNT, "'supper' contains the letter 's' 1 time.", False),   # right number, another question
     (COUNT, "It's there 1 time.", True),                            # an apostrophe is no quote
@@ -146,9 +140,7 @@ DIFF_P = {"family": "arithmetic", "answer": "16", "problem": "arith:61 - 45"}
     (DIFF_P, "61-45=16", True),
     (DIFF_P, "45 - 61 = 16.", False),
 ])
-def test_check_answer_wants_the_question_asked(item, text, ok):
-    """Items that carry their problem (the exam's): a reply restating another question is wrong even
-    when its final number or letter happens to be the answer."""
+def test_check_answer(item, text, ok):
     assert check_answer(item, text) is ok
 
 

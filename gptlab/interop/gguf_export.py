@@ -99,9 +99,9 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 def tokenizer_fields(tok: Tokenizer, n_vocab: int) -> dict:
     """tokens, token types, merges and special ids as llama.cpp's vocabulary reads them: byte-level BPE
     ("gpt2") for a bpe tokenizer, SentencePiece ("llama") for a char tokenizer."""
-    if tok.kind == "char":
-        return _char_fields(tok, n_vocab)
     spec = json.loads(tok.hf.to_str())
+    if tok.kind == "char":
+        return _char_fields(tok, spec, n_vocab)
     pre = spec.get("pre_tokenizer") or {}
     pieces = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     gpt2_like = (
@@ -120,23 +120,21 @@ def tokenizer_fields(tok: Tokenizer, n_vocab: int) -> dict:
         if re.search(r"[0-9]", text) and not re.fullmatch(r" ?[0-9]", text):
             raise GptlabError(f"cannot export this tokenizer to GGUF: merge {m!r} joins a digit to other text, "
                               "so llama.cpp's GPT-2 pre-tokenizer would split numbers differently")
-    fields = _vocab_fields(tok, n_vocab, lambda t: t, lambda t: 1)
+    fields = _vocab_fields(tok, spec, n_vocab, lambda t: t, lambda t: 1)
     return {**fields, "model": "gpt2", "merges": merges}
 
 
-def _char_fields(tok: Tokenizer, n_vocab: int) -> dict:
-    vocab = tok.hf.get_vocab(with_added_tokens=True)
-    if SPM_SPACE in vocab:
+def _char_fields(tok: Tokenizer, spec: dict, n_vocab: int) -> dict:
+    if tok.hf.token_to_id(SPM_SPACE) is not None:
         raise GptlabError(f"cannot export this char tokenizer to GGUF: it has a token for {SPM_SPACE!r}, the "
                           "character llama.cpp's SentencePiece vocabulary uses for a space")
     # 6 = byte (<0xNN>, llama.cpp's fallback for a character with no token), 1 = normal.
-    fields = _vocab_fields(tok, n_vocab, lambda t: t.replace(" ", SPM_SPACE),
+    fields = _vocab_fields(tok, spec, n_vocab, lambda t: t.replace(" ", SPM_SPACE),
                            lambda t: 6 if _BYTE_TOKEN.fullmatch(t) else 1)
     return {**fields, "model": "llama", "merges": None}
 
 
-def _vocab_fields(tok: Tokenizer, n_vocab: int, spell, kind_of) -> dict:
-    spec = json.loads(tok.hf.to_str())
+def _vocab_fields(tok: Tokenizer, spec: dict, n_vocab: int, spell, kind_of) -> dict:
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= n_vocab:
         raise GptlabError(f"tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} rows")
