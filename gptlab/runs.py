@@ -23,6 +23,7 @@ from gptlab.errors import GptlabError
 from gptlab.io import atomic_write_bytes, atomic_write_json, read_json
 from gptlab.model.gpt import GPT, GPTConfig
 from gptlab.model.heads import ScalarHeadModel
+from gptlab.model.rope import stretch_positions
 from gptlab.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -148,18 +149,60 @@ def pretraining_sources(run_dir: str | Path, max_hops: int = 8) -> list[str] | N
     return None
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", with_heads: bool = False):
-    """(model, tokenizer, config) of a finished or in-progress run; ``with_heads`` adds the head tensors."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", with_heads: bool = False,
+             context: dict | None = None):
+    """(model, tokenizer, config) of a finished or in-progress run; ``with_heads`` adds the head tensors.
+
+    ``context`` ({"block_size", "scaling", "factor"}, any of them) loads the model at another context
+    length or RoPE scaling than recorded (``GPTConfig.with_context``); a learned position table is
+    interpolated to the new length (``stretch_positions``)."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     model_cfg = GPTConfig.from_dict(cfg["model"])
+    if context:
+        model_cfg = model_cfg.with_context(**context)
     tok = Tokenizer.load(run_dir)
     model = GPT(model_cfg)
-    heads = load_gpt_weights(model, load_tensors(run_dir / MODEL_FILE), str(run_dir / MODEL_FILE))
+    tensors = load_tensors(run_dir / MODEL_FILE)
+    wpe = tensors.get("transformer.wpe.weight")
+    if wpe is not None and wpe.shape[0] != model_cfg.block_size:
+        tensors["transformer.wpe.weight"] = stretch_positions(wpe, model_cfg.block_size)
+    heads = load_gpt_weights(model, tensors, str(run_dir / MODEL_FILE))
     model.to(device).eval()
     if with_heads:
         return model, tok, cfg, heads
     return model, tok, cfg
+
+
+def add_context_args(p, several: bool = False) -> None:
+    """--context / --rope-scaling / --rope-factor: load a run at another context than it was trained at.
+    ``several``: --rope-scaling takes a list (the passkey eval compares scalings side by side)."""
+    from gptlab.model.rope import SCALINGS
+    g = p.add_argument_group("context (long-context inference)")
+    g.add_argument("--context", type=int, default=None, metavar="N",
+                   help="context window in tokens (default: the run's, or --rope-factor x its training context)")
+    g.add_argument("--rope-scaling", choices=("none",) + SCALINGS, default=None,
+                   nargs="+" if several else None,
+                   help="RoPE scaling to apply instead of the run's own (modern/fast): none = plain RoPE; "
+                   "linear = position interpolation; ntk = NTK-aware base change; yarn = YaRN"
+                   + ("; several compare side by side" if several else ""))
+    g.add_argument("--rope-factor", type=float, default=None, metavar="F",
+                   help="context multiple the scaling is tuned for (with --rope-scaling)")
+
+
+def context_from_args(args, scaling: str | None = "keep") -> dict | None:
+    """The ``context`` argument of load_run for these flags (``scaling``: one of a --rope-scaling list)."""
+    if scaling == "keep" and not isinstance(args.rope_scaling, list):
+        scaling = args.rope_scaling or "keep"
+    if args.context is not None and args.context < 1:
+        raise GptlabError("--context must be positive")
+    if args.rope_factor is not None and not args.rope_factor >= 1:
+        raise GptlabError("--rope-factor must be at least 1")
+    if scaling not in ("keep", "none") and args.rope_factor is None:
+        raise GptlabError(f"--rope-scaling {scaling} needs --rope-factor F (the context multiple, e.g. 4)")
+    if args.context is None and scaling == "keep" and args.rope_factor is None:
+        return None
+    return {"block_size": args.context, "scaling": scaling, "factor": args.rope_factor}
 
 
 def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu", flag: str | None = None):

@@ -43,6 +43,14 @@ def _run_mixture(args) -> int:
     return 0
 
 
+def _run_passkey(args) -> int:
+    from gptlab.data import passkey
+    path = passkey.write_documents(args.out, args.n, args.min_chars, args.max_chars, args.seed)
+    print(f"wrote {args.n:,} passkey documents of {args.min_chars}-{args.max_chars} characters "
+          f"({path.stat().st_size / 1e6:.1f} MB) to {path}")
+    return 0
+
+
 def _run_prepare(args) -> int:
     from gptlab.data.tokens import TokenDataset
     t0 = time.time()
@@ -91,6 +99,19 @@ def register(sub) -> None:
                    "dictionary look-up kind, 'repeat' the copied lines), e.g. lookup=6,en2zh=2,zh2en=2; "
                    "adds _w<hash> to the name")
     m.set_defaults(func=_run_mixture)
+
+    k = dsub.add_parser("passkey", help="generate passkey-retrieval documents (long-context training)",
+                        description="Write JSONL documents of repeated filler with a 5-digit pass key "
+                        "hidden at a random depth, ending with the question and its answer (Mohtashami & "
+                        "Jaggi 2023). Mix them with ordinary text to teach a small model to retrieve; "
+                        "`gptlab eval RUN --passkey` then measures retrieval at 1x-8x its context.")
+    k.add_argument("--out", required=True, metavar="FILE", help="JSONL file to write")
+    k.add_argument("--n", type=int, default=20000, help="number of documents (default 20000)")
+    k.add_argument("--min-chars", type=int, default=100, help="shortest document (default 100)")
+    k.add_argument("--max-chars", type=int, default=250,
+                   help="longest document (default 250; keep it at or under the training context)")
+    k.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    k.set_defaults(func=_run_passkey)
 
     r = dsub.add_parser("prepare", help="tokenize corpora into the token cache",
                         description="Tokenize each --data source into GPTLAB_HOME/tokens/<hash>/ "

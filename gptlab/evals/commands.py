@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -20,10 +21,12 @@ def parse_shots(spec: str) -> list[int]:
     return shots
 
 
-def _load(run_dir: str, device: str):
+def _load(run_dir: str, device: str, args=None):
+    """A run for evaluation; ``args`` carries --context/--rope-scaling/--rope-factor overrides."""
     from gptlab.device import pick_device
-    from gptlab.runs import load_run
-    model, tok, cfg = load_run(run_dir, pick_device(device))
+    from gptlab.runs import context_from_args, load_run
+    ctx = context_from_args(args, (args.rope_scaling or ["keep"])[0]) if args is not None else None
+    model, tok, cfg = load_run(run_dir, pick_device(device), context=ctx)
     return model, tok, cfg
 
 
@@ -132,7 +135,83 @@ def plot_shots(res: dict, out: Path) -> None:
 
 
 # ----- eval ----------------------------------------------------------------------------------------
+def parse_floats(spec: str, flag: str, lowest: float, highest: float | None = None) -> list[float]:
+    try:
+        vals = [float(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise GptlabError(f"{flag} {spec!r}: expected comma-separated numbers") from None
+    if not vals or any(not (lowest <= v <= (highest if highest is not None else math.inf)) for v in vals):
+        rng = f"{lowest:g}..{highest:g}" if highest is not None else f">= {lowest:g}"
+        raise GptlabError(f"{flag} {spec!r}: give one or more numbers in {rng}")
+    return vals
+
+
+def _run_passkey(args) -> int:
+    """Passkey retrieval by depth x length, and loss against position, for each run x scaling."""
+    from gptlab.device import pick_device
+    from gptlab.evals import passkey
+    from gptlab.model.gpt import GPTConfig
+    from gptlab.runs import context_from_args, load_run, read_run_config
+    if not args.out:
+        raise GptlabError("--out DIR is required for --passkey (results.json, results.md, two PNGs)")
+    if args.keys < 1:
+        raise GptlabError("--keys must be at least 1")
+    multiples = parse_floats(args.lengths, "--lengths", 0.05)
+    depths = parse_floats(args.depths, "--depths", 0.0, 1.0)
+    scalings = args.rope_scaling or ["keep"]
+    res: dict = {"variants": {}}
+    taken: set[str] = set()
+    t0 = time.time()
+    for run_dir in args.run_dirs:
+        trained = GPTConfig.from_dict(read_run_config(run_dir)["model"]).trained_context
+        if res.setdefault("train_len", trained) != trained:
+            raise GptlabError(f"{run_dir}: trained at {trained} tokens, the first run at {res['train_len']}; "
+                              "compare runs of one training length")
+        longest = int(round(max(multiples) * trained))
+        base = _run_name(run_dir, taken)
+        for scaling in scalings:
+            ctx = context_from_args(args, scaling) or {}
+            ctx["block_size"] = max(longest + 16, args.context or 0)   # room for the answer tokens
+            model, tok, _ = load_run(run_dir, pick_device(args.device), context=ctx)
+            c = model.config
+            if not c.causal:
+                raise GptlabError(f"{run_dir}: a bert model cannot answer left to right")
+            label = base if len(scalings) == 1 and scaling == "keep" else (
+                f"{base}: {c.rope_scaling or 'plain'}" + (f" x{c.rope_factor:g}" if c.rope_scaling else ""))
+            print(f"{label}: passkey at {', '.join(f'{m:g}x' for m in multiples)} of {trained} tokens", flush=True)
+            grid = passkey.passkey_grid(
+                model, tok, trained, multiples, depths, args.keys, seed=args.seed, batch_size=args.batch_size,
+                progress=lambda n, d, a: print(f"  {n:>6} tokens, depth {d:4.2f}: {100 * a:5.1f}%", flush=True))
+            ids = passkey.eval_text_ids(tok, (longest + 1) * args.windows,
+                                        args.seed, _read_text(args.text) if args.text else None)
+            pos = passkey.loss_by_position(model, ids, longest, args.windows)
+            inside = [l for p, l in zip(pos["positions"], pos["loss"]) if p < trained]
+            beyond = [l for p, l in zip(pos["positions"], pos["loss"]) if p >= trained]
+            pos["inside"] = sum(inside) / len(inside)
+            pos["beyond"] = sum(beyond) / len(beyond) if beyond else pos["inside"]
+            res["variants"][label] = {"run": run_dir, "model": c.to_dict(), "passkey": grid, "position_loss": pos}
+            res.update(lengths=grid["lengths"], multiples=multiples, depths=depths, n=args.keys)
+    res["seconds"] = round(time.time() - t0, 1)
+    out = Path(args.out)
+    atomic_write_json(out / "results.json", res)
+    atomic_write_text(out / "results.md", passkey.results_markdown(res))
+    passkey.plot_heatmaps(res, out / "passkey_heatmap.png")
+    passkey.plot_position_loss(res, out / "loss_vs_position.png")
+    print("\n" + passkey.results_markdown(res))
+    print(f"wrote {out}/results.json, results.md, passkey_heatmap.png, loss_vs_position.png ({res['seconds']:.0f}s)")
+    return 0
+
+
+def _read_text(path) -> str:
+    from gptlab.evals.perplexity import read_text_file
+    return read_text_file(path)
+
+
 def run_eval(args) -> int:
+    if args.passkey:
+        return _run_passkey(args)
+    if args.rope_scaling and len(args.rope_scaling) > 1:
+        raise GptlabError("several --rope-scaling values compare side by side only with --passkey")
     if args.text:
         return _run_perplexity(args)
     if not args.out:
@@ -153,7 +232,7 @@ def run_eval(args) -> int:
     t0 = time.time()
     for run_dir in args.run_dirs:
         name = _run_name(run_dir, taken)
-        model, tok, _ = _load(run_dir, args.device)
+        model, tok, _ = _load(run_dir, args.device, args)
         per_task = res["runs"].setdefault(name, {})
         for tname in names:
             if tname not in tasks:   # the same items and demonstrations for every run
@@ -187,7 +266,7 @@ def _run_perplexity(args) -> int:
     taken: set[str] = set()
     for run_dir in args.run_dirs:
         name = _run_name(run_dir, taken)
-        model, tok, _ = _load(run_dir, args.device)
+        model, tok, _ = _load(run_dir, args.device, args)
         r = perplexity(model, tok, text, stride=args.stride, batch_size=args.batch_size)
         rows[name] = r
         print(f"{name}: {r['tokens']:,} tokens, {r['bytes']:,} bytes: loss {r['loss']:.4f} nats/token, "
@@ -250,6 +329,20 @@ def register(sub) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="--text: tokens between sliding windows (default half the context)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    g = p.add_argument_group("passkey retrieval (long context)")
+    g.add_argument("--passkey", action="store_true",
+                   help="passkey retrieval by needle depth x context length, and loss against position; "
+                   "writes results.json, results.md, passkey_heatmap.png, loss_vs_position.png to --out")
+    g.add_argument("--lengths", default="1,2,4,8", metavar="M,...",
+                   help="--passkey: context lengths as multiples of the run's training context")
+    g.add_argument("--depths", default="0,0.25,0.5,0.75,1", metavar="D,...",
+                   help="--passkey: needle depths (0 = start of the filler, 1 = just before the question)")
+    g.add_argument("--keys", type=int, default=20, help="--passkey: keys (prompts) per depth x length cell")
+    g.add_argument("--windows", type=int, default=8,
+                   help="--passkey: windows of the longest length averaged for loss against position "
+                   "(text: --text, else fresh passkey documents)")
+    from gptlab.runs import add_context_args
+    add_context_args(p, several=True)
     p.set_defaults(func=run_eval)
 
     f = sub.add_parser(

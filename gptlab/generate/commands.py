@@ -57,12 +57,13 @@ def count_forward_passes(engine) -> list[int]:
     return calls
 
 
-def load_for_generation(run_dir, device: str = "auto"):
-    """(engine, tokenizer, model config) of a causal LM run; bert cannot generate left to right."""
+def load_for_generation(run_dir, device: str = "auto", context: dict | None = None):
+    """(engine, tokenizer, model config) of a causal LM run; bert cannot generate left to right.
+    ``context``: another context length / RoPE scaling than the run's (runs.load_run)."""
     from gptlab.device import pick_device
     from gptlab.generate.engine import Engine
     from gptlab.runs import load_run
-    model, tok, _ = load_run(run_dir, pick_device(device))
+    model, tok, _ = load_run(run_dir, pick_device(device), context=context)
     if not model.config.causal:
         raise GptlabError(f"{run_dir}: a {model.config.arch} model is bidirectional and cannot generate text; "
                           "use `gptlab fill` for cloze predictions")
@@ -74,7 +75,8 @@ def run(args) -> int:
     if args.num_samples < 1:
         raise GptlabError("--num-samples must be >= 1")
     prompts = read_prompts(args)
-    engine, tok, _ = load_for_generation(args.run_dir, args.device)
+    from gptlab.runs import context_from_args
+    engine, tok, _ = load_for_generation(args.run_dir, args.device, context_from_args(args))
     ids = [encode_prompt(tok, p, args.chat, args.run_dir) for p in prompts]
 
     def params(i: int) -> SamplingParams:
@@ -144,4 +146,6 @@ def register(sub) -> None:
                    help="recompute the full context for every token (reference path; implies --no-stream)")
     p.add_argument("--no-stream", action="store_true", help="print the text when it is complete")
     add_sampling_args(p)
+    from gptlab.runs import add_context_args
+    add_context_args(p)
     p.set_defaults(func=run)

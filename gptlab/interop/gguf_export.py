@@ -235,6 +235,9 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, wtype: str = "f16", p
     model, tok, run_cfg = runs.load_run(run_dir)
     cfg = model.config
     arch = gguf_arch(cfg)
+    if cfg.rope_scaling is not None:   # each runtime spells YaRN's ramp and temperature its own way
+        raise GptlabError(f"{run_dir}: RoPE scaling ({cfg.rope_scaling} x{cfg.rope_factor:g}) does not "
+                          "export yet; export the run before the context extension")
     fields = tokenizer_fields(tok, cfg.vocab_size)
     tensors = gguf_tensors(model, arch)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

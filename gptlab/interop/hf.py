@@ -171,6 +171,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     """Write ``run_dir``'s model as a transformers checkpoint folder; returns a short summary."""
     model, tok, run_cfg = runs.load_run(run_dir)
     cfg = model.config
+    if cfg.rope_scaling is not None:   # each runtime spells YaRN's ramp and temperature its own way
+        raise GptlabError(f"{run_dir}: RoPE scaling ({cfg.rope_scaling} x{cfg.rope_factor:g}) does not "
+                          "export yet; export the run before the context extension")
     if cfg.arch in NO_HF_EQUIVALENT:
         raise GptlabError(f"arch {cfg.arch} has no Hugging Face equivalent ({NO_HF_EQUIVALENT[cfg.arch]}); "
                           f"only {', '.join(EXPORTABLE)} models can be exported")

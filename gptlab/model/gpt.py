@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
 from gptlab.model.fused import linear_cross_entropy
+from gptlab.model.rope import SCALINGS, attention_factor, inv_frequencies
 
 ARCHS = ("gpt1", "gpt2", "gpt3", "modern", "fast", "bert")
 # Far beyond any real model (GPT-3 175B: vocab 50k, context 2k, width 12k, 96 layers), small enough that
@@ -62,6 +63,10 @@ class GPTConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     qk_norm: bool = False          # RMSNorm on each head's queries and keys (fast)
+    # Long context (gptlab/model/rope.py): how RoPE stretches past the length it was trained at.
+    rope_scaling: str | None = None       # linear | ntk | yarn; None: plain RoPE
+    rope_factor: float = 1.0              # context multiple the scaling is tuned for
+    rope_original_context: int | None = None   # the training length the factor refers to (None: block_size)
 
     def __post_init__(self):
         self._check_types()
@@ -80,6 +85,15 @@ class GPTConfig:
             raise GptlabError("RoPE needs an even head dimension (n_embd / n_head)")
         if not 0.0 <= self.dropout < 1.0:
             raise GptlabError("dropout must be in [0, 1)")
+        if self.rope_scaling is not None and self.rope_scaling not in SCALINGS:
+            raise GptlabError(f"unknown rope_scaling {self.rope_scaling!r} (choose from {', '.join(SCALINGS)})")
+        if self.rope_scaling is not None and not self.rope:
+            raise GptlabError(f"RoPE scaling needs a RoPE architecture (modern, fast); {self.arch} learns "
+                              "its position table (extend it with `gptlab pretrain --init RUN --block-size N`)")
+        if self.rope_factor < 1.0:
+            raise GptlabError(f"rope_factor must be at least 1 (got {self.rope_factor})")
+        if self.rope_original_context is not None and self.rope_original_context <= 0:
+            raise GptlabError("rope_original_context must be positive")
 
     def _check_types(self) -> None:
         """Each field of the type (and size) it must have: a config.json edited by hand fails here with
@@ -141,6 +155,30 @@ class GPTConfig:
         if self.swiglu:  # keep FFN parameters ~ equal to the 4x GELU FFN
             return 64 * math.ceil(8 * self.n_embd / 3 / 64)
         return 4 * self.n_embd
+
+    @property
+    def trained_context(self) -> int:
+        """The length positions were first learned at, which context multiples and scalings refer to."""
+        return self.rope_original_context or self.block_size
+
+    def with_context(self, block_size: int | None = None, scaling: str | None = "keep",
+                     factor: float | None = None) -> "GPTConfig":
+        """This config at another context length and/or RoPE scaling ("none": plain RoPE; "keep":
+        as recorded). A scaling without a block size gets factor x the trained context."""
+        d = self.to_dict()
+        if scaling != "keep":
+            d["rope_scaling"] = None if scaling in (None, "none") else scaling
+        if factor is not None:
+            d["rope_factor"] = float(factor)
+        if d["rope_scaling"] is None:
+            d["rope_factor"] = 1.0
+        if self.rope:
+            d["rope_original_context"] = self.trained_context
+        if block_size is None and d["rope_scaling"] is not None:
+            block_size = max(self.block_size, round(self.trained_context * d["rope_factor"]))
+        if block_size is not None:
+            d["block_size"] = int(block_size)
+        return GPTConfig.from_dict(d)
 
     def is_sparse_layer(self, layer: int) -> bool:
         return self.arch == "gpt3" and layer % 2 == 1
@@ -260,12 +298,16 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: str | None = None, factor: float = 1.0,
+                original_context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position tables [L, hd] for ``apply_rope``: cos of each pair's angle, and its sin signed for
-    the first half (-sin) and second half (+sin), so a rotation is two multiplies and one add."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    the first half (-sin) and second half (+sin), so a rotation is two multiplies and one add.
+    ``scaling``/``factor`` stretch the frequencies past the training context (gptlab/model/rope.py);
+    YaRN's attention temperature rides on the tables (queries and keys both carry its square root)."""
+    inv_freq = inv_frequencies(head_dim, theta, scaling, factor, original_context)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [L, hd/2]
-    cos, sin = angles.cos(), angles.sin()
+    m = attention_factor(scaling, factor)
+    cos, sin = angles.cos() * m, angles.sin() * m
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
@@ -413,10 +455,11 @@ class CausalSelfAttention(nn.Module):
 
         mask, is_causal = None, False
         if cache is None:
-            if self.band is not None:
-                mask = band_mask(T, T, self.band, x.device)
-            else:
-                is_causal = self.cfg.causal
+            if self.band is not None:   # only the band is computed: time and memory linear in T
+                y = banded_attention(q, k, v, self.band, self.cfg.dropout if self.training else 0.0)
+                y = _linear(self, "c_proj", y.transpose(1, 2).contiguous().view(B, T, C))
+                return self.resid_dropout(y) if self.training else y
+            is_causal = self.cfg.causal
         else:
             # Write the new keys/values at each row's own positions, then attend over the filled part.
             k, v = step.write_and_read(cache.layer_k[self.layer], cache.layer_v[self.layer], k, v)
@@ -462,6 +505,44 @@ def band_mask(Tq: int, Tk: int, band: int, device) -> torch.Tensor:
         j = torch.arange(Tk, device=device)[None, :]
         _BAND_MASKS[key] = (j <= i) & (j > i - band)
     return _BAND_MASKS[key]
+
+
+_BLOCK_MASKS: dict = {}
+
+
+def banded_attention(q, k, v, band: int, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention of each query over the ``band`` keys ending at its own position (query i
+    sees keys i-band+1 .. i), computing only those: the sequence is cut into blocks of ``band``
+    tokens and each block attends to itself and the block before it, which holds every key any of
+    its queries may see. 2 * band scores per query instead of T, so a long sequence costs time and
+    memory linear in its length (masking a full T x T product, as ``band_mask`` does, saves nothing).
+    The result equals masked dense attention with ``band_mask``."""
+    B, H, T, hd = q.shape
+    if T <= 2 * band:   # the whole sequence is within two blocks: nothing to skip
+        return attend(q, k, v, band_mask(T, T, band, q.device), dropout=dropout)
+    if k.size(1) != H:   # grouped keys/values: one per query head for the blocked layout
+        k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    n = -(-T // band)
+    pad = n * band - T
+    if pad:   # padded queries are dropped at the end; padded keys sit after every real query
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    qb = q.view(B, H, n, band, hd)
+
+    def with_previous(t):   # [B, H, n, 2 * band, hd]: block j-1 then block j (zeros before block 0)
+        t = t.view(B, H, n, band, hd)
+        return torch.cat([F.pad(t, (0, 0, 0, 0, 1, 0))[:, :, :-1], t], dim=3)
+    key = (n, band, str(q.device))
+    if key not in _BLOCK_MASKS:
+        i = torch.arange(band, device=q.device)[:, None]
+        r = torch.arange(2 * band, device=q.device)[None, :]
+        m = ((r > i) & (r <= band + i)).expand(n, band, 2 * band).clone()   # key r of [prev, own]
+        m[0, :, :band] = False   # block 0 has no previous block
+        _BLOCK_MASKS[key] = m
+    y = F.scaled_dot_product_attention(qb, with_previous(k), with_previous(v), attn_mask=_BLOCK_MASKS[key],
+                                       dropout_p=dropout)
+    return y.reshape(B, H, n * band, hd)[:, :, :T]
 
 
 class MLP(nn.Module):
@@ -526,7 +607,8 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if cfg.rope:
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling,
+                                   cfg.rope_factor, cfg.trained_context)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)

@@ -96,8 +96,22 @@ def run(args) -> int:
         raise GptlabError(f"--out {out}: is a file; give a run folder to write")
     torch.manual_seed(args.seed)
     if args.init:
-        model, tok, _ = runs.load_run(args.init)
+        # Continued training at a longer context: the run's weights under the new length and RoPE
+        # scaling (a learned position table is interpolated to it), then the same loop as ever.
+        factor = args.rope_factor
+        if args.rope_scaling not in (None, "none") and factor is None:
+            if args.block_size is None:
+                raise GptlabError(f"--rope-scaling {args.rope_scaling} needs --rope-factor F or --block-size N")
+            from gptlab.model.gpt import GPTConfig
+            trained = GPTConfig.from_dict(runs.read_run_config(args.init)["model"]).trained_context
+            factor = max(1.0, args.block_size / trained)
+        context = {"block_size": args.block_size, "scaling": args.rope_scaling or "keep", "factor": factor}
+        changed = args.block_size is not None or args.rope_scaling is not None or args.rope_factor is not None
+        model, tok, _ = runs.load_run(args.init, context=context if changed else None)
         model_cfg = model.config
+    elif args.rope_scaling not in (None, "none"):
+        raise GptlabError("--rope-scaling applies to continued training (--init RUN): a model trained "
+                          "from scratch at a length needs no stretching to it")
     else:
         if not args.tokenizer:
             raise GptlabError("--tokenizer is required (or --init a run to continue from)")
@@ -157,7 +171,14 @@ def register(sub) -> None:
     p.add_argument("--data", nargs="+", default=["shakespeare"], metavar="SOURCE[:WEIGHT]")
     p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (gptlab tokenizer train)")
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--init", default=None, help="start from this run's weights (continued pre-training)")
+    p.add_argument("--init", default=None, help="start from this run's weights (continued pre-training); "
+                   "with a larger --block-size: continued training at the longer context")
+    from gptlab.model.rope import SCALINGS
+    p.add_argument("--rope-scaling", choices=("none",) + SCALINGS, default=None,
+                   help="with --init: RoPE scaling to train the longer context with (modern/fast; "
+                   "recorded in config.json, so sample/eval/chat/serve apply it too)")
+    p.add_argument("--rope-factor", type=float, default=None, metavar="F",
+                   help="with --rope-scaling: context multiple (default --block-size / the run's training context)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each source held out for validation")
     p.add_argument("--no-sample", action="store_true", help="skip the sample printed at the end")
     p.add_argument("--workers", type=int, default=None, metavar="N",
