@@ -139,7 +139,7 @@ def test_module_map_lists_every_module_and_only_real_paths():
     ("gptlab.runs.load_run(run_dir, device, ...)", None, False),
     ("gptlab.runs.no_such_function(x)", None, True),
     ("load_run(path)", "gptlab.runs", True),                            # a wrong parameter name
-    ("load_run(run_dir, device=\"cpu\", with_heads=False)", "gptlab.runs", False),
+    ("load_run(run_dir, device=\"cpu\", with_heads=False, context=None)", "gptlab.runs", False),
     ("gptlab.no_such_module", None, True),
 ])
 def test_the_check_catches_a_wrong_signature(span, module, wrong):
