@@ -91,6 +91,18 @@ def test_target_loss_stops_and_records_time(tmp_path, corpus_file, tok_dir):
     runs.load_run(out)   # the stopped run is a complete run folder
 
 
+def test_target_evaluates_often_only_near_it(tmp_path, corpus_file, tok_dir):
+    # No regular evaluation before step 1000: every evaluation comes from the near-target rule, which
+    # must start late (not at step 10) and then catch the first crossing within 10 steps.
+    out = tmp_path / "run"
+    assert _pretrain(corpus_file, tok_dir, out, "--max-steps", "300", "--eval-every", "1000", "--lr", "3e-3",
+                     "--optimizer", "muon", "--target-loss", "4.0") == 0
+    s = json.loads((out / "summary.json").read_text())
+    steps = [r["step"] for r in _rows(out) if "val_loss" in r]
+    assert s["steps_to_target"] == steps[-1] and all(t % 10 == 0 for t in steps)
+    assert steps[0] > 10 and len(steps) < s["steps_to_target"] // 10
+
+
 def test_target_not_reached_and_eval_every_seconds(tmp_path, corpus_file, tok_dir):
     out = tmp_path / "run"
     assert _pretrain(corpus_file, tok_dir, out, "--max-steps", "12", "--eval-every", "1000",

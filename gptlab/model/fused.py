@@ -65,7 +65,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None
 
 
-@torch.compiler.disable   # data-dependent row handling; compiled models call it as one opaque op
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets`` without materialising all logits.

@@ -783,8 +783,12 @@ class GPT(nn.Module):
     fused_loss = os.environ.get("GPTLAB_FUSED_LOSS", "1") != "0"
 
     def _fused_loss(self, h: torch.Tensor) -> bool:
+        # Not under torch.compile: its rows are handled data-dependently, and the compiler fuses the
+        # plain path itself. (Checked here rather than with torch.compiler.disable on the kernel,
+        # whose decoration imports the compiler: 1.3 s at start-up of every command.)
         return (self.fused_loss and h.device.type == "cpu" and h.dtype == torch.float32
-                and torch.is_grad_enabled() and h.requires_grad and self.lm_head.bias is None)
+                and torch.is_grad_enabled() and h.requires_grad and self.lm_head.bias is None
+                and not torch.compiler.is_compiling())
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         if not self.config.causal:   # the cached paths attend causally and skip the segment embeddings

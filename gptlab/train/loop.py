@@ -45,7 +45,10 @@ from gptlab.train.memory import checkpoint_blocks
 from gptlab.train.trackers import TRACKERS, Trackers
 
 
-NEAR_TARGET = 0.1   # nats: train loss this close to --target-loss switches to evaluating every 10 steps
+# With --target-loss: once the val loss predicted from the smoothed train loss (plus the val - train
+# gap seen at the last evaluation) is this close to the target, evaluate every 10 steps.
+NEAR_TARGET = 0.03   # nats
+TRAIN_EMA = 0.9      # smoothing of the per-step train loss for that prediction (~10 steps)
 
 
 @dataclass
@@ -288,6 +291,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
     window_t, window_tokens = time.perf_counter(), 0
     last_train, last_val, last_eval = None, None, {}
     last_eval_t, reached = t_start, None
+    train_ema, val_gap = None, 0.0
     step = start_step
     while step < cfg.max_steps:
         lr = lr_at(cfg, step)
@@ -314,6 +318,8 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                 window_tokens += count_tokens(batch) * d.world
         if not math.isfinite(loss_sum):
             raise GptlabError(f"loss became {loss_sum} at step {step}; lower --lr or check the data")
+        step_loss = loss_sum / cfg.grad_accum
+        train_ema = step_loss if train_ema is None else TRAIN_EMA * train_ema + (1 - TRAIN_EMA) * step_loss
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -327,10 +333,11 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         is_last = step == cfg.max_steps
         elapsed = elapsed0 + time.perf_counter() - t_start
         out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
-        # With a target, evaluate every 10 steps once the training loss is near it: the time to target
-        # is then precise without paying for frequent evaluations the whole run.
-        near_target = (cfg.target_loss is not None and last_train is not None and step % 10 == 0
-                       and last_train <= cfg.target_loss + NEAR_TARGET)
+        # With a target, evaluate every 10 steps once the val loss is predicted near it: the time to
+        # target is then precise without paying for frequent evaluations the whole run. (On one
+        # process; under DDP the ranks' smoothed losses differ, so they keep the regular cadence.)
+        near_target = (cfg.target_loss is not None and d.world == 1 and step % 10 == 0
+                       and train_ema + val_gap <= cfg.target_loss + NEAR_TARGET)
         do_eval = (step % cfg.eval_every == 0 or is_last or out_of_time or near_target
                    or _eval_due(cfg, last_eval_t, d, device))
         if step % cfg.log_every == 0 or do_eval:
@@ -356,6 +363,8 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                 last_eval = evaluate()
                 last_eval_t = time.perf_counter()
                 last_val = last_eval.get("val_loss", last_val)
+                if "val_loss" in last_eval:
+                    val_gap = last_eval["val_loss"] - train_ema
                 row.update(last_eval)
                 if cfg.target_loss is not None and last_val is not None and last_val <= cfg.target_loss:
                     # The clock includes every evaluation so far, this one too.

@@ -188,5 +188,5 @@ def register(sub) -> None:
     # blocks' matrices, AdamW at 3e-3 elsewhere, batch 12, short warm-up, constant lr, then a linear
     # cool-down to 0 over the last 40% of the steps.
     add_train_args(p, max_steps=500, batch_size=12, lr=3e-3, warmup_steps=30, eval_every=100,
-                   ckpt_every=100, optimizer=None, muon_lr=0.04, schedule="wsd", min_lr_ratio=0.0)
+                   ckpt_every=250, optimizer=None, muon_lr=0.04, schedule="wsd", min_lr_ratio=0.0)
     p.set_defaults(func=run)
