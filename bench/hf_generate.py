@@ -13,6 +13,7 @@ The script also checks that both produced the same tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -29,7 +30,7 @@ from gptlab.generate.engine import Engine, SamplingParams  # noqa: E402
 from gptlab.interop.hf import export_hf  # noqa: E402
 from gptlab.model.gpt import GPT, GPTConfig  # noqa: E402
 from gptlab.tokenizer import Tokenizer  # noqa: E402
-from gptlab.train import checkpoint as ckpt  # noqa: E402
+from gptlab import runs as ckpt  # noqa: E402
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="keep the run folders here (e.g. for `gptlab bench serve DIR/small-gpt2`)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
           f"thread(s), CPU, batch 1, greedy, {args.new_tokens} new tokens, tokenizer {tok.vocab_size} tokens, "
           f"median of {args.repeats}")
     print(f"{'preset':<7}{'arch':<8}{'params':>9}{'gptlab tok/s':>14}{'HF tok/s':>11}{'ratio':>8}  same tokens")
-    with tempfile.TemporaryDirectory() as tmp:
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         for preset in args.presets:
             for arch in args.archs:
                 r = bench_one(preset, arch, tok, args.new_tokens, args.repeats, Path(tmp))

@@ -25,3 +25,20 @@ def test_bench_train_and_generate_report_mfu_speedup_and_the_hardware(tmp_path, 
     assert gen["speedup"] == pytest.approx(gen["tokens_per_s_cache"] / gen["tokens_per_s_no_cache"], rel=0.02)
     printed = capsys.readouterr().out
     assert train["hardware"] in printed and "MFU" in printed and "with KV cache" in printed
+
+
+def test_hf_generate_script_runs_both_libraries_on_the_same_weights(tmp_path, capsys, one_thread):
+    # bench/hf_generate.py is what BENCHMARKS' decode rows quote; it imported a module that had been
+    # renamed and nothing noticed. Tiny shape, 8 tokens: both sides must emit the same tokens.
+    import importlib.util
+    from pathlib import Path
+    pytest.importorskip("transformers")
+    path = Path(__file__).resolve().parents[1] / "bench" / "hf_generate.py"
+    spec = importlib.util.spec_from_file_location("hf_generate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--presets", "tiny", "--archs", "gpt2", "--new-tokens", "8", "--repeats", "1",
+                     "--keep", str(tmp_path)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")][0]
+    assert row.split()[-1] == "True"   # same tokens
+    assert (tmp_path / "tiny-gpt2" / "model.safetensors").is_file()
