@@ -84,9 +84,37 @@ def bench_one(preset: str, arch: str, tok: Tokenizer, new_tokens: int, repeats: 
         times_h.append(len(out_h) / th)
     n = min(len(out_g), len(out_h))
     return {"preset": preset, "arch": arch, "params_m": model.num_params() / 1e6, "prompt": len(ids),
+            "weight_bytes": weight_bytes_per_token(model),
             "gptlab_tokens": len(out_g), "hf_tokens": len(out_h),
             "gptlab_tps": statistics.median(times_g), "hf_tps": statistics.median(times_h),
             "same_tokens": out_g[:n] == out_h[:n]}
+
+
+def weight_bytes_per_token(model: GPT) -> int:
+    """Bytes of weights one decoding step must read: every parameter except the embedding tables, of
+    which a step reads one row each, plus the LM head (the token table again when tied)."""
+    tr = model.transformer
+    tables = [m.weight for m in tr.modules() if isinstance(m, torch.nn.Embedding)]
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    skipped = sum(t.numel() * t.element_size() for t in tables)
+    head = model.lm_head.weight
+    tied = any(head is t for t in tables)
+    return total - skipped + (head.numel() * head.element_size() if tied else 0)
+
+
+def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s this process reads from memory: the best of ``repeats`` sums over a buffer far larger
+    than any cache (a STREAM-style read test, on the same threads as the decoding)."""
+    buf = torch.ones(mb * (1 << 20) // 4)
+    buf.sum()
+    best = min(_timed_sum(buf) for _ in range(repeats))
+    return buf.numel() * 4 / best
+
+
+def _timed_sum(buf: torch.Tensor) -> float:
+    t = time.perf_counter()
+    buf.sum()
+    return time.perf_counter() - t
 
 
 def main(argv=None) -> int:
@@ -107,13 +135,17 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} "
           f"thread(s), CPU, batch 1, greedy, {args.new_tokens} new tokens, tokenizer {tok.vocab_size} tokens, "
           f"median of {args.repeats}")
-    print(f"{'preset':<7}{'arch':<8}{'params':>9}{'gptlab tok/s':>14}{'HF tok/s':>11}{'ratio':>8}  same tokens")
+    bw = read_bandwidth()
+    print(f"memory read bandwidth {bw / 1e9:.1f} GB/s; '% bw' = weight bytes per token x tok/s / bandwidth")
+    print(f"{'preset':<7}{'arch':<8}{'params':>9}{'gptlab tok/s':>14}{'HF tok/s':>11}{'ratio':>8}"
+          f"{'% bw':>7}  same tokens")
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         for preset in args.presets:
             for arch in args.archs:
                 r = bench_one(preset, arch, tok, args.new_tokens, args.repeats, Path(tmp))
                 print(f"{r['preset']:<7}{r['arch']:<8}{r['params_m']:>8.2f}M{r['gptlab_tps']:>14.1f}"
-                      f"{r['hf_tps']:>11.1f}{r['gptlab_tps'] / r['hf_tps']:>7.2f}x  {r['same_tokens']}"
+                      f"{r['hf_tps']:>11.1f}{r['gptlab_tps'] / r['hf_tps']:>7.2f}x"
+                      f"{100 * r['weight_bytes'] * r['gptlab_tps'] / bw:>6.0f}%  {r['same_tokens']}"
                       + (f" (gptlab stopped at {r['gptlab_tokens']})" if r["gptlab_tokens"] < args.new_tokens else ""),
                       flush=True)
     return 0

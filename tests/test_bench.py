@@ -42,3 +42,11 @@ def test_hf_generate_script_runs_both_libraries_on_the_same_weights(tmp_path, ca
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny")][0]
     assert row.split()[-1] == "True"   # same tokens
     assert (tmp_path / "tiny-gpt2" / "model.safetensors").is_file()
+    # Bytes a decoding step reads: tied gpt2 reads its token table once (as the head), not its
+    # position table; untied fast reads the head but not the token table.
+    from gptlab.model.gpt import GPT, GPTConfig
+    g = GPT(GPTConfig.preset("tiny", "gpt2", vocab_size=128))
+    m = GPT(GPTConfig.preset("tiny", "fast", vocab_size=128))
+    assert mod.weight_bytes_per_token(g) == 4 * (g.num_params() - g.transformer.wpe.weight.numel())
+    untied = 4 * (sum(p.numel() for p in m.parameters()) - m.transformer.wte.weight.numel())
+    assert mod.weight_bytes_per_token(m) == untied
