@@ -93,6 +93,9 @@ def load_gpt_weights(model: GPT, tensors: dict[str, torch.Tensor], source: str) 
     tied = model.config.tie_embeddings
     missing = [k for k in expected if k not in own and not (tied and k == "lm_head.weight")]
     unexpected = [k for k in own if k not in expected]
+    if any(k.startswith("vision.") for k in unexpected) and model.vision is None:
+        raise GptlabError(f"{source}: holds a vision encoder (vision.*) but the run config has no 'vision' "
+                          "section")
     if missing or unexpected:
         raise GptlabError(f"{source}: weights do not match the config (missing: {missing[:3]}, "
                           f"unexpected: {unexpected[:3]})")
@@ -163,6 +166,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", with_heads
         model_cfg = model_cfg.with_context(**context)
     tok = Tokenizer.load(run_dir)
     model = GPT(model_cfg)
+    if cfg.get("vision") is not None:   # a vision-language run: its encoder's weights are vision.*
+        from gptlab.model.vision import VisionConfig, attach_vision
+        attach_vision(model, VisionConfig.from_dict(cfg["vision"]))
     tensors = load_tensors(run_dir / MODEL_FILE)
     wpe = tensors.get("transformer.wpe.weight")
     if wpe is not None and wpe.shape[0] != model_cfg.block_size:

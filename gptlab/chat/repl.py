@@ -18,11 +18,13 @@ from typing import Callable, TextIO
 from gptlab.errors import GptlabError
 from gptlab.generate.engine import Engine, SamplingParams
 from gptlab.io import atomic_write_jsonl
+from gptlab.model.vision import image_tokens, stack_pictures
 from gptlab.tokenizer.chat_template import fit_prompt
 
 HELP = """commands:
   /system TEXT   set the system message (empty TEXT removes it)
   /temp X        set the sampling temperature (0 = greedy)
+  /image PATH    show the model a picture with your next message (a vision run)
   /reset         forget the conversation (keeps the system message)
   /save FILE     save the conversation as JSONL in the conversations format
   /quit          leave (also Ctrl-D); Ctrl-C stops an answer"""
@@ -42,6 +44,8 @@ class ChatSession:
         self.out = out or sys.stdout
         self.user_prompt, self.bot_prompt = user_prompt, bot_prompt
         self.truncations = 0
+        self.pending: list[dict] = []        # pictures for the next user message
+        self.image_tokens = image_tokens(engine.model)
 
     # ----- conversation state -------------------------------------------------------------------
     @property
@@ -59,11 +63,27 @@ class ChatSession:
         self.out.flush()
 
     # ----- one turn -----------------------------------------------------------------------------
+    def attach(self, path: str) -> bool:
+        """Read a picture for the next message; False (and a notice) when it cannot be used."""
+        from gptlab.data.images import pixels_of, read_image_file
+        if not self.image_tokens:
+            self.say("[this model is text-only (it has no vision encoder), so it cannot take images]")
+            return False
+        try:
+            img = read_image_file(path, self.engine.model.vision.config.image_size)
+        except GptlabError as e:
+            self.say(f"[{e}]")
+            return False
+        self.pending.append({"type": "image", "pixels": pixels_of(img), "path": path})
+        self.say(f"[picture {path} attached to your next message]")
+        return True
+
     def reply(self, user_text: str) -> str | None:
         """Add a user turn, stream the answer (Ctrl-C keeps what came so far); None if it cannot fit."""
-        self.turns.append({"role": "user", "content": user_text})
+        content = self.pending + [{"type": "text", "text": user_text}] if self.pending else user_text
+        self.turns.append({"role": "user", "content": content})
         try:
-            fitted = fit_prompt(self.tok, self.messages, self.prompt_budget(), self.tools)
+            fitted = fit_prompt(self.tok, self.messages, self.prompt_budget(), self.tools, self.image_tokens)
         except GptlabError:
             self.turns.pop()
             self.say(f"[message too long: it does not fit the {self.engine.block_size}-token context window "
@@ -76,12 +96,14 @@ class ChatSession:
             self.say(f"[history truncated: dropped the {fitted.dropped} oldest message(s) to fit the "
                      f"{self.engine.block_size}-token context window"
                      + ("; the system message is kept]" if self.system else "]"))
+        self.pending = []
         self.out.write(self.bot_prompt)
         self.out.flush()
-        if self.toolbox:
+        pictures = stack_pictures(fitted.messages)
+        if self.toolbox and pictures is None:
             return self._reply_with_tools(fitted.messages)
         parts: list[str] = []
-        stream = self.engine.stream(fitted.ids, self.params)
+        stream = self.engine.stream(fitted.ids, self.params, images=pictures)
         try:
             for ev in stream:
                 if ev.text:
@@ -149,11 +171,16 @@ class ChatSession:
                 self.say("[nothing to save yet]")
             else:
                 try:
-                    atomic_write_jsonl(arg, [{"messages": self.messages}])
+                    atomic_write_jsonl(arg, [{"messages": [_savable(m) for m in self.messages]}])
                 except OSError as e:
                     self.say(f"[cannot save to {arg}: {e.strerror or e}]")
                 else:
                     self.say(f"[saved {len(self.turns)} message(s) to {arg}]")
+        elif name == "/image":
+            if not arg:
+                self.say("[usage: /image PATH]")
+            else:
+                self.attach(arg)
         elif name == "/help":
             self.say(HELP)
         else:
@@ -183,6 +210,14 @@ class ChatSession:
                     return 0
                 continue
             self.reply(line)
+
+
+def _savable(m: dict) -> dict:
+    """A message as JSON can hold it: a picture becomes an image_url part naming its file."""
+    if isinstance(m["content"], str):
+        return m
+    return {**m, "content": [{"type": "image_url", "image_url": {"url": p["path"]}} if p["type"] == "image" else p
+                             for p in m["content"]]}
 
 
 def setup_readline(history_file) -> None:

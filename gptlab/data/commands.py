@@ -127,6 +127,9 @@ def register(sub) -> None:
                    "run keeps its finished shards and the next one encodes only the rest")
     r.set_defaults(func=_run_prepare)
 
+    from gptlab.data.images import register_parser as add_images_parser
+    add_images_parser(dsub)
+
     try:
         from gptlab.data.instruct import add_instruct_parser
     except ModuleNotFoundError as e:

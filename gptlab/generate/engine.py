@@ -8,6 +8,9 @@
 * Text is produced incrementally: a delta is held back while it could still be the start of a stop
   string or ends inside a multi-byte character.
 * When a row fills the context window it slides: the cache row is rebuilt from the last half window.
+* Pictures: a prompt may come with images ([n, 3, S, S] pixels) for the ``<|image|>`` tokens in it
+  (model/vision.py); they are read at prefill. A row that shows pictures does not slide (cutting a
+  picture's tokens would leave the model an image it cannot place): it ends with "length".
 * Tools: ``ToolTurn`` is one assistant turn that may call tools. Generation stops at the call's opening
   token, the call is generated up to its closing token, the tool runs (``gptlab.tools.ToolBox``: time
   and size limits, failures as text), its result is appended and generation resumes, up to a per-turn
@@ -132,8 +135,10 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], gens: list
 class _Row:
     """One sequence being generated: its context, output, text so far and what ends it."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], tok, sink=None):
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int], tok, sink=None,
+                 images: torch.Tensor | None = None):
         self.context = list(prompt)
+        self.images = images if images is not None and len(images) else None
         self.prompt_tokens = len(prompt)
         self.params = params
         self.stop_ids = (set() if params.ignore_eos else stop_ids) | set(params.stop_ids or [])
@@ -222,13 +227,17 @@ class Engine:
 
     # ----- low-level steps ----------------------------------------------------------------------
     @torch.inference_mode()
-    def _prefill(self, cache, slot: int, context: list[int]) -> torch.Tensor:
+    def _prefill(self, cache, slot: int, context: list[int], images: torch.Tensor | None = None) -> torch.Tensor:
         """Reset ``slot`` and run ``context`` (cropped to the window) into it; return its last logits."""
         keep = context[-(self.block_size - 1):] if len(context) >= self.block_size else context
+        if images is not None:
+            if len(keep) < len(context):
+                raise GptlabError(f"a prompt with pictures must fit in the context window ({self.block_size} tokens)")
+            images = images.to(self.device)
         cache.reset([slot])
         idx = torch.tensor([keep], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            h = self.model.hidden(idx, cache=cache, rows=[slot])
+            h = self.model.hidden(idx, cache=cache, rows=[slot], images=images)
             return self.model.lm_logits(h[:, -1]).float()[0]
 
     @torch.inference_mode()
@@ -239,10 +248,13 @@ class Engine:
         return logits.view(len(slots), -1)   # one row comes back as a vector
 
     @torch.inference_mode()
-    def _full_forward(self, context: list[int]) -> torch.Tensor:
+    def _full_forward(self, context: list[int], images: torch.Tensor | None = None) -> torch.Tensor:
+        if images is not None and len(context) > self.block_size:
+            raise GptlabError(f"a prompt with pictures must fit in the context window ({self.block_size} tokens)")
         idx = torch.tensor([context[-self.block_size:]], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            return self.model.lm_logits(self.model.hidden(idx)[:, -1]).float()[0]
+            h = self.model.hidden(idx, images=None if images is None else images.to(self.device))
+            return self.model.lm_logits(h[:, -1]).float()[0]
 
     def _step_rows(self, cache, active: dict[int, _Row]) -> None:
         """Advance every live row by one token (sliding rows whose window is full)."""
@@ -250,6 +262,9 @@ class Engine:
         full = [s for s in active if lengths[s] >= self.block_size]
         for s in full:  # rebuild from the last half window, then sample from that
             row = active[s]
+            if row.images is not None:
+                row._finish("length", row.text())
+                continue
             logits = self._prefill(cache, s, row.context[-(self.block_size // 2):])
             row.push(sample_token(logits, row.params, row.gen))
         # Sorted: consecutive cache rows let attention read the cache through views instead of gathers.
@@ -262,11 +277,13 @@ class Engine:
 
     # ----- public API ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 use_cache: bool = True) -> list[Completion]:
-        """Complete each prompt (ids); one batch, rows freed as they finish."""
+                 use_cache: bool = True, images: list | None = None) -> list[Completion]:
+        """Complete each prompt (ids); one batch, rows freed as they finish. ``images``: per prompt, the
+        pixels [n, 3, S, S] of its pictures (or None)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         stop = self.default_stop_ids()
-        rows = [_Row(self._check_prompt(p), sp, stop, self.tok) for p, sp in zip(prompts, plist)]
+        pics = images or [None] * len(prompts)
+        rows = [_Row(self._check_prompt(p), sp, stop, self.tok, images=im) for p, sp, im in zip(prompts, plist, pics)]
         with self.lock:
             if use_cache:
                 self._run_cached(rows)
@@ -274,17 +291,18 @@ class Engine:
                 self._run_uncached(rows)
         return [r.completion() for r in rows]
 
-    def stream(self, prompt: list[int], params: SamplingParams):
+    def stream(self, prompt: list[int], params: SamplingParams, images: torch.Tensor | None = None):
         """Yield TokenEvents for one prompt as tokens are produced (last one has finish_reason)."""
         events: list[TokenEvent] = []
-        row = _Row(self._check_prompt(prompt), params, self.default_stop_ids(), self.tok, sink=events.append)
+        row = _Row(self._check_prompt(prompt), params, self.default_stop_ids(), self.tok, sink=events.append,
+                   images=images)
         yield from events
         events.clear()
         if row.finish:
             return
         with self.lock:
             cache = self.model.new_cache(1)
-            row.push(sample_token(self._prefill(cache, 0, row.context), row.params, row.gen))
+            row.push(sample_token(self._prefill(cache, 0, row.context, row.images), row.params, row.gen))
             while True:
                 yield from events
                 events.clear()
@@ -314,7 +332,7 @@ class Engine:
         cache = self.model.new_cache(len(rows))
         for s, row in enumerate(rows):
             if row.finish is None:
-                row.push(sample_token(self._prefill(cache, s, row.context), row.params, row.gen))
+                row.push(sample_token(self._prefill(cache, s, row.context, row.images), row.params, row.gen))
         while True:
             active = {s: r for s, r in enumerate(rows) if r.finish is None}
             if not active:
@@ -325,14 +343,14 @@ class Engine:
         """Reference path: recompute the whole (cropped) context for every token."""
         for row in rows:
             while row.finish is None:
-                row.push(sample_token(self._full_forward(row.context), row.params, row.gen))
+                row.push(sample_token(self._full_forward(row.context, row.images), row.params, row.gen))
 
 
 class Request:
     """A request in the scheduler: iterate (or ``aiter``) for TokenEvents; ``cancel`` frees its slot."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams):
-        self.prompt, self.params = prompt, params
+    def __init__(self, prompt: list[int], params: SamplingParams, images: torch.Tensor | None = None):
+        self.prompt, self.params, self.images = prompt, params, images
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.done = False
@@ -389,10 +407,10 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="gptlab-scheduler", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, images: torch.Tensor | None = None) -> Request:
         if self.closed:
             raise RuntimeError("scheduler is closed")
-        req = Request(self.engine._check_prompt(prompt), params)
+        req = Request(self.engine._check_prompt(prompt), params, images)
         self.waiting.put(req)
         self.wake.set()
         return req
@@ -417,7 +435,7 @@ class Scheduler:
                 req.put(TokenEvent("", None, "cancelled"))
                 continue
             slot = next(s for s in range(self.max_batch) if s not in self.active)
-            row = _Row(req.prompt, req.params, stop, self.engine.tok)
+            row = _Row(req.prompt, req.params, stop, self.engine.tok, images=req.images)
 
             def sink(ev, req=req, row=row):
                 if ev.finish_reason is not None:   # the result is ready before the last event is seen
@@ -427,7 +445,13 @@ class Scheduler:
             if row.finish is not None:             # e.g. max_new_tokens == 0
                 sink(TokenEvent("", None, row.finish))
             if row.finish is None:
-                logits = self.engine._prefill(self.cache, slot, row.context)
+                try:
+                    logits = self.engine._prefill(self.cache, slot, row.context, row.images)
+                except GptlabError:   # e.g. pictures but no vision encoder: this request fails alone
+                    row.finish = "error"
+                    req.completion = row.completion()
+                    req.put(TokenEvent("", None, "error"))
+                    continue
                 row.push(sample_token(logits, row.params, row.gen))
             if row.finish is None:
                 self.active[slot] = (req, row)

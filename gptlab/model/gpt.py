@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from gptlab.errors import GptlabError
 from gptlab.model.fused import linear_cross_entropy
 from gptlab.model.rope import SCALINGS, attention_factor, inv_frequencies
+from gptlab.model.vision import place_images
 
 ARCHS = ("gpt1", "gpt2", "gpt3", "modern", "fast", "bert")
 # Far beyond any real model (GPT-3 175B: vocab 50k, context 2k, width 12k, 96 layers), small enough that
@@ -606,6 +607,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self.vision = None   # an image encoder (model/vision.py) when the run was trained to see
         if cfg.rope:
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling,
                                    cfg.rope_factor, cfg.trained_context)
@@ -632,19 +634,22 @@ class GPT(nn.Module):
 
     # ----- forward ------------------------------------------------------------------------------
     def hidden(self, idx: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
-               rows: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+               images: torch.Tensor | None = None) -> torch.Tensor:
         """Final (normed) hidden states [B, T, n_embd]; heads and the LM head read these.
 
         With a cache, ``rows`` picks the cache rows of this batch (default: the first B rows) and
         positions continue from each row's length; the cache lengths are advanced by T.
         ``segments`` ([B, T] of 0/1, bert only) marks sentence A and B; default: all A.
+        ``images`` ([N, 3, S, S] pixels) replace the embeddings of the ``<|image|>`` tokens, in reading
+        order (model/vision.py); a text-only model refuses them.
         """
         B, T = idx.shape
         cfg = self.config
         step = None
         if cache is not None:
             rows = list(range(B)) if rows is None else (rows.tolist() if torch.is_tensor(rows) else list(rows))
-            if T == 1 and not (self.training and cfg.dropout > 0):   # one token per row: the fast path
+            if T == 1 and images is None and not (self.training and cfg.dropout > 0):   # the fast path
                 return self.decode(idx[:, 0], cache, rows).view(B, 1, -1)
             lengths = cache.lengths
             step = cache.plan(rows, [lengths[r] for r in rows], T, idx.device)
@@ -653,6 +658,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than the context window {cfg.block_size}")
             pos = torch.arange(T, device=idx.device)[None, :].expand(B, T)
         x = self.transformer.wte(idx)
+        if images is not None:
+            x = place_images(self.vision, x, idx, images)
         rope = None
         if cfg.rope:
             if step is not None and step.start is not None:   # rows in lockstep: slices, no gathers
@@ -766,9 +773,9 @@ class GPT(nn.Module):
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return _dense(h, self._modules["lm_head"]._parameters["weight"])
 
-    def forward(self, idx, targets=None, ignore_index: int = -100, segments=None):
+    def forward(self, idx, targets=None, ignore_index: int = -100, segments=None, images=None):
         """Logits for every position, and the mean cross-entropy against ``targets`` when given."""
-        h = self.hidden(idx, segments=segments)
+        h = self.hidden(idx, segments=segments, images=images)
         if targets is not None and self._fused_loss(h):
             # Training on CPU: LM head and loss fused, no [tokens, vocab] logits (model/fused.py).
             flat = h.reshape(-1, h.size(-1))

@@ -9,6 +9,7 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from gptlab.model.vision import stack_pictures
 from gptlab.tokenizer.chat_template import fit_prompt, has_chat_tokens
 from gptlab.errors import GptlabError
 from gptlab.serve.protocol import APIError, Sampling, bad
@@ -31,6 +32,10 @@ class Backend:
         self.max_batch = max_batch
         self.created = int(time.time())
         self.scheduler = engine.scheduler(max_batch=max_batch)
+        vision = getattr(engine.model, "vision", None)
+        # A picture takes image_tokens positions of the prompt; 0: a text-only model, which refuses them.
+        self.image_tokens = vision.config.n_tokens if vision is not None else 0
+        self.image_size = vision.config.image_size if vision is not None else 0
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", max_batch: int = 16) -> "Backend":
@@ -45,22 +50,40 @@ class Backend:
     def busy_slots(self) -> int:
         return self.scheduler.busy_slots
 
-    def submit(self, prompt_ids: list[int], params):
-        return self.scheduler.submit(prompt_ids, params)
+    def submit(self, prompt_ids: list[int], params, images=None):
+        return self.scheduler.submit(prompt_ids, params, images)
 
     def close(self) -> None:
         self.scheduler.close()
 
 
-def _fit(backend, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
+def decode_pictures(backend, messages: list[dict]) -> None:
+    """Give every image part of ``messages`` its pixels (uint8 [3, S, S]); bad images -> 400."""
+    from gptlab.data.images import decode_image, pixels_of
+    k = getattr(backend, "image_tokens", 0)
+    for m in messages:
+        for p in m["content"] if isinstance(m["content"], list) else ():
+            if p["type"] != "image" or "pixels" in p:
+                continue
+            if not k:
+                raise bad("this model is text-only (it has no vision encoder), so it cannot take images",
+                          p.get("where", "messages"), "image_not_supported")
+            try:
+                p["pixels"] = pixels_of(decode_image(p["data"], "the image", backend.image_size))
+            except GptlabError as e:
+                raise bad(f"{p.get('where', 'messages')}: {e}", p.get("where", "messages"), "invalid_image") from None
+
+
+def _fit(backend, messages: list[dict], max_tokens: int):
     if not has_chat_tokens(backend.tok):
         raise bad("this model's tokenizer has no chat tokens; use /v1/completions", "messages")
+    decode_pictures(backend, messages)
     ctx = backend.context_size
     what = "the last message alone does not fit"
     for budget in (ctx - min(max_tokens, ctx // 4), ctx - 1):
         try:
-            fitted = fit_prompt(backend.tok, messages, budget)
-            return fitted.ids, fitted.dropped
+            fitted = fit_prompt(backend.tok, messages, budget, image_tokens=getattr(backend, "image_tokens", 0))
+            return fitted.ids, fitted.dropped, stack_pictures(fitted.messages)
         except GptlabError as e:
             if "system message" in str(e):
                 what = "the system message does not fit"
@@ -68,8 +91,9 @@ def _fit(backend, messages: list[dict], max_tokens: int) -> tuple[list[int], int
               "context_length_exceeded")
 
 
-async def fit_chat(backend, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
-    """Prompt ids for ``messages`` and how many old turns were dropped to fit the context window.
+async def fit_chat(backend, messages: list[dict], max_tokens: int):
+    """Prompt ids for ``messages``, how many old turns were dropped to fit the context window, and the
+    pixels of the pictures left in it (None without any).
 
     Aim to leave room for the answer (up to a quarter of the window); if only the bare prompt fits, use
     that (the engine slides its window while answering); if not even the last message fits: 400.
@@ -87,9 +111,12 @@ def finish_reason(reason: str | None) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
-def submit(backend, prompts: list[list[int]], s: Sampling) -> list:
-    """n requests per prompt; choice index = prompt * n + j."""
+def submit(backend, prompts: list[list[int]], s: Sampling, images=None) -> list:
+    """n requests per prompt; choice index = prompt * n + j. ``images``: the pixels of the (one)
+    prompt's pictures."""
     try:
+        if images is not None:
+            return [backend.submit(p, s.params(j), images=images) for p in prompts for j in range(s.n)]
         return [backend.submit(p, s.params(j)) for p in prompts for j in range(s.n)]
     except RuntimeError as e:   # the scheduler is closed: the server is shutting down
         raise APIError(503, f"server unavailable ({e})", type="server_error") from None

@@ -47,9 +47,9 @@ COMPLETIONS_DOC = _body_schema({**_SAMPLING_DOC, "echo": {"type": "boolean"}, "p
     {"type": "array", "items": {"type": "integer"}}]}}, ["model", "prompt"])
 
 
-async def _run(backend, prompts, s: Sampling, request: Request) -> tuple[list[str], list[str], int]:
+async def _run(backend, prompts, s: Sampling, request: Request, images=None) -> tuple[list[str], list[str], int]:
     """Generate every choice to the end: (texts, finish reasons, completion tokens)."""
-    reqs = submit(backend, prompts, s)
+    reqs = submit(backend, prompts, s, images)
     texts, reasons = [""] * len(reqs), ["stop"] * len(reqs)
     async for i, ev in drain(reqs, request):
         texts[i] += ev.text
@@ -67,11 +67,11 @@ def _usage(prompt_tokens: int, completion: int) -> dict:
 
 
 async def _stream(backend, prompts, s: Sampling, request: Request, chunk, prompt_tokens: int,
-                  prefix: list[str] | None = None):
+                  prefix: list[str] | None = None, images=None):
     """SSE body shared by both endpoints; ``chunk(index, text, finish, first)`` shapes one event."""
     reqs, texts = [], []
     try:
-        reqs = submit(backend, prompts, s)
+        reqs = submit(backend, prompts, s, images)
         texts = [""] * len(reqs)
         for i in range(len(reqs)):
             yield sse(chunk(i, prefix[i // s.n] if prefix else "", None, True))
@@ -209,8 +209,10 @@ def router(backend, limits: Limits) -> APIRouter:
         messages = parse_messages(body["messages"], limits)
         s = parse_sampling(body, limits)
         if functions.uses_tools(body, backend) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            if any(isinstance(m["content"], list) for m in messages):
+                raise bad("images and tools in one request are not supported", "messages")
             return await _chat_with_tools(backend, body, messages, s, model, request)
-        ids, dropped = await fit_chat(backend, messages, s.max_tokens)
+        ids, dropped, images = await fit_chat(backend, messages, s.max_tokens)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         headers = {"x-gptlab-truncated-turns": str(dropped)}
         if s.stream:
@@ -222,10 +224,10 @@ def router(backend, limits: Limits) -> APIRouter:
                 if s.include_usage:
                     c["usage"] = None
                 return c
-            return StreamingResponse(_stream(backend, [ids], s, request, chunk, len(ids)),
+            return StreamingResponse(_stream(backend, [ids], s, request, chunk, len(ids), images=images),
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         try:
-            texts, reasons, used = await _run(backend, [ids], s, request)
+            texts, reasons, used = await _run(backend, [ids], s, request, images)
         except ClientGone:
             return Response(status_code=499)
         return JSONResponse({

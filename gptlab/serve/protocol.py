@@ -5,6 +5,8 @@ precise ``param`` and a 4xx status: bad input never yields a 500.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -27,6 +29,7 @@ class Limits:
     default_max_tokens: int = 512     # when a request does not say
     max_n: int = 8                    # choices per request
     max_prompts: int = 16             # legacy completions: prompts per request
+    max_images: int = 8               # pictures per request (each costs an encoder pass and context)
 
 
 # ----- errors in OpenAI's shape --------------------------------------------------------------------
@@ -282,6 +285,7 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
         raise bad(f"'messages' holds {len(raw)} messages; the limit is {limits.max_messages}", "messages")
     out: list[dict] = []
     call_ids: set[str] = set()
+    images = 0
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -295,14 +299,14 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
         content = m.get("content")
         if content is None and role == "assistant" and m.get("tool_calls"):
             content = ""   # a message that only calls tools
-        if isinstance(content, list):   # content parts: only text is understood
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad(f"{where}.content[{j}]: only text parts are supported", f"{where}.content")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
+        if isinstance(content, list):   # content parts: text, and pictures in a user turn
+            content = parse_parts(content, where, role)
+            images += sum(1 for p in content if p["type"] == "image")
+            if images > limits.max_images:
+                raise bad(f"at most {limits.max_images} images per request", f"{where}.content")
+            if all(p["type"] == "text" for p in content):
+                content = "".join(p["text"] for p in content)
+        if not isinstance(content, (str, list)):
             raise bad(f"{where}.content must be a string", f"{where}.content", "invalid_type")
         if role == "system":
             if out and out[-1]["role"] != "system":
@@ -324,6 +328,45 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
         out.append(msg)
     if all(m["role"] == "system" for m in out):
         raise bad("'messages' needs at least one user or assistant message", "messages")
+    return out
+
+
+_DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[^,]*)?,", re.I)
+
+
+def parse_parts(content: list, where: str, role: str) -> list[dict]:
+    """OpenAI content parts -> [{"type": "text", "text"}, {"type": "image", "data": bytes, "where"}].
+
+    A picture must travel inside the request as a base64 ``data:`` URL: the server never fetches a URL
+    or opens a path a client names (that would let any client make it read its files or reach hosts
+    on its network). The bytes are decoded into pixels later, off the event loop."""
+    out = []
+    for j, part in enumerate(content):
+        w = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+            continue
+        if kind != "image_url":
+            raise bad(f"{w}: only text and image_url parts are supported", w)
+        if role != "user":
+            raise bad(f"{w}: only a user message may hold an image", w)
+        ref = part.get("image_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str):
+            raise bad(f"{w}.image_url.url must be a string", f"{w}.image_url", "invalid_type")
+        m = _DATA_URL.match(url[:200])
+        if not m:
+            raise bad(f"{w}: images must be sent as data: URLs (data:image/png;base64,...); this server fetches "
+                      "no URLs and reads no files", f"{w}.image_url", "invalid_image_url")
+        if not m.group(2) or "base64" not in m.group(2).lower():
+            raise bad(f"{w}: the data: URL must be base64-encoded (data:image/png;base64,...)", f"{w}.image_url",
+                      "invalid_image_url")
+        try:
+            data = base64.b64decode(url[m.end():], validate=True)
+        except (binascii.Error, ValueError):
+            raise bad(f"{w}: the image is not valid base64", f"{w}.image_url", "invalid_image_url") from None
+        out.append({"type": "image", "data": data, "where": w})
     return out
 
 

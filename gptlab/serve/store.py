@@ -84,6 +84,18 @@ CREATE TABLE IF NOT EXISTS tool_runs (
 CREATE INDEX IF NOT EXISTS tool_runs_by_message ON tool_runs(message_id, id);
 """
 
+# Pictures a user attached to a message (the bytes as uploaded, already checked to decode), also a table
+# of its own created where missing.
+IMAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS message_images (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id  INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    mime        TEXT NOT NULL,
+    data        BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS message_images_by_message ON message_images(message_id, id);
+"""
+
 
 def default_db_path() -> Path:
     return gptlab_home() / "chat.sqlite3"
@@ -117,7 +129,7 @@ class Store:
             if version == 1:
                 self._migrate_v1()
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + TOOL_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};"
+            self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + TOOL_SCHEMA + IMAGE_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};"
                                    f"PRAGMA application_id={APPLICATION_ID};COMMIT;")
         except (sqlite3.DatabaseError, GptlabError) as e:
             if getattr(self, "_db", None) is not None:
@@ -266,6 +278,22 @@ class Store:
                     {"name": r["name"], "arguments": json.loads(r["arguments"]), "result": r["result"]})
         return out
 
+    def add_images(self, message_id: int, images: list[tuple[str, bytes]]) -> None:
+        """Attach pictures ((mime type, bytes) each, in order) to a message."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO message_images (message_id, mime, data) VALUES (?, ?, ?)",
+                           [(message_id, mime, sqlite3.Binary(data)) for mime, data in images])
+
+    def images(self, message_ids: list[int]) -> dict[int, list[tuple[str, bytes]]]:
+        """{message id: [(mime, bytes)]} for those of ``message_ids`` that hold pictures."""
+        out: dict[int, list[tuple[str, bytes]]] = {}
+        for i in range(0, len(message_ids), 500):
+            chunk = message_ids[i:i + 500]
+            for r in self._query(f"SELECT * FROM message_images WHERE message_id IN ({','.join('?' * len(chunk))}) "
+                                 "ORDER BY id", chunk):
+                out.setdefault(r["message_id"], []).append((r["mime"], bytes(r["data"])))
+        return out
+
     def get_message(self, mid: int) -> dict | None:
         return self._one("SELECT m.*, f.rating FROM messages m LEFT JOIN feedback f ON f.message_id = m.id "
                          "WHERE m.id = ?", (mid,))
@@ -291,11 +319,21 @@ class Store:
         last = self._one("SELECT max(id) AS id FROM messages WHERE conversation_id = ?", (conversation_id,))
         return self.path_to(last["id"] if last else None)
 
-    def chat_messages(self, conversation_id: int, upto: int | None) -> list[dict]:
-        """{role, content} list for the model: the system prompt, then the path to ``upto``."""
+    def chat_messages(self, conversation_id: int, upto: int | None, with_images: bool = False) -> list[dict]:
+        """{role, content} list for the model: the system prompt, then the path to ``upto``. With
+        ``with_images`` a message with pictures has content parts: its pictures ({"type": "image",
+        "data": bytes}), then its text."""
         conv = self.get_conversation(conversation_id)
         out = [{"role": "system", "content": conv["system_prompt"]}] if conv and conv["system_prompt"] else []
-        return out + [{"role": m["role"], "content": m["content"]} for m in self.path_to(upto)]
+        path = self.path_to(upto)
+        pics = self.images([m["id"] for m in path if m["role"] == "user"]) if with_images else {}
+        for m in path:
+            content = m["content"]
+            if m["id"] in pics:
+                content = [{"type": "image", "data": data} for _, data in pics[m["id"]]] + \
+                          [{"type": "text", "text": content}]
+            out.append({"role": m["role"], "content": content})
+        return out
 
     # ----- feedback -----------------------------------------------------------------------------
     def set_feedback(self, message_id: int, rating: int) -> dict | None:

@@ -8,6 +8,7 @@ that it happens even while the request is being torn down).
 """
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -18,8 +19,9 @@ from starlette.requests import Request
 from gptlab.errors import GptlabError
 from gptlab.serve import functions
 from gptlab.serve.backend import ClientGone, drain, finish_reason, fit_chat, submit
-from gptlab.serve.protocol import (SSE_HEADERS, APIError, Limits, Sampling, bad, is_int, not_found, parse_sampling,
-                                   read_json, row_id, sse)
+from gptlab.data.images import image_mime as _mime
+from gptlab.serve.protocol import (SSE_HEADERS, APIError, Limits, Sampling, parse_parts, bad, is_int, not_found,
+                                   parse_sampling, read_json, row_id, sse)
 from gptlab.serve.store import Store
 from gptlab.tokenizer.chat_template import max_token_chars
 
@@ -49,6 +51,21 @@ def _content(body: dict) -> str:
     if not isinstance(content, str) or not content.strip():
         raise bad("'content' must be a non-empty string", "content")
     return content
+
+
+def _pictures(body: dict) -> list[dict]:
+    """The message's attached pictures ('images': a list of data: URLs) as image parts; checked as the
+    API checks them (data: URLs only, at most a few, decoded before anything is stored)."""
+    urls = body.get("images") or []
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise bad("'images' must be a list of data: URLs", "images")
+    if len(urls) > 4:
+        raise bad("at most 4 images per message", "images")
+    return parse_parts([{"type": "image_url", "image_url": {"url": u}} for u in urls], "images", "user")
+
+
+def _data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 MAX_TITLE_CHARS = 200
@@ -119,18 +136,25 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
         thread = store.thread(cid)
         return thread[-1]["id"] if thread else None
 
-    async def prepare(cid: int, upto: int | None, s: Sampling, new_user: str | None = None, tools: bool = True):
-        """Prompt ids for the path to ``upto`` (plus a user message not stored yet): fit before storing,
-        so a message that can never fit is refused without leaving a dangling turn behind. With the
-        server's own tools, the conversation itself (the tool turn fits it, tools described)."""
-        messages = await db(store.chat_messages, cid, upto)
+    async def prepare(cid: int, upto: int | None, s: Sampling, new_user: str | None = None, tools: bool = True,
+                      pictures: list[dict] | None = None):
+        """Prompt ids for the path to ``upto`` (plus a user message not stored yet), and the pixels of
+        the pictures in it: fit before storing, so a message that can never fit (or a picture that
+        cannot be read) is refused without leaving a dangling turn behind. With the server's own
+        tools, the conversation itself (the tool turn fits it, tools described); a conversation with
+        pictures is answered without tools."""
+        messages = await db(store.chat_messages, cid, upto, True)
         if new_user is not None:
-            messages.append({"role": "user", "content": new_user})
-        ids, dropped = await fit_chat(backend, messages, s.max_tokens)
-        return (messages if tools and getattr(backend, "toolbox", None) else ids), dropped
+            messages.append({"role": "user", "content": (pictures or []) + [{"type": "text", "text": new_user}]
+                             if pictures else new_user})
+        ids, dropped, images = await fit_chat(backend, messages, s.max_tokens)
+        if images is None and tools and getattr(backend, "toolbox", None) and \
+                not any(isinstance(m["content"], list) for m in messages):
+            return messages, dropped, None
+        return ids, dropped, images
 
     async def reply_stream(request: Request, cid: int, parent_id: int, ids, dropped: int,
-                           s: Sampling, start: dict, regenerated_from: int | None = None):
+                           s: Sampling, start: dict, regenerated_from: int | None = None, images=None):
         """Stream one answer; store it when it ends, also when the user stops it (the fetch is aborted).
         ``ids`` is a conversation (a list of messages) when the server runs tools: each run is sent as a
         ``tool`` event and stored with the answer."""
@@ -148,7 +172,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
                         yield sse({"type": "tool", **runs[-1]})
                 finish = turn.finish_reason
             else:
-                req = submit(backend, [ids], s)[0]
+                req = submit(backend, [ids], s, images)[0]
                 async for _, ev in drain([req], request):
                     text += ev.text
                     finish = ev.finish_reason or finish
@@ -207,9 +231,12 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
             raise not_found("conversation", cid)
         thread = with_versions(store.thread(cid), store.messages(cid))
         runs = store.tool_runs([m["id"] for m in thread if m["role"] == "assistant"])
+        pics = store.images([m["id"] for m in thread if m["role"] == "user"])
         for m in thread:
             if m["id"] in runs:
                 m["tool_runs"] = runs[m["id"]]
+            if m["id"] in pics:
+                m["images"] = [_data_url(mime, data) for mime, data in pics[m["id"]]]
         pending = None
         if thread and thread[-1]["role"] == "user":
             open_ = [c for c in store.comparisons(cid) if c["message_id"] == thread[-1]["id"] and not c["choice"]]
@@ -224,11 +251,15 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
     async def post_message(cid: int, request: Request):
         await conversation(cid)
         body = await read_json(request)
-        content, s = _content(body), _web_sampling(body, limits)
+        content, s, pictures = _content(body), _web_sampling(body, limits), _pictures(body)
         parent = await db(leaf, cid)
-        ids, dropped = await prepare(cid, parent, s, content)
+        ids, dropped, images = await prepare(cid, parent, s, content, pictures=pictures)
         user = await db(store.add_message, cid, "user", content, parent_id=parent)
-        return sse_response(reply_stream(request, cid, user["id"], ids, dropped, s, {"user_message": user}))
+        if pictures:
+            await db(store.add_images, user["id"], [(_mime(p["data"]), p["data"]) for p in pictures])
+            user["images"] = [_data_url(_mime(p["data"]), p["data"]) for p in pictures]
+        return sse_response(reply_stream(request, cid, user["id"], ids, dropped, s, {"user_message": user},
+                                         images=images))
 
     @api.post("/messages/{mid}/regenerate", openapi_extra=_doc(**_SAMPLING))
     async def regenerate(mid: int, request: Request):
@@ -237,9 +268,9 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
             raise bad("only an assistant answer can be regenerated")
         body = await read_json(request)
         s = _web_sampling(body, limits)
-        ids, dropped = await prepare(old["conversation_id"], old["parent_id"], s)
+        ids, dropped, images = await prepare(old["conversation_id"], old["parent_id"], s)
         return sse_response(reply_stream(request, old["conversation_id"], old["parent_id"], ids, dropped, s,
-                                         {"regenerated_from": mid}, regenerated_from=mid))
+                                         {"regenerated_from": mid}, regenerated_from=mid, images=images))
 
     @api.post("/messages/{mid}/feedback", openapi_extra=_doc(rating={"type": "integer"}))
     async def feedback(mid: int, request: Request):
@@ -260,7 +291,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
             s.temperature = 1.0   # two greedy answers would be identical: nothing to compare
         s.n, s.seed = 2, None
         parent = await db(leaf, cid)
-        ids, dropped = await prepare(cid, parent, s, content, tools=False)   # side by side: plain answers
+        ids, dropped, images = await prepare(cid, parent, s, content, tools=False)   # side by side: plain answers
         user = await db(store.add_message, cid, "user", content, parent_id=parent)
         prompt = await db(store.chat_messages, cid, user["id"])
 
@@ -269,7 +300,7 @@ def router(backend, store: Store, limits: Limits) -> APIRouter:
             try:
                 yield sse({"type": "start", "user_message": user, "truncated_turns": dropped,
                            "temperature": s.temperature})
-                reqs = submit(backend, [ids], s)
+                reqs = submit(backend, [ids], s, images)
                 async for i, ev in drain(reqs, request):
                     texts[i] += ev.text
                     if ev.text:

@@ -22,6 +22,12 @@ Inside an assistant turn the tool tokens hold a call; between turns they hold a 
 its closing tokens are trained on; a result is not (the model must learn to ask, never to make up what
 a tool says).
 
+Pictures: a user turn's content may be a list of OpenAI-style parts, ``{"type": "text", "text": ...}``
+and ``{"type": "image_url", ...}`` (or ``{"type": "image"}``). Each picture becomes ``image_tokens``
+copies of ``<|image|>``, whose embeddings a vision model replaces with the picture's
+(model/vision.py); a tokenizer-level view needs only how many there are. With ``image_tokens`` 0 (a
+text-only model) a picture is refused.
+
 The same template is exported as a Jinja string (``CHAT_TEMPLATE_JINJA``) for Hugging Face tokenizers
 (conversations without tool calls).
 """
@@ -32,8 +38,8 @@ from dataclasses import dataclass
 
 from gptlab.data.formats import TRANSCRIPT_NAMES, check_tool_calls, render_transcript
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import (ASSISTANT_END, ASSISTANT_START, SYSTEM_END, SYSTEM_START, TOOL_END, TOOL_START,
-                              USER_END, USER_START, Tokenizer)
+from gptlab.tokenizer import (ASSISTANT_END, ASSISTANT_START, IMAGE, SYSTEM_END, SYSTEM_START, TOOL_END,
+                              TOOL_START, USER_END, USER_START, Tokenizer)
 from gptlab.tools import describe, format_call
 
 ROLES = {
@@ -75,8 +81,10 @@ def validate_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise GptlabError("messages must be a non-empty list")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise GptlabError(f"message {i} must be {{'role': system|user|assistant|tool, 'content': str}}")
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not (
+                isinstance(m.get("content"), str) or (m["role"] == "user" and _is_parts(m.get("content")))):
+            raise GptlabError(f"message {i} must be {{'role': system|user|assistant|tool, 'content': str}} "
+                              "(a user turn may hold a list of text and image parts)")
         if m["role"] == "system" and i != 0:
             raise GptlabError(f"message {i}: a system message may only come first")
         if m.get("tool_calls"):
@@ -84,6 +92,41 @@ def validate_messages(messages) -> list[dict]:
                 raise GptlabError(f"message {i}: only an assistant turn makes tool calls")
             check_tool_calls(m["tool_calls"], f"message {i}")
     return messages
+
+
+IMAGE_PART_TYPES = ("image", "image_url")
+
+
+def _is_parts(content) -> bool:
+    return isinstance(content, list) and all(
+        isinstance(p, dict) and (p.get("type") in IMAGE_PART_TYPES or
+                                 (p.get("type") == "text" and isinstance(p.get("text"), str))) for p in content)
+
+
+def content_text(m: dict) -> str:
+    """A message's text (the text parts of a list content, joined)."""
+    c = m["content"]
+    return c if isinstance(c, str) else "".join(p["text"] for p in c if p.get("type") == "text")
+
+
+def count_images(messages: list[dict]) -> int:
+    return sum(1 for m in messages if isinstance(m["content"], list)
+               for p in m["content"] if p.get("type") in IMAGE_PART_TYPES)
+
+
+def _encode_content(tok: Tokenizer, content, image_tokens: int) -> list[int]:
+    if isinstance(content, str):
+        return tok.encode(content)
+    ids: list[int] = []
+    for p in content:
+        if p["type"] == "text":
+            ids += tok.encode(p["text"])
+            continue
+        image_id = tok.special_id(IMAGE)
+        if image_tokens < 1 or image_id is None:
+            raise GptlabError("this model is text-only (it has no vision encoder), so it cannot take images")
+        ids += [image_id] * image_tokens
+    return ids
 
 
 def tool_preamble(tools: list[dict]) -> str:
@@ -101,11 +144,11 @@ def with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
     return [{"role": "system", "content": tool_preamble(tools)}] + list(messages)
 
 
-def _turn(tok: Tokenizer, m: dict) -> tuple[list[int], list[int]]:
+def _turn(tok: Tokenizer, m: dict, image_tokens: int = 0) -> tuple[list[int], list[int]]:
     """One message's ids and its SFT mask (assistant content, calls and closing tokens are trained on)."""
     start, end = _role_ids(tok, m["role"])
     train = 1 if m["role"] == "assistant" else 0
-    ids, mask = [start] + tok.encode(m["content"]), [0]
+    ids, mask = [start] + _encode_content(tok, m["content"], image_tokens), [0]
     mask += [train] * (len(ids) - 1)
     if m.get("tool_calls"):
         call_start, call_end = _role_ids(tok, "tool")
@@ -116,20 +159,22 @@ def _turn(tok: Tokenizer, m: dict) -> tuple[list[int], list[int]]:
     return ids + [end], mask + [train]
 
 
-def render(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+def render(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None,
+           image_tokens: int = 0) -> tuple[list[int], list[int]]:
     """Ids of a whole conversation and a 0/1 mask marking the tokens an SFT loss should train on."""
     ids: list[int] = []
     mask: list[int] = []
     for m in with_tools(validate_messages(messages), tools):
-        t_ids, t_mask = _turn(tok, m)
+        t_ids, t_mask = _turn(tok, m, image_tokens)
         ids += t_ids
         mask += t_mask
     return ids, mask
 
 
-def render_prompt(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+def render_prompt(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                  image_tokens: int = 0) -> list[int]:
     """Ids of the conversation so far plus ``<|assistant_start|>``: what generation continues."""
-    ids, _ = render(tok, messages, tools)
+    ids, _ = render(tok, messages, tools, image_tokens)
     return ids + [_role_ids(tok, "assistant")[0]]
 
 
@@ -144,7 +189,8 @@ class FittedPrompt:
     dropped: int          # how many of the oldest non-system turns were left out
 
 
-def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> FittedPrompt:
+def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int, tools: list[dict] | None = None,
+               image_tokens: int = 0) -> FittedPrompt:
     """Drop the oldest turns (keeping a leading system message) until the prompt fits ``max_tokens``.
 
     With ``tools`` their descriptions join the system turn, which is always kept.
@@ -167,7 +213,7 @@ def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int, tools: lis
     for m in reversed(rest):
         if _longer_than(m, room, widest):
             break
-        ids = _turn(tok, m)[0]
+        ids = _turn(tok, m, image_tokens)[0]
         if len(ids) > room:
             break
         kept.append(ids)
@@ -182,7 +228,7 @@ def fit_prompt(tok: Tokenizer, messages: list[dict], max_tokens: int, tools: lis
 def _longer_than(m: dict, room: int, widest: int) -> bool:
     """True when message ``m`` cannot fit in ``room`` tokens, judged by its length alone (no tokenising):
     each token stands for at most ``widest`` characters, so a longer text needs more tokens than fit."""
-    chars = len(m["content"]) + sum(len(format_call(c["name"], c["arguments"])) for c in m.get("tool_calls") or ())
+    chars = len(content_text(m)) + sum(len(format_call(c["name"], c["arguments"])) for c in m.get("tool_calls") or ())
     return room < 2 or chars > (room - 2) * widest
 
 
