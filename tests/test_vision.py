@@ -1,6 +1,7 @@
 """Pictures in, words out: the image data, the ViT + projector, the vision stage and the engine's image path."""
 import io
 import json
+import os
 import struct
 import zlib
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from conftest import user_error
+from test_browser import browser  # noqa: F401  (the headless Chromium fixture)
 from gptlab import runs
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPT, GPTConfig
@@ -320,3 +322,38 @@ def test_chat_repl_shows_a_picture(vision_run, capsys):
                 out=out).run()
     text = out.getvalue()
     assert f"gpt> {truth}" in text and "no such image file" in text
+
+
+@pytest.mark.browser
+def test_page_attaches_a_picture(vision_server, tmp_path, request):
+    """Headless Chromium: attach a PNG with the paper clip, ask, see the picture in the thread and the
+    model's answer about it."""
+    import base64
+    import test_browser
+    if not (os.path.exists(test_browser.CHROMIUM) and os.path.exists(test_browser.DRIVER)):
+        pytest.skip("needs /usr/bin/chromium and chromedriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    wait_for = test_browser.wait_for
+    pic = tmp_path / "green.png"
+    pic.write_bytes(base64.b64decode(_data_url("green").split(",", 1)[1]))
+    d = request.getfixturevalue("browser")
+    d.get(vision_server.url + "/")
+    wait_for(lambda: "context" in d.find_element(By.ID, "model-info").text)
+    d.find_element(By.ID, "temperature").send_keys(Keys.HOME)
+    d.find_element(By.ID, "image-input").send_keys(str(pic))
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#attachments img.picture"))
+    test_browser.shot(d, "vision-01-attached")
+    box = d.find_element(By.ID, "input")
+    box.send_keys("What colour is it?")
+    box.send_keys(Keys.ENTER)
+    wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".row.assistant[data-id] .thumb-up"), timeout=20)
+    test_browser.shot(d, "vision-02-answered")
+    assert d.find_elements(By.CSS_SELECTOR, ".row.user img.picture")
+    assert d.find_element(By.CSS_SELECTOR, ".row.assistant .msg").text.strip() == "green"
+    assert not d.find_elements(By.CSS_SELECTOR, "#attachments img.picture")   # sent, no longer pending
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, small_tokenizer):
+    assert "--n" in user_error(capsys, "data", "images", "--out", tmp_path / "p", "--n", "0")
+    assert "no such" in user_error(capsys, "vision", tmp_path / "nope", "--data", tmp_path / "p", "--out", tmp_path / "o")

@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { convs: [], current: null, controller: null, busy: false, health: null, systemDraft: "" };
+const state = { convs: [], current: null, controller: null, busy: false, health: null, systemDraft: "", pending: [] };
 
 const SVG = (path) => `<svg viewBox="0 0 24 24" fill="none" stroke="currentColor" stroke-width="2"
   stroke-linecap="round" stroke-linejoin="round" aria-hidden="true">${path}</svg>`;
@@ -185,9 +185,43 @@ function assistantActions(row, m) {
   row.append(bar);
 }
 
+// Pictures shown in a user's message (data: URLs, as the server stored and returns them).
+function addImages(row, urls) {
+  for (const url of urls || []) {
+    const img = el("img", "picture");
+    img.src = url;
+    img.alt = "attached picture";
+    row.querySelector(".msg").prepend(img);
+  }
+}
+
+// Pictures waiting to go with the next message: chosen with the paper clip or pasted into the box.
+function attachFile(file) {
+  if (!file || !file.type.startsWith("image/")) return;
+  if (file.size > 4 * 1024 * 1024) { notice("That picture is larger than 4 MB."); return; }
+  const reader = new FileReader();
+  reader.onload = () => { state.pending.push(reader.result); showPending(); };
+  reader.readAsDataURL(file);
+}
+
+function showPending() {
+  const box = $("#attachments");
+  box.replaceChildren();
+  state.pending.forEach((url, i) => {
+    const img = el("img", "picture pending");
+    img.src = url;
+    img.alt = "picture to send";
+    img.title = "Click to remove";
+    img.addEventListener("click", () => { state.pending.splice(i, 1); showPending(); });
+    box.append(img);
+  });
+  box.hidden = state.pending.length === 0;
+}
+
 function renderMessage(m) {
   const row = addRow(m.role, m.content);
   row.dataset.id = m.id;
+  addImages(row, m.images);
   for (const run of m.tool_runs || []) addToolRun(row, run);
   if (m.role === "assistant") {
     if (m.finish_reason === "stopped") row.querySelector(".msg").append(el("span", "stopped", m.content ? "  (stopped)" : "(stopped)"));
@@ -329,6 +363,7 @@ async function withStop(run) {
 async function send() {
   const text = $("#input").value;
   if (!text.trim() || state.busy) return;
+  const images = state.pending.slice();
   notice("");
   let id;
   try {
@@ -339,13 +374,15 @@ async function send() {
   }
   $("#input").value = "";
   autosize();
-  if ($("#compare-toggle").checked) return sendCompare(id, text);
-  addRow("user", text);
+  if ($("#compare-toggle").checked && !images.length) return sendCompare(id, text);
+  state.pending = [];
+  showPending();
+  addImages(addRow("user", text), images);
   const row = addRow("assistant", "");
   const msg = row.querySelector(".msg");
   msg.classList.add("streaming");
-  const stopped = await withStop((signal) => stream(`/api/conversations/${id}/messages`,
-    { content: text, ...settings() }, (ev) => {
+  const body = images.length ? { content: text, images, ...settings() } : { content: text, ...settings() };
+  const stopped = await withStop((signal) => stream(`/api/conversations/${id}/messages`, body, (ev) => {
       if (ev.type === "start") { showTruncation(ev.truncated_turns); loadConvs(); }   // the new title
       else if (ev.type === "delta") { msg.textContent += ev.text; scrollDown(); }
       else if (ev.type === "tool") addToolRun(row, ev);
@@ -456,6 +493,12 @@ async function start() {
   $("#system-toggle").addEventListener("click", () => { $("#system-panel").hidden = !$("#system-panel").hidden; });
   $("#system-save").addEventListener("click", saveSystem);
   $("#input").addEventListener("input", autosize);
+  $("#image-input").addEventListener("change", (e) => { for (const f of e.target.files) attachFile(f); e.target.value = ""; });
+  $("#input").addEventListener("paste", (e) => {
+    for (const item of (e.clipboardData && e.clipboardData.items) || []) {
+      if (item.kind === "file" && item.type.startsWith("image/")) { e.preventDefault(); attachFile(item.getAsFile()); }
+    }
+  });
   $("#input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
   });
