@@ -357,3 +357,31 @@ def test_page_attaches_a_picture(vision_server, tmp_path, request):
 def test_cli_errors_are_one_line(tmp_path, capsys, small_tokenizer):
     assert "--n" in user_error(capsys, "data", "images", "--out", tmp_path / "p", "--n", "0")
     assert "no such" in user_error(capsys, "vision", tmp_path / "nope", "--data", tmp_path / "p", "--out", tmp_path / "o")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_hf_export_of_a_vision_run_loads_back_with_equal_logits(arch, small_tokenizer, tmp_path, one_thread):
+    from gptlab.cli import main
+    from gptlab.tokenizer.chat_template import render_prompt
+    tok = small_tokenizer
+    model = _tiny_vlm(tok, arch).eval()
+    runs.write_run_config(tmp_path / "run", model.config, tok, "vision", extra={"vision": model.vision.config.to_dict()})
+    runs.save_tensors(tmp_path / "run" / runs.MODEL_FILE, runs.gpt_state(model))
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "vision.safetensors").is_file()
+    assert not any(k.startswith("vision.") for k in runs.load_tensors(tmp_path / "hf" / "model.safetensors"))
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, _, cfg = runs.load_run(tmp_path / "back")
+    assert cfg["vision"] == model.vision.config.to_dict()
+    ids = render_prompt(tok, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}],
+                        image_tokens=model.vision.config.n_tokens)
+    pic = torch.randint(0, 256, (1, 3, 48, 48), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(model(torch.tensor([ids]), images=pic)[0], back(torch.tensor([ids]), images=pic)[0],
+                              atol=1e-5)
+    # transformers reads the decoder (the text path) from the same folder
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    text = torch.tensor([tok.encode("the colour")])
+    with torch.no_grad():
+        assert torch.allclose(hf(text).logits, model(text)[0], atol=1e-4)

@@ -188,6 +188,12 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     config["gptlab"] = {"arch": cfg.arch, "source_stage": run_cfg.get("stage")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if model.vision is not None:
+        # No transformers class reads a from-scratch ViT + projector that writes into a decoder's token
+        # embeddings, so the encoder goes beside the decoder in a file of its own: transformers loads
+        # the decoder (text in, text out), `gptlab import` loads both.
+        config["gptlab"]["vision"] = run_cfg["vision"]
+        runs.save_tensors(out / VISION_FILE, {k: v for k, v in model.state_dict().items() if k.startswith("vision.")})
     runs.save_tensors(out / "model.safetensors", tensors)
     atomic_write_json(out / "config.json", config)
     stops = stop_token_ids(tok)
@@ -198,6 +204,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     _write_tokenizer(out, tok, cfg.block_size)
     return {"arch": cfg.arch, "hf_class": EXPORTABLE[cfg.arch], "params": model.num_params(),
             "files": sorted(p.name for p in out.iterdir() if not p.name.startswith("."))}
+
+
+VISION_FILE = "vision.safetensors"
 
 
 # ----- import -------------------------------------------------------------------------------------
@@ -363,6 +372,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, with_chat_tokens: bool = 
         raise GptlabError(f"{src}: model_type {model_type or '?'!r} is not supported (gpt2 or llama)")
     tok = Tokenizer.load(src)
     model = GPT(cfg)
+    vision = (hf.get("gptlab") or {}).get("vision") if isinstance(hf.get("gptlab"), dict) else None
+    if vision is not None:   # a gptlab vision run's export: its encoder travels in vision.safetensors
+        from gptlab.model.vision import VisionConfig, attach_vision
+        attach_vision(model, VisionConfig.from_dict(vision))
+        sd = {**sd, **runs.load_tensors(src / VISION_FILE)}
     runs.load_gpt_weights(model, sd, str(src))
     if tok.vocab_size > cfg.vocab_size:
         raise GptlabError(f"{src}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} rows")
@@ -372,6 +386,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, with_chat_tokens: bool = 
         cfg = model.config
     out = Path(out_dir)
     extra = {"source": str(src.resolve()), "hf_model_type": model_type, "added_tokens": added}
+    if vision is not None:
+        extra["vision"] = vision
     runs.write_run_config(out, cfg, tok, stage="import", extra=extra)
     runs.save_tensors(out / runs.MODEL_FILE, runs.gpt_state(model))
     summary = {"stage": "import", "arch": cfg.arch, "params": model.num_params(), "vocab_size": cfg.vocab_size,

@@ -76,11 +76,12 @@ class VisionEncoder(nn.Module):
         # A P x P convolution with stride P is exactly ViT's linear embedding of flattened patches. The
         # conv stem first looks at 3 x 3 neighbourhoods (edges, strokes) at full resolution, then halves it.
         if cfg.stem == "conv":
-            if cfg.patch % 2:
-                raise GptlabError("vision config: a conv stem needs an even patch size")
+            if cfg.patch % 4:
+                raise GptlabError("vision config: a conv stem needs a patch size that is a multiple of 4")
             self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GELU(),
-                                      nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU())
-            self.patch_embed = nn.Conv2d(64, cfg.width, cfg.patch // 2, stride=cfg.patch // 2)
+                                      nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
+                                      nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU())
+            self.patch_embed = nn.Conv2d(64, cfg.width, cfg.patch // 4, stride=cfg.patch // 4)
         else:
             self.stem = nn.Identity()
             self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch, stride=cfg.patch)
@@ -93,8 +94,11 @@ class VisionEncoder(nn.Module):
         # ViT's init (normal, std 0.02): torch's default for these layers is ~4x larger, and it made the
         # picture's embeddings ~20x the norm of the decoder's token embeddings, a stream the decoder
         # learned to ignore rather than read.
+        # The stem's convolutions keep torch's default (fan-in scaled) init: at std 0.02 each of them
+        # shrank the signal ~3x and the stem learned shapes several times slower.
+        stem = set(self.stem.modules())
         for mod in self.modules():
-            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            if isinstance(mod, (nn.Linear, nn.Conv2d)) and mod not in stem:
                 nn.init.normal_(mod.weight, std=0.02)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
