@@ -334,25 +334,25 @@ def register(sub) -> None:
     p.add_argument("init", help="text run folder to start from (e.g. an SFT run)")
     p.add_argument("--data", required=True, help="folder with train.jsonl (and heldout.jsonl), or a JSONL file")
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--align-steps", type=int, default=30, help="first steps: captions only, decoder frozen")
+    p.add_argument("--align-steps", type=int, default=50, help="first steps: captions only, decoder frozen")
     p.add_argument("--text-fraction", type=float, default=0.25, help="share of each batch's rows of text conversations")
     p.add_argument("--text-data", default=None,
                    help="text conversations to mix in ('instruct', a JSONL, or 'none'; default: the data "
                    "the init run was fine-tuned on)")
     p.add_argument("--image-size", type=int, default=48, help="pictures are resized to this many pixels a side")
-    p.add_argument("--stem", choices=["conv", "patch"], default="conv",
-                   help="conv: three small convolutions (to 1/4 resolution) before the patches; patch: ViT's "
-                   "plain linear patch embedding (learned shapes several times slower here, docs/VISION.md)")
-    p.add_argument("--patch", type=int, default=12, help="patch side in pixels (a multiple of 4 with --stem conv)")
-    p.add_argument("--pool", type=int, default=1, help="k x k patches pooled into one decoder token")
+    p.add_argument("--stem", choices=["patch", "conv"], default="patch",
+                   help="patch: ViT's linear patch embedding; conv: three small convolutions (to 1/4 resolution) "
+                   "first, with --patch a multiple of 4 (see docs/VISION.md for how each measured)")
+    p.add_argument("--patch", type=int, default=6, help="patch side in pixels")
+    p.add_argument("--pool", type=int, default=2, help="k x k patches pooled into one decoder token")
     p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--vision-heads", type=int, default=4)
     p.add_argument("--eval-questions", type=int, default=300, help="held-out questions per evaluation (0 = all)")
     p.add_argument("--eval-max-items", type=int, default=300, help="text curriculum items for the final text eval")
     p.add_argument("--no-text-eval", action="store_true", help="skip the final text curriculum evaluation")
     # Muon by default: on colour questions it made the decoder read the picture within ~30 steps where
     # AdamW had not started to after 50 (docs/VISION.md).
-    add_train_args(p, max_steps=600, batch_size=24, lr=2e-3, warmup_steps=20, eval_every=150, ckpt_every=150,
+    add_train_args(p, max_steps=400, batch_size=24, lr=1e-3, warmup_steps=20, eval_every=100, ckpt_every=100,
                    weight_decay=0.0, optimizer="muon")
     p.set_defaults(func=run)
