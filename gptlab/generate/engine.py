@@ -237,7 +237,9 @@ class Engine:
         cache.reset([slot])
         idx = torch.tensor([keep], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            h = self.model.hidden(idx, cache=cache, rows=[slot], images=images)
+            # Only a picture prompt passes images: stand-in models (tests) need not know the keyword.
+            pics = {} if images is None else {"images": images}
+            h = self.model.hidden(idx, cache=cache, rows=[slot], **pics)
             return self.model.lm_logits(h[:, -1]).float()[0]
 
     @torch.inference_mode()
@@ -253,7 +255,7 @@ class Engine:
             raise GptlabError(f"a prompt with pictures must fit in the context window ({self.block_size} tokens)")
         idx = torch.tensor([context[-self.block_size:]], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            h = self.model.hidden(idx, images=None if images is None else images.to(self.device))
+            h = self.model.hidden(idx) if images is None else self.model.hidden(idx, images=images.to(self.device))
             return self.model.lm_logits(h[:, -1]).float()[0]
 
     def _step_rows(self, cache, active: dict[int, _Row]) -> None:
