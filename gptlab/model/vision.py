@@ -91,9 +91,9 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
         self.proj = nn.Sequential(nn.Linear(cfg.width, n_embd), nn.GELU(), nn.Linear(n_embd, n_embd))
-        # ViT's init (normal, std 0.02): torch's default for these layers is ~4x larger, and it made the
-        # picture's embeddings ~20x the norm of the decoder's token embeddings, a stream the decoder
-        # learned to ignore rather than read.
+        # ViT's init (normal, std 0.02). With torch's default (~4x larger for these widths) a trained
+        # encoder's outputs had ~20x the norm of the decoder's token embeddings (11 vs 0.54), and in
+        # a 50-step probe on colour questions the decoder began to use the picture later.
         # The stem's convolutions keep torch's default (fan-in scaled) init: at std 0.02 each of them
         # shrank the signal ~3x and the stem learned shapes several times slower.
         stem = set(self.stem.modules())
