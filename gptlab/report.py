@@ -199,6 +199,10 @@ def build_report(sr) -> str:
         md += ["## Tools", "", "Held-out items answered by the SFT model with the tools shown and run, and with none "
                "(`gptlab eval-tools`; lookup documents never reached training):", "", format_table(tools["table"]), ""]
 
+    vision = _load(d["eval_vision"] / "results.json") if "eval_vision" in d else None
+    if vision:
+        md += _vision_section(vision, sr.out)
+
     try:
         samples = _samples(sr)
     except Exception as e:  # a report without samples is still a report
@@ -210,3 +214,19 @@ def build_report(sr) -> str:
     md += ["## Talk to it", "", "```", f"gptlab chat {d[final]}", f"gptlab serve {d[final]}   # then open http://127.0.0.1:8000/",
            f"gptlab sample {d['pretrain']} --prompt 'ROMEO.'", "```", ""]
     return "\n".join(md)
+
+
+def _vision_section(res: dict, out) -> list[str]:
+    """Held-out questions about pictures (`gptlab eval-vision`): the table, the plot, a few pictures
+    with their questions and the model's answers."""
+    from gptlab.evals.vision import format_table
+    md = ["## Pictures", "", "Held-out pictures, each question asked with its picture and with a blank one "
+          "(`gptlab eval-vision`; docs/VISION.md):", "", format_table(res), "",
+          "![accuracy per question kind](eval_vision/accuracy.png)", "",
+          "| picture | question | expected | answer | answer without the picture |", "|---|---|---|---|---|"]
+    for ex in res.get("examples", [])[:8]:
+        img = Path(ex["image"])
+        rel = img.relative_to(out) if img.is_absolute() and img.is_relative_to(out) else img
+        cells = [f"![]({rel})", ex["question"], ex["answer"], ex["reply"], ex["blank_reply"]]
+        md.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return md + [""]

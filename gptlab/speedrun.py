@@ -44,8 +44,9 @@ PRESETS = {
                 dpo=["--max-steps", "150", "--batch-size", "8", "--lr", "5e-5", "--time-budget", "45",
                      "--eval-max-items", "120", "--ckpt-every", "75"],
                 compare_n=400, max_new_tokens=48,
+                images=["--n", "4000"], vision=[],   # --vision: the stage's own defaults (docs/VISION.md)
                 seconds=dict(data=20, tokenizer=2, pretrain=430, eval_pretrain=25, sft=175, label=60, rm=65,
-                             ppo=110, dpo=55, compare=60, exam=20, report=10)),
+                             ppo=110, dpo=55, compare=60, exam=20, vision=480, eval_vision=120, report=10)),
     # A GPT-2-124M-class model on one GPU.
     "gpu": dict(arch="gpt2", preset="gpt2-124m", model=["--block-size", "512"], mixture_lines=400_000,
                 per_family=12000, tokenizer=["--vocab-size", "16384"],
@@ -61,7 +62,7 @@ PRESETS = {
                      "--lr", "1e-5", "--max-new-tokens", "64", "--eval-n", "200", "--eval-every", "100",
                      "--samples", "8", "--kl-target", "0.5", "--kl-horizon", "128"],
                 dpo=["--max-steps", "600", "--batch-size", "16", "--lr", "1e-5", "--eval-max-items", "300"],
-                compare_n=500, max_new_tokens=64,
+                compare_n=500, max_new_tokens=64, images=["--n", "20000"], vision=["--max-steps", "2000"],
                 seconds=dict(data=60, tokenizer=60, pretrain=2700, eval_pretrain=120, sft=300, label=200,
                              rm=150, ppo=600, dpo=200, compare=120, exam=60, report=5)),
     # Seconds, not minutes: for tests of the orchestration (stage skipping, resume, report).
@@ -78,7 +79,9 @@ PRESETS = {
                  ppo=["--max-steps", "4", "--rollout-batch", "4", "--samples", "2", "--minibatch", "2", "--ppo-epochs", "1",
                       "--max-new-tokens", "10", "--eval-n", "4", "--eval-every", "4", "--ptx-batch", "2"],
                  dpo=["--max-steps", "4", "--batch-size", "2", "--eval-max-items", "4"],
-                 compare_n=6, max_new_tokens=12,
+                 compare_n=6, max_new_tokens=12, images=["--n", "30", "--heldout", "8"],
+                 vision=["--max-steps", "4", "--align-steps", "1", "--batch-size", "4", "--vision-layers", "1",
+                         "--eval-questions", "8", "--eval-max-items", "4", "--eval-every", "4"],
                  seconds=dict(data=2, tokenizer=2, pretrain=5, eval_pretrain=3, sft=3, label=3, rm=2, ppo=5,
                               dpo=2, compare=3, exam=2, report=1)),
 }
@@ -109,7 +112,7 @@ def _fmt(seconds: float) -> str:
 
 class Speedrun:
     def __init__(self, out: Path, preset: str, corpus: str | None, device: str, progress: bool, seed: int = 0,
-                 tools: bool = False):
+                 tools: bool = False, vision: bool = False):
         if preset not in PRESETS:
             raise GptlabError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
         self.out, self.preset, self.p = out, preset, PRESETS[preset]
@@ -118,8 +121,10 @@ class Speedrun:
         self.seed = seed   # every training stage and the labeler; the data (and its held-out split) stay fixed
         self.quiet = [] if progress else QUIET
         self.tools = tools   # optional: the curriculum's tool families, and a with/without-tools stage
+        self.vision = vision   # optional: pictures, a vision stage from the SFT run and its evaluation
         self.d = {k: out / k for k in ["data", "tokenizer", "pretrain", "eval_pretrain", "sft", "rm", "ppo",
-                                       "dpo", "compare", "exam", "eval_final", "tools"]}
+                                       "dpo", "compare", "exam", "eval_final", "tools", "images", "vision",
+                                       "eval_vision"]}
         self.state_path = out / "speedrun.json"
         self.state = read_json(self.state_path) if self.state_path.is_file() else {"stages": {}}
 
@@ -231,6 +236,17 @@ class Speedrun:
         _cli(["eval-tools", str(self.d["sft"]), "--items", str(items), "--index", str(index),
               "--device", self.device, "--out", str(self.d["tools"] / "results.json")])
 
+    def stage_vision(self):
+        if not (self.d["images"] / "heldout.jsonl").is_file():
+            _cli(["data", "images", "--out", str(self.d["images"]), "--seed", "0", *self.p["images"]])
+        _cli(["vision", str(self.d["sft"]), "--data", str(self.d["images"]), "--out", str(self.d["vision"]),
+              *self._train_flags("vision")])
+
+    def stage_eval_vision(self):
+        e = self.d["eval_vision"]
+        _cli(["eval-vision", str(self.d["vision"]), "--data", str(self.d["images"]), "--text",
+              "--out", str(e / "results.json"), "--plot", str(e / "accuracy.png")])
+
     def stages(self) -> list[Stage]:
         d = self.d
         tok_title = "tokenizer, one token per character" if "char" in self.p["tokenizer"] else "byte-level BPE tokenizer"
@@ -256,6 +272,11 @@ class Speedrun:
             Stage("exam", "questions in a person's own words", lambda: (d["exam"] / "results.json").is_file(),
                   self.stage_exam),
             *tools,
+            *([Stage("vision", "pictures, then a vision encoder trained onto the SFT run", lambda: self._run_done("vision"),
+                     self.stage_vision),
+               Stage("eval_vision", "held-out questions about pictures, with and without them",
+                     lambda: (d["eval_vision"] / "results.json").is_file(), self.stage_eval_vision)]
+              if self.vision else []),
             Stage("report", "report card", lambda: False, self.write_report),
         ]
 
@@ -292,7 +313,7 @@ def run(args) -> int:
     if args.preset == "gpu" and not torch.cuda.is_available() and args.device == "auto":
         print("note: --preset gpu without a CUDA device will be very slow")
     Speedrun(out, args.preset, args.corpus, args.device, progress=not args.no_progress, seed=args.seed,
-             tools=args.tools).run()
+             tools=args.tools, vision=args.vision).run()
     return 0
 
 
@@ -316,4 +337,6 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside stages")
     p.add_argument("--tools", action="store_true", help="optional: add the tool families to the curriculum and a "
                    "last stage measuring held-out accuracy with and without tools (off by default)")
+    p.add_argument("--vision", action="store_true", help="optional: draw pictures, teach the SFT run to see them "
+                   "(`gptlab vision`) and evaluate it with and without the picture (off by default)")
     p.set_defaults(func=run)

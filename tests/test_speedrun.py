@@ -14,7 +14,8 @@ def speedrun_dir(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text(SAMPLE_TEXT * 10, encoding="utf-8")
     out = root / "out"
-    assert main(["speedrun", "--preset", "test", "--corpus", str(corpus), "--out", str(out), "--no-progress"]) == 0
+    assert main(["speedrun", "--preset", "test", "--corpus", str(corpus), "--out", str(out), "--no-progress",
+                 "--vision"]) == 0
     return out, corpus
 
 
@@ -24,7 +25,8 @@ def test_every_stage_leaves_its_output(speedrun_dir):
                  "eval_pretrain/results.json", "eval_pretrain/accuracy_vs_shots.png", "sft/summary.json",
                  "rankings.jsonl", "rm/summary.json", "ppo/summary.json", "ppo/curves.png", "dpo/summary.json",
                  "compare/ppo_vs_sft.json", "exam/results.json", "exam/results.png", "compare/rlhf.png",
-                 "data/instruct/transcripts.txt", "report.md"]:
+                 "data/instruct/transcripts.txt", "report.md", "images/heldout.jsonl", "vision/summary.json",
+                 "eval_vision/results.json", "eval_vision/accuracy.png"]:
         assert (out / path).is_file(), path
     report = (out / "report.md").read_text()
     # The report leads with the three results a user came for, before any stage detail.
@@ -35,8 +37,9 @@ def test_every_stage_leaves_its_output(speedrun_dir):
     assert {Path(k).name for k in exam["results"]} == {"sft", "ppo", "dpo"}
     assert "Exam questions and the **ppo** model's answers" in report
     for section in ["## Stages", "## Pre-training", "## Zero- and few-shot", "## SFT", "## Reward model",
-                    "## PPO-ptx", "## Held-out win rates", "## Samples", "gptlab chat"]:
+                    "## PPO-ptx", "## Held-out win rates", "## Pictures", "## Samples", "gptlab chat"]:
         assert section in report, section
+    assert "![](images/heldout/" in report   # sample pictures, linked relative to the report
     state = json.loads((out / "speedrun.json").read_text())
     assert set(state["stages"]) >= {"data", "pretrain", "sft", "rm", "ppo", "dpo", "compare"}
 

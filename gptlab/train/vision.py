@@ -63,11 +63,17 @@ def caption_messages(rec: dict, rng: random.Random) -> list[dict] | None:
 
 
 def encode(tok, messages: list[dict], n_tokens: int, block_size: int, where: str) -> tuple[list[int], list[int]]:
+    """Ids and SFT mask of a conversation about a picture; its last question-answer pairs are left out
+    until it fits the context window (a short-context model still learns from the first ones)."""
     from gptlab.tokenizer.chat_template import render
-    ids, mask = render(tok, messages, image_tokens=n_tokens)
-    if len(ids) > block_size:
-        raise GptlabError(f"{where}: the conversation takes {len(ids)} tokens; the context window holds {block_size}")
-    return ids, mask
+    while True:
+        ids, mask = render(tok, messages, image_tokens=n_tokens)
+        if len(ids) <= block_size:
+            return ids, mask
+        if len(messages) <= 2 or messages[-1]["role"] != "assistant":
+            raise GptlabError(f"{where}: the conversation takes {len(ids)} tokens; the context window holds "
+                              f"{block_size}")
+        messages = messages[:-2]
 
 
 def targets_of(ids: list[int], mask: list[int]) -> list[int]:
