@@ -224,6 +224,9 @@ def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu", f
             raise
         raise GptlabError(f"{flag} {e}") from None
     head = (cfg.get("heads") or {}).get("score_head") or {}
+    if head.get("kind") == "step":
+        raise GptlabError(f"{flag + ' ' if flag else ''}{run_dir}: a process reward model (one score per step, "
+                          "`gptlab prm`), not a reward model of whole answers")
     rm = ScalarHeadModel(gpt, reads=head.get("reads", "last_token"), response_start_id=head.get("response_start_id"),
                          logprob_feature=bool(head.get("logprob_feature")))
     rm.load_head(heads)

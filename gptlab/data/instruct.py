@@ -41,6 +41,7 @@ class _Gen:
     split_key: str    # the underlying problem: decides the split, shared across families
     messages: list[dict]
     answer: str
+    extra: dict | None = None   # more fields for the item (the steps family's plan)
 
 
 class _Context:
@@ -296,8 +297,18 @@ def gen_decline(rng, ctx) -> _Gen:
     return _Gen(ask_, f"decline:{ask_}", [_user(ask_), _assistant(DECLINE_ANSWER)], DECLINE_ANSWER)
 
 
+def gen_steps(rng, ctx) -> _Gen:
+    """A multi-step problem solved one step per line (gptlab.data.steps), its plan kept for the checker."""
+    from gptlab.data import steps
+    question, plan = steps.gen_problem(rng, ctx.words)
+    key = steps.plan_key(plan)
+    return _Gen(f"{key}|{question}", key, [_user(question), _assistant(steps.worked_solution(plan))],
+                str(steps.run_plan(plan)[-1]), {"plan": plan})
+
+
 GENERATORS = {"arithmetic": gen_arithmetic, "strings": gen_strings, "translate": gen_translate,
-              "shakespeare": gen_shakespeare, "multiturn": gen_multiturn, "decline": gen_decline}
+              "shakespeare": gen_shakespeare, "multiturn": gen_multiturn, "decline": gen_decline,
+              "steps": gen_steps}
 
 
 # ----- assembling the splits --------------------------------------------------------------------------
@@ -336,7 +347,7 @@ def _item(family: str, g: _Gen, split: str, rng: random.Random) -> dict:
     messages = list(g.messages)
     if rng.random() < 0.1:   # a few system prompts, so the chat template's system turn is seen in training
         messages = [{"role": "system", "content": rng.choice(SYSTEMS)}] + messages
-    item = {"family": family, "id": f"{family}-{_hash(g.key)[:10]}", "answer": g.answer}
+    item = {"family": family, "id": f"{family}-{_hash(g.key)[:10]}", "answer": g.answer, **(g.extra or {})}
     if split == "sft":
         return {**item, "messages": messages}
     # Prompts end with the user's turn; the demonstration stays along as the reference answer.
@@ -352,17 +363,19 @@ def _default_works() -> dict[str, str] | None:
         return None
 
 
-def build_curriculum(seed: int, n_per_family: int, works: dict[str, str] | None = None) -> dict[str, list[dict]]:
+def build_curriculum(seed: int, n_per_family: int, works: dict[str, str] | None = None,
+                     steps: bool = False) -> dict[str, list[dict]]:
     """{split: [item]} with up to ``n_per_family`` distinct problems per family.
 
     ``works`` ({title: text}) feeds the Shakespeare family; None uses the downloaded corpus if present,
-    and ``{}`` leaves the family out.
+    and ``{}`` leaves the family out. ``steps`` adds the multi-step family (opt-in, so the default
+    curriculum and every run made from it stay as they were).
     """
     if n_per_family < 1:
         raise GptlabError("--n-per-family must be at least 1")
     ctx = _Context(_default_works() if works is None else works)
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for family in FAMILIES:
+    for family in FAMILIES + (("steps",) if steps else ()):
         if family == "shakespeare" and not ctx.lines:
             continue
         rng = random.Random(f"{seed}:{family}")
@@ -434,6 +447,9 @@ def check_answer(item: dict, response_text: str) -> bool:
         return False
     if item["family"] == "decline":
         return is_polite_refusal(text)
+    if item["family"] == "steps" and "plan" in item:
+        from gptlab.data.steps import outcome_correct
+        return outcome_correct(item["plan"], text)
     if is_refusal(_QUOTED.sub("", text)):   # quoted text (a Shakespeare line) may say "cannot"
         return False
     if not _about_the_problem(item, text):
@@ -479,6 +495,9 @@ def add_instruct_parser(data_sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default GPTLAB_HOME/instruct)")
     p.add_argument("--n-per-family", type=int, default=2000, help="distinct problems per family (default 2000)")
     p.add_argument("--no-shakespeare", action="store_true", help="leave the Shakespeare family out")
+    p.add_argument("--steps", action="store_true", help="add the multi-step family (chains of one-digit "
+                   "sums, short word problems, string edits in several steps; one worked step per line, "
+                   "gptlab.data.steps) that `gptlab prm` and `gptlab search` use")
     p.add_argument("--tools", action="store_true", help="add the tool families (calculator, search, function "
                    "calls; gptlab.data.tool_tasks) to sft.jsonl, their held-out prompts in tools_heldout.jsonl "
                    "and their documents in tool_docs/")
@@ -491,7 +510,10 @@ def run_instruct(args) -> int:
     out = Path(args.out) if args.out else gptlab_home() / "instruct"
     if out.exists() and not out.is_dir():
         raise GptlabError(f"--out {out}: exists and is not a folder")
-    splits = build_curriculum(args.seed, args.n_per_family, works={} if args.no_shakespeare else None)
+    with_steps = bool(getattr(args, "steps", False))
+    splits = build_curriculum(args.seed, args.n_per_family, works={} if args.no_shakespeare else None,
+                              steps=with_steps)
+    families = FAMILIES + (("steps",) if with_steps else ())
     # The demonstrations again as plain text, one conversation a document, for the pre-training corpus:
     # the task wordings are learned there too, and a pre-trained-only model can be asked GPT-3 style.
     tool_counts = None
@@ -510,12 +532,12 @@ def run_instruct(args) -> int:
     for split, items in splits.items():
         atomic_write_jsonl(out / f"{split}.jsonl", items)
     atomic_write_text(out / "transcripts.txt", transcripts)
-    counts = {s: {f: sum(i["family"] == f for i in items) for f in FAMILIES} for s, items in splits.items()}
+    counts = {s: {f: sum(i["family"] == f for i in items) for f in families} for s, items in splits.items()}
     atomic_write_json(out / "curriculum.json", {"seed": args.seed, "n_per_family": args.n_per_family,
-                                               "families": list(FAMILIES), "counts": counts,
+                                               "families": list(families), "counts": counts,
                                                **({"tool_counts": tool_counts} if tool_counts else {})})
     print(f"{'family':<12}" + "".join(f"{s:>9}" for s in SPLITS))
-    for f in FAMILIES:
+    for f in families:
         print(f"{f:<12}" + "".join(f"{counts[s][f]:>9}" for s in SPLITS))
     if not any(counts[s]["shakespeare"] for s in SPLITS) and not args.no_shakespeare:
         print("(no Shakespeare family: run `gptlab data shakespeare` first to include it)")
