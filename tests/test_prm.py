@@ -179,3 +179,18 @@ def test_prm_and_search_bad_input_is_one_line(tmp_path, small_tokenizer, capsys)
                                                   "--out", tmp_path / "o")
     assert "not a `gptlab prm` run" in user_error(capsys, "search", "--policy", init, "--prm", init, "--orm", init,
                                                   "--problems", plain, "--out", tmp_path / "s")
+
+
+def test_process_advantages_credit_each_step_to_the_tokens_before_it():
+    from gptlab.train.rl import process_advantages
+    mask = torch.ones(2, 6)
+    # Row 0: steps end at tokens 2 and 5 with rewards 1 and 0; row 1: one step at token 5, reward 0.5.
+    adv = process_advantages([[1.0, 0.0], [0.5]], [[2, 5], [5]], mask, group=2)
+    mean = 0.5
+    std = (((1 - mean) ** 2 + (0 - mean) ** 2 + 0) / 3) ** 0.5
+    z1, z0 = (1 - mean) / std, (0 - mean) / std
+    assert adv[0].tolist() == pytest.approx([z1 + z0, z1 + z0, z0, z0, z0, 0.0], abs=1e-5)
+    assert adv[1].tolist() == pytest.approx([0.0] * 6, abs=1e-5)
+    # One step at the end of each row: outcome supervision, the normalised score at every action.
+    out = process_advantages([[1.0], [0.0]], [[6], [6]], mask, group=2)
+    assert out[0].tolist() == pytest.approx([1.0] * 6, abs=1e-5) and out[1].tolist() == pytest.approx([-1.0] * 6, abs=1e-5)

@@ -74,6 +74,9 @@ class PPOOptions:
     oracle_reward: bool = False     # score with the programmatic labeler instead of the reward model
     baseline: str = "rloo"          # rloo: leave-one-out over `samples` per prompt; value: a value model + GAE
     samples: int = 8                # rloo: samples per prompt
+    combine: str | None = None      # "llama2": a helpfulness and a safety RM (--reward-models help=,safety=)
+    safety_threshold: float = 0.15  # llama2: below this sigmoid(safety score) the safety score is used
+    safety_families: tuple = ("decline",)   # llama2: prompts of these curriculum families are flagged unsafe
 
     @property
     def group(self) -> int:
@@ -173,11 +176,24 @@ class PPOStage:
 
     def __init__(self, model: PPOModel, ref: GPT, rm: ScalarHeadModel, tok, prompt_ids: list[list[int]],
                  opts: PPOOptions, ptx_data=None, eval_items: list[dict] | None = None,
-                 eval_ids: list[list[int]] | None = None, prompt_items: list[dict] | None = None):
+                 eval_ids: list[list[int]] | None = None, prompt_items: list[dict] | None = None,
+                 safety_rm: ScalarHeadModel | None = None, prm: ScalarHeadModel | None = None):
         from gptlab.tokenizer.chat_template import end_of_turn_id
         if not prompt_ids:
             raise GptlabError("no usable prompts (every prompt is longer than the context allows)")
         self.model, self.ref, self.rm, self.tok = model, ref, rm, tok
+        self.safety_rm, self.safety_share = safety_rm, 0.0
+        self.prm = prm          # process supervision: step rewards from a `gptlab prm` run
+        if prm is not None and opts.group < 2:
+            raise GptlabError("--prm needs --baseline rloo (step rewards are normalised within each prompt's group)")
+        if opts.combine == "llama2":
+            if safety_rm is None or rm is None:
+                raise GptlabError("--combine llama2 needs --reward-models help=RUN,safety=RUN")
+            if prompt_items is None or len(prompt_items) != len(prompt_ids):
+                raise GptlabError("--combine llama2 needs the prompts' curriculum items (their family flags "
+                                  "the unsafe ones)")
+            self.flagged = torch.tensor([it.get("family") in opts.safety_families or bool(it.get("unsafe"))
+                                         for it in prompt_items])
         self.prompt_ids, self.opts = prompt_ids, opts
         self.prompt_items = prompt_items
         if opts.oracle_reward:
@@ -199,12 +215,13 @@ class PPOStage:
         self.rollouts = 0
         self.episodes = 0
         self.last_stats: dict = {}
-        for m in (model, ref, rm):
+        for m in (model, ref, rm, safety_rm, prm):
             if m is not None:     # rm None: --oracle-reward with a group baseline needs no reward model
                 disable_dropout(m)
         ref.requires_grad_(False).eval()
-        if rm is not None:
-            rm.requires_grad_(False).eval()
+        for m in (rm, safety_rm, prm):
+            if m is not None:
+                m.requires_grad_(False).eval()
 
     @property
     def steps_per_rollout(self) -> int:
@@ -213,8 +230,9 @@ class PPOStage:
     def _device(self):
         device = next(self.model.gpt.parameters()).device
         self.ref.to(device)
-        if self.rm is not None:
-            self.rm.to(device)
+        for m in (self.rm, self.safety_rm, self.prm):
+            if m is not None:
+                m.to(device)
         return device
 
     # ----- rollouts ---------------------------------------------------------------------------------
@@ -230,8 +248,50 @@ class PPOStage:
         if self.opts.oracle_reward:
             from gptlab.label.labeler import score
             return torch.tensor([score(self.prompt_items[i], c.text) for i, c in zip(which.tolist(), comps)])
-        return score_sequences(self.rm, [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)],
-                               self.pad_id, chunk=chunk)
+        seqs = [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)]
+        if self.prm is not None:     # the chance every step is right (Lightman et al.'s solution score)
+            return torch.tensor([math.prod(r) if r else 0.0 for r in self._step_rewards(prompts, comps)[1]])
+        helpful = score_sequences(self.rm, seqs, self.pad_id, chunk=chunk)
+        if self.opts.combine != "llama2":
+            return helpful
+        safety = score_sequences(self.safety_rm, seqs, self.pad_id, chunk=chunk)
+        combined, used = rl.llama2_combine(helpful, safety, self.flagged[which], self.opts.safety_threshold)
+        self.safety_share = float(used.mean())
+        return combined
+
+    def _step_ends(self, prompt: list[int], comp) -> list[int]:
+        """Token index (in prompt + response + end of turn) of the last token of every non-empty line."""
+        ends, has_text = [], False
+        for j, t in enumerate(comp.ids):
+            piece = self.tok.decode([t])
+            if "\n" in piece:
+                if has_text or piece.split("\n")[0].strip():
+                    ends.append(len(prompt) + j)
+                has_text = bool(piece.split("\n")[-1].strip())
+            elif piece.strip():
+                has_text = True
+        if has_text:
+            ends.append(len(prompt) + len(comp.ids) - (0 if comp.finish_reason == "stop" else 1))
+        return ends
+
+    @torch.no_grad()
+    def _step_rewards(self, prompts, comps, chunk: int = 32) -> tuple[list[list[int]], list[list[float]]]:
+        """(step ends, P(step right) from the PRM) per sample. An answer cut off before its end of turn
+        gets 0 for its unfinished last step: it never reached an answer."""
+        from gptlab.train.sequences import pad_batch
+        device = next(self.prm.parameters()).device
+        seqs = [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)]
+        ends = [self._step_ends(p, c) for p, c in zip(prompts, comps)]
+        rewards = []
+        for i in range(0, len(seqs), chunk):
+            ids, _ = pad_batch(seqs[i:i + chunk], self.pad_id)
+            probs = torch.sigmoid(self.prm.values(ids.to(device)).float()).cpu()
+            for j, e in enumerate(ends[i:i + chunk]):
+                r = [float(probs[j, k]) for k in e]
+                if r and comps[i + j].finish_reason != "stop":
+                    r[-1] = 0.0
+                rewards.append(r)
+        return ends, rewards
 
     def _pick(self, n: int, gen: torch.Generator) -> torch.Tensor:
         if n <= len(self.prompt_ids):
@@ -327,7 +387,11 @@ class PPOStage:
         scores = rl.apply_missing_eos_penalty(scores, ended, o.missing_eos_penalty)
         beta = self.kl_ctl.beta
         rewards, kl = rl.kl_penalty_rewards(scores, old_lp, ref_lp, mask, beta)
-        if o.group > 1:     # scaled per sequence, not whitened per token (see group_advantages)
+        if self.prm is not None:    # step rewards: credit goes to the steps before each judged step
+            ends, step_r = self._step_rewards(prompts, comps, chunk=o.minibatch)
+            adv = rl.process_advantages(step_r, ends, mask, o.group)
+            returns = torch.zeros_like(values)
+        elif o.group > 1:     # scaled per sequence, not whitened per token (see group_advantages)
             adv = rl.group_advantages(scores, kl, mask, beta, o.group, normalize=True)
             returns = torch.zeros_like(values)
         else:
@@ -343,6 +407,8 @@ class PPOStage:
             "response_len": float(mask.sum(1).mean()), "eos_rate": float(ended.float().mean()),
             "episodes": float(self.episodes + sampled),
         }
+        if o.combine == "llama2":
+            self.last_stats["safety_share"] = self.safety_share
         if o.filter_groups:
             self.last_stats["mixed_groups"] = mixed_share
         self.rollouts += 1
@@ -445,7 +511,9 @@ def options_from_args(args) -> PPOOptions:
         kl_horizon=args.kl_horizon, ptx_coef=args.ptx_coef, ptx_batch=args.ptx_batch or args.batch_size,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         missing_eos_penalty=args.missing_eos_penalty, ema=args.ema, normalize_reward=not args.raw_reward,
-        eval_n=args.eval_n, oracle_reward=args.oracle_reward, baseline=args.baseline, samples=args.samples)
+        eval_n=args.eval_n, oracle_reward=args.oracle_reward, baseline=args.baseline, samples=args.samples,
+        combine=args.combine, safety_threshold=args.safety_threshold,
+        safety_families=tuple(f for f in args.safety_families.split(",") if f))
 
 
 def run(args) -> int:
@@ -469,7 +537,26 @@ def run(args) -> int:
 
     policy, tok, sft_cfg = runs.load_run(args.init)
     ref, _, _ = runs.load_run(args.init)
-    if not args.reward_model and not (opts.oracle_reward and opts.group > 1):
+    safety_rm = None
+    if args.reward_models:
+        named = parse_reward_models(args.reward_models)
+        if args.reward_model:
+            raise GptlabError("give --reward-model or --reward-models, not both")
+        if opts.combine != "llama2":
+            raise GptlabError("--reward-models needs --combine llama2 (how to combine them)")
+        args.reward_model = [named["help"]]
+        safety_rm = load_reward([named["safety"]], tok, args.init, 0.0)
+    elif opts.combine:
+        raise GptlabError("--combine llama2 needs --reward-models help=RUN,safety=RUN")
+    prm = None
+    if args.prm:
+        from gptlab.train.prm import load_prm
+        if args.reward_model or args.reward_models or opts.oracle_reward:
+            raise GptlabError("--prm is the reward: give it without --reward-model(s) or --oracle-reward")
+        prm, prm_tok, _ = load_prm(args.prm)
+        if not tok.same_as(prm_tok):
+            raise GptlabError(f"--prm {args.prm} uses a different tokenizer than --init {args.init}")
+    elif not args.reward_model and not (opts.oracle_reward and opts.group > 1):
         raise GptlabError("--reward-model is required (only --oracle-reward with --baseline rloo needs none: "
                           "the value model starts from the reward model)")
     rm = load_reward(args.reward_model, tok, args.init, args.ensemble_penalty) if args.reward_model else None
@@ -478,7 +565,7 @@ def run(args) -> int:
         raise GptlabError(f"--init {args.init}: a BERT run cannot generate; PPO needs a GPT policy")
     model_cfg_dict = policy.config.to_dict()
 
-    block = policy.config.block_size if rm is None else min(policy.config.block_size, rm.config.block_size)
+    block = min([policy.config.block_size] + [m.config.block_size for m in (rm, prm) if m is not None])
     max_prompt = block - opts.max_new_tokens - 1     # prompt + response + end-of-turn fit every model
     if max_prompt < 8:
         raise GptlabError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for prompts in a "
@@ -500,7 +587,11 @@ def run(args) -> int:
     ref.to(device)
     if rm is not None:
         rm.to(device)
-    stage = PPOStage(model, ref, rm, tok, prompt_ids, opts, ptx_data, eval_items, eval_ids, prompt_items=items)
+    for m in (safety_rm, prm):
+        if m is not None:
+            m.to(device)
+    stage = PPOStage(model, ref, rm, tok, prompt_ids, opts, ptx_data, eval_items, eval_ids, prompt_items=items,
+                     safety_rm=safety_rm, prm=prm)
     # Checkpoints on rollout boundaries make --resume exact (the buffer is not saved).
     spr = stage.steps_per_rollout
     cfg.ckpt_every = max(spr, (cfg.ckpt_every // spr) * spr)
@@ -520,6 +611,7 @@ def run(args) -> int:
             initial = stage.evaluate(model)
     runs.write_run_config(out, policy.config, tok, stage="ppo", extra={
         "init": str(args.init), "reward_model": [str(r) for r in args.reward_model],
+        "reward_models": args.reward_models, "prm": args.prm,
         "ensemble_penalty": args.ensemble_penalty if len(args.reward_model) > 1 else None, "prompts": str(args.prompts),
         "ppo": asdict(opts), "ptx_data": args.ptx_data, "train": asdict(cfg)})
     # write_run_config stored the dropout-free config; keep the SFT run's value for later fine-tuning.
@@ -530,8 +622,11 @@ def run(args) -> int:
     n = policy.num_params()
     print(f"policy {policy.config.arch} {policy.config.n_layer}x{policy.config.n_embd} ({n / 1e6:.2f}M), "
           + (f"{'value/' if value is not None else ''}RM {rm.config.n_layer}x{rm.config.n_embd}" if rm is not None
+             else f"step rewards from the PRM {args.prm}" if prm is not None
              else "reward: the labeler (--oracle-reward), no RM")
           + (f" (ensemble of {len(rm.members)}: mean - {rm.penalty} x std)" if isinstance(rm, RewardEnsemble) else "")
+          + (f" + safety RM, combined as Llama 2 (safety where the prompt is one of {opts.safety_families} or "
+             f"sigmoid(safety) < {opts.safety_threshold})" if safety_rm is not None else "")
           + (f" (leave-one-out baseline over {opts.group} samples per prompt)" if value is None else "")
           + f"; {len(prompt_ids)} prompts, "
           f"{len(eval_ids)} held-out; {spr} steps per rollout of {opts.rollout_batch}; "
@@ -560,6 +655,19 @@ def run(args) -> int:
     print(f"run folder: {out} (model.safetensors = {'EMA of the ' if opts.ema else ''}policy; "
           f"metrics.jsonl, curves.png)")
     return 0
+
+
+def parse_reward_models(spec: str) -> dict[str, str]:
+    """--reward-models help=RUN,safety=RUN -> {"help": RUN, "safety": RUN}."""
+    named = {}
+    for part in spec.split(","):
+        name, sep, path = part.partition("=")
+        if not sep or not path.strip() or name.strip() not in ("help", "safety"):
+            raise GptlabError(f"--reward-models {spec}: expected help=RUN,safety=RUN")
+        named[name.strip()] = path.strip()
+    if set(named) != {"help", "safety"}:
+        raise GptlabError(f"--reward-models {spec}: needs both help=RUN and safety=RUN")
+    return named
 
 
 def _read(out: Path) -> list[dict]:
@@ -601,6 +709,21 @@ def register(sub) -> None:
     p.add_argument("--ensemble-penalty", type=float, default=1.0,
                    help="with several --reward-model runs: weight of their disagreement (std) subtracted "
                    "from the mean score; 0 = plain mean")
+    p.add_argument("--reward-models", default=None, metavar="help=RUN,safety=RUN",
+                   help="a helpfulness and a safety reward model (`gptlab rm` runs on their own preference data), "
+                   "combined as --combine says, instead of --reward-model")
+    p.add_argument("--combine", choices=["llama2"], default=None,
+                   help="llama2: the safety score where the prompt is flagged unsafe (--safety-families) or "
+                   "sigmoid(safety score) < --safety-threshold, else the helpfulness score; whitened by the "
+                   "reward normalisation (Touvron et al. 2023)")
+    p.add_argument("--safety-threshold", type=float, default=0.15, help="llama2: the safety score's threshold")
+    p.add_argument("--safety-families", default="decline",
+                   help="llama2: comma-separated curriculum families whose prompts are flagged unsafe (items "
+                   "with \"unsafe\": true are flagged too)")
+    p.add_argument("--prm", default=None, metavar="RUN",
+                   help="process supervision: step rewards from a process reward model (`gptlab prm`) instead "
+                   "of one reward per answer; each step's P(right) is normalised within its prompt's group and "
+                   "credited to the tokens up to that step (needs --baseline rloo)")
     p.add_argument("--prompts", required=True, help="prompts JSONL ({'prompt': ...} or messages ending with a user turn)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--eval-prompts", default=None, help="held-out prompts JSONL (default: heldout.jsonl beside --prompts)")

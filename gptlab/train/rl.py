@@ -90,6 +90,18 @@ def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty
     return torch.where(ended.bool(), scores, torch.full_like(scores, float(penalty)))
 
 
+def llama2_combine(helpful: torch.Tensor, safety: torch.Tensor, flagged: torch.Tensor,
+                   threshold: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 2's reward from a helpfulness and a safety reward model (Touvron et al. 2023, eq. 1-2):
+    the safety score where the prompt is flagged unsafe or the safety model's probability that the
+    answer is safe, sigmoid(R_s), is below ``threshold``; the helpfulness score everywhere else.
+
+    Scores are the models' logits, so Llama 2's logit(R_c) is the chosen logit itself; whitening
+    follows in PPO's reward normalisation. Returns (combined score, 1 where safety was used)."""
+    use_safety = flagged.bool() | (torch.sigmoid(safety.float()) < threshold)
+    return torch.where(use_safety, safety.float(), helpful.float()), use_safety.float()
+
+
 # ----- advantages --------------------------------------------------------------------------------------
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +149,32 @@ def group_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
     if normalize and adv.numel() > 1:
         adv = adv / (adv.std() + eps)
     return adv * mask.to(kl.dtype)
+
+
+def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int]], mask: torch.Tensor,
+                       group: int, eps: float = 1e-8) -> torch.Tensor:
+    """Process supervision with a group baseline (DeepSeekMath's GRPO, section 4.1.3): every step
+    reward is normalised by the mean and std of all step rewards of its group (the samples of one
+    prompt), and an action's advantage is the sum of the normalised rewards of the steps that end at
+    or after it. A step ends at token index ``e`` of the row; the action choosing that token sits at
+    mask position e - 1, so the step's reward reaches actions 0 .. e - 1.
+
+    With one step per row at its final token this is outcome supervision (the normalised score at
+    every action): the two differ only in where credit goes."""
+    B, T = mask.shape
+    if group < 2 or B % group:
+        raise GptlabError(f"process_advantages needs rows in groups of >= 2 (got {B} rows, group {group})")
+    adv = torch.zeros(B, T, dtype=torch.float32)
+    for g in range(0, B, group):
+        flat = [r for i in range(g, g + group) for r in step_rewards[i]]
+        if len(flat) < 2:
+            continue
+        mean = sum(flat) / len(flat)
+        std = (sum((r - mean) ** 2 for r in flat) / len(flat)) ** 0.5
+        for i in range(g, g + group):
+            for r, e in zip(step_rewards[i], step_ends[i]):
+                adv[i, :max(0, min(e, T))] += (r - mean) / (std + eps)
+    return adv * mask.to(adv.dtype)
 
 
 # ----- losses --------------------------------------------------------------------------------------------
