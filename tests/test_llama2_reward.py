@@ -41,3 +41,17 @@ def test_ppo_reward_models_need_combine(tmp_path, small_tokenizer, capsys):
     err = user_error(capsys, "ppo", "--init", init, "--combine", "llama2", "--reward-model", init, "--prompts",
                      prompts, "--out", tmp_path / "o")
     assert "--reward-models help=RUN,safety=RUN" in err
+
+
+def test_rm_family_selection_for_separate_reward_models():
+    from gptlab.data.formats import Ranking
+    from gptlab.train.reward import select_families
+    rs = [Ranking([{"role": "user", "content": f"q{i}"}], ["a", "b"], [0, 1], {"family": f})
+          for i, f in enumerate(["decline"] * 5 + ["arithmetic"] * 200)]
+    assert len(select_families(rs, None, None)) == 205
+    safety = select_families(rs, "decline", None, other_fraction=0.1)
+    assert sum(r.meta["family"] == "decline" for r in safety) == 5 and 5 < len(safety) - 5 < 40
+    helpful = select_families(rs, None, "decline")
+    assert len(helpful) == 200 and all(r.meta["family"] != "decline" for r in helpful)
+    with pytest.raises(GptlabError, match="no rankings"):
+        select_families(rs, "translate", None)

@@ -8,8 +8,10 @@ each solved one operation per line and closed by an answer line:
 * strings    "Reverse 'garden', then uppercase it, then keep the first 3 letters."
              Step 1: 'garden' reversed = 'nedrag' / Step 2: ... / Answer: NED
 
-Operands are small (one-digit steps on a running total below 100): a character-level model of a few
-minutes gets some chains right and some wrong, which is what best-of-N search needs to tell apart.
+Operands are small (one-digit steps on a running total below 30, words of 3 to 6 letters): a
+character-level model of a few minutes gets some solutions right and many wrong, which is what
+best-of-N search needs to tell apart. (With totals up to 99 the speedrun's 1.1M-parameter char model
+got 1 step in 100 right at temperature 1.)
 
 Every item carries its ``plan`` (start value and operations), so ``label_steps`` can judge a sampled
 solution line by line: a line is good when it performs the next planned operation on the right input
@@ -91,15 +93,18 @@ def worked_solution(plan: dict) -> str:
 
 
 # ----- generators ---------------------------------------------------------------------------------------
+TOTAL_MAX = 29      # running totals stay in 0..29
+
+
 def _arith_ops(rng, start: int, n: int, allow_double: bool) -> list:
-    """``n`` one-digit additions/subtractions (and, in stories, a doubling) keeping the total in 0..99."""
+    """``n`` one-digit additions/subtractions (and, in stories, a doubling) keeping the total in 0..29."""
     ops, v = [], start
     for _ in range(n):
-        if allow_double and 2 <= v <= 30 and rng.random() < 0.2:
+        if allow_double and 2 <= v <= 12 and rng.random() < 0.2:
             op = ["*", 2]
         else:
             sign = rng.choice("+-")
-            if sign == "-" and v < 2 or sign == "+" and v > 89:
+            if sign == "-" and v < 2 or sign == "+" and v > TOTAL_MAX - 9:
                 sign = "+" if sign == "-" else "-"
             op = [sign, rng.randint(1, min(9, v) if sign == "-" else 9)]
         ops.append(op)
@@ -108,15 +113,15 @@ def _arith_ops(rng, start: int, n: int, allow_double: bool) -> list:
 
 
 def gen_chain(rng) -> tuple[str, dict]:
-    start = rng.randint(2, 40)
-    plan = {"kind": "chain", "start": start, "ops": _arith_ops(rng, start, rng.choice((2, 3, 3)), False)}
+    start = rng.randint(2, 20)
+    plan = {"kind": "chain", "start": start, "ops": _arith_ops(rng, start, rng.choice((2, 2, 3)), False)}
     sep = rng.choice((" ", " ", ""))
     e = f"{start}" + "".join(f"{sep}{op}{sep}{b}" for op, b in plan["ops"])
     return _roughen(rng.choice(CHAIN_ASK).format(e=e), rng), plan
 
 
 def gen_story(rng) -> tuple[str, dict]:
-    start = rng.randint(2, 30)
+    start = rng.randint(2, 20)
     plan = {"kind": "story", "start": start, "ops": _arith_ops(rng, start, rng.choice((2, 3)), True)}
     name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
     parts = []
@@ -129,8 +134,8 @@ def gen_story(rng) -> tuple[str, dict]:
 
 
 def gen_string(rng, words: list[str]) -> tuple[str, dict]:
-    word = rng.choice([w for w in words if 4 <= len(w) <= 7] or words)
-    kinds = rng.sample(("reverse", "upper", "cut"), rng.choice((2, 3)))
+    word = rng.choice([w for w in words if 3 <= len(w) <= 6] or words)
+    kinds = rng.sample(("reverse", "upper", "cut"), rng.choice((2, 2, 3)))
     ops = []
     for k in kinds:
         if k == "cut":

@@ -206,6 +206,29 @@ def normalise_to_demonstrations(rm, tok, prompts, responses) -> float:
     return mean
 
 
+def select_families(rankings, families: str | None, exclude: str | None, other_fraction: float = 0.0) -> list:
+    """The rankings of some task families (their ``family`` field), for reward models of one objective
+    (Llama 2 trains a helpfulness and a safety RM on separate data). ``other_fraction`` keeps that
+    share of the remaining rankings too, chosen by a hash of the prompt: Llama 2 mixed some
+    helpfulness data into the safety RM's so it still tells good answers from bad on safe prompts."""
+    if not families and not exclude:
+        return list(rankings)
+    if not 0 <= other_fraction <= 1:
+        raise GptlabError("--other-fraction must be in [0, 1]")
+    keep = {f for f in (families or "").split(",") if f}
+    drop = {f for f in (exclude or "").split(",") if f}
+    chosen, rest = [], []
+    for r in rankings:
+        fam = r.meta.get("family")
+        ((chosen if (not keep or fam in keep) and fam not in drop else rest)).append(r)
+    if other_fraction > 0:
+        _, extra = heldout_by_hash(rest, lambda r: r.prompt, other_fraction, salt="other")
+        chosen += extra
+    if not chosen:
+        raise GptlabError(f"no rankings of families {sorted(keep) or 'any'} (excluding {sorted(drop) or 'none'})")
+    return chosen
+
+
 def _describe(rankings, items) -> str:
     ks: dict[int, int] = {}
     for r in rankings:
@@ -221,7 +244,7 @@ def run(args) -> int:
     from gptlab.data.formats import load_preferences
     out = Path(args.out)
     data = resolve_data(args.data, "rankings.jsonl")
-    rankings = load_preferences(data)
+    rankings = select_families(load_preferences(data), args.families, args.exclude_families, args.other_fraction)
     if args.demos:
         demonstration_pairs(args.demos, [])     # check the file before training
     torch.manual_seed(args.seed)
@@ -245,7 +268,9 @@ def run(args) -> int:
     runs.write_run_config(out, gpt.config, tok, stage="reward", extra={
         "init": str(args.init), "init_stage": init_cfg.get("stage"), "data": str(data), "heads": heads,
         "train": asdict(cfg), "reward": {"val_fraction": args.val_fraction, "epochs": args.epochs,
-                                         "demos": args.demos}})
+                                         "demos": args.demos, "families": args.families,
+                                         "exclude_families": args.exclude_families,
+                                         "other_fraction": args.other_fraction}})
     where = "at the last token" if args.reads == "last_token" else "summed over the response's tokens"
     where += " + a learnt weight x the answer's confidence -log(1 + NLL)" if args.logprob_feature else ""
     print(f"init: {args.init} ({gpt.config.arch} {gpt.config.n_layer}x{gpt.config.n_embd}) + scalar head {where}")
@@ -317,6 +342,14 @@ def register(sub) -> None:
                    help="leave out the answer's confidence feature: by default the score adds a weight x "
                    "-log(1 + the answer's negative log-likelihood under the reward model's own LM head, from the "
                    "SFT run), the weight fitted on the training pairs before training")
+    p.add_argument("--families", default=None,
+                   help="train on the rankings of these comma-separated task families only (their \"family\" "
+                   "field), e.g. decline for a safety reward model")
+    p.add_argument("--exclude-families", default=None, help="leave the rankings of these families out "
+                   "(e.g. decline for a helpfulness reward model)")
+    p.add_argument("--other-fraction", type=float, default=0.0,
+                   help="with --families/--exclude-families: also keep this share of the other rankings "
+                   "(by prompt hash; Llama 2 mixed 10%% helpfulness data into its safety RM)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out (by hash)")
     add_train_args(p, batch_size=8, lr=3e-5, warmup_steps=10, eval_every=100, ckpt_every=100, weight_decay=0.0)
     add_epoch_args(p, epochs=1.0)
