@@ -139,7 +139,7 @@ def test_search_picks_hand_computed():
     assert pick("prm_prod", scores, answers, right) and not pick("prm_min", scores, answers, right)
     assert not pick("orm", scores, answers, right) and not pick("majority", scores, answers, right)
     assert pick("pass", scores, answers, right)
-    table = accuracy_by_n([scores], [answers], [right], [1, 2, 4])
+    table = accuracy_by_n([scores], [answers], [right], [1, 2, 4], ("prm_prod", "pass"))
     assert table["prm_prod"][1] == [0.25] and table["pass"][2] == [0.5] and table["prm_prod"][4] == [1.0]
 
 

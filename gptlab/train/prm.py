@@ -72,11 +72,15 @@ class StepExample:
     labels: list[float]    # 1 good, 0 bad, one per position
 
 
-def encode_solutions(tok, rows: list[dict], block_size: int) -> list[StepExample]:
+def encode_solutions(tok, rows: list[dict], block_size: int, outcome: bool = False) -> list[StepExample]:
+    """``outcome``: one label per solution, its final answer's correctness, read at its last token
+    (Lightman et al.'s outcome-supervised reward model, trained like the PRM on the same samples)."""
     out = []
     for r in rows:
         ids, ends = step_ids(tok, r["prompt"], r["response"], block_size)
-        labels = [float(x) for x in r["labels"]]
+        if outcome:
+            ends = [len(ids) - 1]
+        labels = [float(r["correct"])] if outcome else [float(x) for x in r["labels"]]
         if len(ends) != len(labels):
             raise GptlabError(f"solution {r.get('id', '?')}: {len(labels)} labels for {len(ends)} steps")
         keep = [(e, lab) for e, lab in zip(ends, labels) if e >= 0]
@@ -341,18 +345,20 @@ def run(args) -> int:
 
     train_rows, val_rows = heldout_by_hash(rows, lambda r: r["prompt"], args.val_fraction, salt="prm")
     block = gpt.config.block_size
-    train_items, val_items = encode_solutions(tok, train_rows, block), encode_solutions(tok, val_rows, block)
+    train_items = encode_solutions(tok, train_rows, block, args.outcome)
+    val_items = encode_solutions(tok, val_rows, block, args.outcome)
     model = ScalarHeadModel(gpt, reads="last_token")
     stage = PRMStage(train_items, val_items, args.batch_size, args.seed, tok.pad_id)
     if getattr(args, "max_steps", None) is None:
         args.max_steps = max(1, math.ceil(args.epochs * len(train_items) / args.batch_size))
     cfg = train_config_from_args(args)
-    heads = {"score_head": {"kind": "step", "reads": "step_ends", "init": "zeros"}}
+    heads = {"score_head": {"kind": "step", "reads": "end_of_turn" if args.outcome else "step_ends", "init": "zeros",
+                            "outcome": args.outcome}}
     runs.write_run_config(out, gpt.config, tok, stage="prm", extra={
         "init": str(init), "policy": str(policy_path) if not args.solutions else None, "heads": heads,
         "problems": str(args.problems) if args.problems else None, "solutions": args.solutions,
         "prm": {"samples": args.samples, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
-                "val_fraction": args.val_fraction, "shuffle_labels": args.shuffle_labels},
+                "val_fraction": args.val_fraction, "shuffle_labels": args.shuffle_labels, "outcome": args.outcome},
         "train": asdict(cfg)})
     print(f"init: {init} ({gpt.config.arch} {gpt.config.n_layer}x{gpt.config.n_embd}) + one scalar head at each "
           f"step's last token; train {len(train_items)} solutions, held out {len(val_items)}; {cfg.max_steps} steps "
@@ -396,6 +402,9 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest solution in tokens")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of problems held out (by hash)")
     p.add_argument("--epochs", type=float, default=2.0, help="passes over the solutions when --max-steps is not given")
+    p.add_argument("--outcome", action="store_true",
+                   help="train an outcome-supervised model instead (Lightman et al.'s ORM): one label per solution, "
+                   "whether its final answer is right, read at its end-of-turn token; same samples, head and loop")
     p.add_argument("--shuffle-labels", action="store_true",
                    help="control run: permute the step labels across the data set before training")
     add_train_args(p, batch_size=16, lr=1e-4, warmup_steps=20, eval_every=100, ckpt_every=200, weight_decay=0.0)
