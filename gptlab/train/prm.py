@@ -36,7 +36,7 @@ from gptlab.model.heads import ScalarHeadModel
 from gptlab.tokenizer.chat_template import end_of_turn_id, render_prompt
 from gptlab.train.args import add_train_args, train_config_from_args
 from gptlab.train.loop import train
-from gptlab.train.sequences import EpochSampler, heldout_by_hash, pad_batch
+from gptlab.train.sequences import RankingBatches, heldout_by_hash, pad_batch
 
 AGGREGATES = ("prod", "min")
 
@@ -125,8 +125,9 @@ def auc(good: list[float], bad: list[float]) -> float:
     return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-class PRMStage:
-    """Batches of labelled solutions for the shared loop; held-out step loss, accuracy and AUC."""
+class PRMStage(RankingBatches):
+    """Batches of labelled solutions for the shared loop (RankingBatches' epochs, ranks and resume
+    state, collated as steps); held-out step loss, accuracy and AUC."""
 
     name = "prm"
     plot_keys = ["train_loss", "val_loss", "step_accuracy", "val_step_accuracy", "val_auc"]
@@ -135,35 +136,19 @@ class PRMStage:
                  seed: int, pad_id: int):
         if not train_items:
             raise GptlabError("no labelled solutions to train on")
-        self.items, self.val_items = train_items, val_items
-        self.batch_size, self.pad_id = batch_size, pad_id
-        self.sampler = EpochSampler(len(train_items), seed)
-        self.counter = 0
+        super().__init__(train_items, val_items, batch_size, seed, pad_id)
 
-    def get_batch(self, split, gen):
-        if split != "train":
-            return None          # evaluate() walks the whole held-out set
-        idx = self.sampler.batch(self.counter, self.batch_size)
-        self.counter += 1
-        return collate_steps([self.items[i] for i in idx], self.pad_id)
+    def collate(self, items, pad_id: int) -> dict:
+        return collate_steps(items, pad_id)
 
     def loss(self, model, batch):
         return step_loss(step_logits(model, batch), batch["labels"])
-
-    def count_tokens(self, batch) -> int:
-        return int(batch["lengths"].sum())
 
     def evaluate(self, model) -> dict:
         if not self.val_items:
             return {}
         m = evaluate_steps(model, self.val_items, self.pad_id, self.batch_size)
         return {"val_loss": m["loss"], "val_step_accuracy": m["accuracy"], "val_auc": m["auc"]}
-
-    def state(self):
-        return {"counter": self.counter}
-
-    def load_state(self, d):
-        self.counter = int(d.get("counter", 0))
 
 
 @torch.no_grad()

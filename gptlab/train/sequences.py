@@ -172,7 +172,11 @@ class RankingBatches:
         rank, world = dist_rank_world()
         idx = self.sampler.batch(self.counter * world + rank, self.batch_size)
         self.counter += 1
-        return collate_rankings([self.items[i] for i in idx], self.pad_id)
+        return self.collate([self.items[i] for i in idx], self.pad_id)
+
+    def collate(self, items, pad_id: int) -> dict:
+        """One batch of items; the process reward model's stage collates solutions instead."""
+        return collate_rankings(items, pad_id)
 
     def count_tokens(self, batch) -> int:
         return int(batch["lengths"].sum())
