@@ -194,3 +194,17 @@ def test_process_advantages_credit_each_step_to_the_tokens_before_it():
     # One step at the end of each row: outcome supervision, the normalised score at every action.
     out = process_advantages([[1.0], [0.0]], [[6], [6]], mask, group=2)
     assert out[0].tolist() == pytest.approx([1.0] * 6, abs=1e-5) and out[1].tolist() == pytest.approx([-1.0] * 6, abs=1e-5)
+
+
+def test_ppo_step_ends_are_read_off_the_policy_tokens(small_tokenizer):
+    from types import SimpleNamespace
+    from gptlab.train.ppo import PPOStage
+    stage = PPOStage.__new__(PPOStage)      # only the tokenizer is needed to find where steps end
+    stage.tok = small_tokenizer
+    ids = small_tokenizer.encode(worked_solution(CHAIN))
+    prompt = [1, 2, 3]
+    ends = stage._step_ends(prompt, SimpleNamespace(ids=ids, finish_reason="stop"))
+    assert len(ends) == 4 and ends[-1] == len(prompt) + len(ids)          # the last step ends on end-of-turn
+    assert all("\n" in small_tokenizer.decode([ids[e - len(prompt)]]) for e in ends[:-1])
+    cut = stage._step_ends(prompt, SimpleNamespace(ids=ids, finish_reason="length"))
+    assert cut[-1] == len(prompt) + len(ids) - 1                           # no end-of-turn token was written

@@ -249,8 +249,10 @@ class PPOStage:
             from gptlab.label.labeler import score
             return torch.tensor([score(self.prompt_items[i], c.text) for i, c in zip(which.tolist(), comps)])
         seqs = [p + c.ids + [self.end_id] for p, c in zip(prompts, comps)]
-        if self.prm is not None:     # the chance every step is right (Lightman et al.'s solution score)
-            return torch.tensor([math.prod(r) if r else 0.0 for r in self._step_rewards(prompts, comps)[1]])
+        if self.prm is not None:
+            # The mean step P(right): what the reward curve shows and what tells a group's samples apart
+            # for --baseline rloo's filter (a product of many small P(right) is ~0 for every sample).
+            return torch.tensor([sum(r) / len(r) if r else 0.0 for r in self._step_rewards(prompts, comps)[1]])
         helpful = score_sequences(self.rm, seqs, self.pad_id, chunk=chunk)
         if self.opts.combine != "llama2":
             return helpful
