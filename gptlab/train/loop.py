@@ -334,10 +334,10 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
         elapsed = elapsed0 + time.perf_counter() - t_start
         out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
         # With a target, evaluate every 10 steps once the val loss is predicted near it: the time to
-        # target is then precise without paying for frequent evaluations the whole run. (On one
-        # process; under DDP the ranks' smoothed losses differ, so they keep the regular cadence.)
-        near_target = (cfg.target_loss is not None and d.world == 1 and step % 10 == 0
-                       and train_ema + val_gap <= cfg.target_loss + NEAR_TARGET)
+        # target is then precise without paying for frequent evaluations the whole run. The smoothed
+        # loss is averaged over ranks, so under DDP every rank makes the same choice.
+        near_target = (cfg.target_loss is not None and step % 10 == 0
+                       and _mean_across(train_ema, d, device) + val_gap <= cfg.target_loss + NEAR_TARGET)
         do_eval = (step % cfg.eval_every == 0 or is_last or out_of_time or near_target
                    or _eval_due(cfg, last_eval_t, d, device))
         if step % cfg.log_every == 0 or do_eval:
@@ -346,7 +346,7 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
             tok_s = window_tokens / max(now - window_t, 1e-9)
             tokens_seen += window_tokens
             window_t, window_tokens = now, 0
-            last_train = _mean_across(loss_sum / cfg.grad_accum, d, device)
+            last_train = _mean_across(step_loss, d, device)
             row = {"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed, 3),
                    "train_loss": last_train, "lr": lr}
             if grad_norm is not None:
@@ -363,8 +363,9 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
                 last_eval = evaluate()
                 last_eval_t = time.perf_counter()
                 last_val = last_eval.get("val_loss", last_val)
-                if "val_loss" in last_eval:
-                    val_gap = last_eval["val_loss"] - train_ema
+                if cfg.target_loss is not None:   # every rank reaches this collective
+                    ema = _mean_across(train_ema, d, device)
+                    val_gap = last_eval["val_loss"] - ema if "val_loss" in last_eval else val_gap
                 row.update(last_eval)
                 if cfg.target_loss is not None and last_val is not None and last_val <= cfg.target_loss:
                     # The clock includes every evaluation so far, this one too.
