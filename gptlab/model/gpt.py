@@ -15,7 +15,7 @@ Architectures (``GPTConfig.arch``):
              default; docs/BENCHMARKS.md has its measurements): ``modern`` with full multi-head
              attention, an RMSNorm on each head's queries and keys (QK-norm, as in Qwen3: attention
              logits stay bounded at high learning rates), an untied LM head, and the residual
-             projections and the head initialised to zero (every block starts as the identity).
+             projections initialised to zero (every block starts as the identity).
 * ``bert``   Devlin et al. 2018: bidirectional (no causal mask) post-LayerNorm blocks like gpt1; the
              input is token + position + segment (token-type A/B) embeddings, then a LayerNorm.
              Trained with the masked-LM objective (see gptlab.train.pretrain).
@@ -617,9 +617,8 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            if self.config.arch == "fast" and (getattr(module, "residual_projection", False)
-                                               or module is self.lm_head):
-                nn.init.zeros_(module.weight)   # blocks start as the identity, logits as uniform
+            if self.config.arch == "fast" and getattr(module, "residual_projection", False):
+                nn.init.zeros_(module.weight)   # blocks start as the identity
                 return
             std = 0.02
             # GPT-2: scale residual projections by 1/sqrt(N), N = 2 residual layers per block (a
