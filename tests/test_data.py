@@ -519,3 +519,21 @@ def test_dictionary_entries_tokenize_like_the_query_line():
         query, answer = tok.encode(f"{src} =>"), tok.encode(f"{src} => {tgt}")
         assert any(line[i:i + len(answer)] == answer for i in range(len(line))), (src, tgt)
         assert answer[:len(query)] == query
+
+
+def test_copy_drills_say_each_random_string_twice(tmp_path):
+    from gptlab.data.copying import SEPARATORS, copy_drills_path, write_copy_drills
+    path = write_copy_drills(tmp_path, seed=3, n_lines=400)
+    assert path == copy_drills_path(tmp_path, 3, 400)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 400 and all(lines)   # one document: no blank lines
+    kinds = {"|": 0, **{s: 0 for s in SEPARATORS}}
+    for line in lines:
+        sep = "|" if "|" in line else next(s for s in SEPARATORS if s in line)
+        first, second = line.split(sep)
+        assert first == second and 3 <= len(first), line
+        kinds[sep] += 1
+    assert kinds["|"] > 120 and all(kinds[s] > 30 for s in SEPARATORS)   # both halves of the mix
+    assert any(c.isdigit() for line in lines for c in line)                # numbers get copied too
+    assert len(set(lines)) == len(lines)                                   # fresh strings, not a few reused
+    assert write_copy_drills(tmp_path / "again", seed=3, n_lines=400).read_text() == path.read_text()

@@ -296,6 +296,46 @@ def test_eval_end_to_end_writes_results_and_png(tmp_path, small_tokenizer, capsy
     assert main(["eval", str(runs[0]), "--text", str(text), "--out", str(out)]) == 0
     assert json.loads((out / "perplexity.json").read_text())["runs"]["run0"]["bits_per_byte"] > 0
     assert "bits/byte" in capsys.readouterr().out
+    assert main(["eval", str(runs[0]), "--copy", "--n", "4", "--out", str(out)]) == 0
+    assert set(json.loads((out / "copy.json").read_text())["runs"]["run0"]) >= {"first", "second", "drop"}
+    assert "said again" in capsys.readouterr().out
+
+
+class _Copier(torch.nn.Module):
+    """A stand-in model for copy_losses: each row is "\n" + line (+ line again); from the second saying
+    on it puts all its probability on the token one line-length back (perfect copying), elsewhere it
+    knows nothing (uniform). ``copies=False``: uniform everywhere, a model that cannot copy."""
+
+    def __init__(self, vocab: int, copies: bool):
+        super().__init__()
+        self.config = type("C", (), {"causal": True, "block_size": 256})()
+        self.vocab, self.copies, self.w = vocab, copies, torch.nn.Parameter(torch.zeros(1))
+
+    def hidden(self, x):
+        return x
+
+    def lm_logits(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        if self.copies:
+            nl = x[0, 0]
+            for r in range(x.shape[0]):
+                ends = (x[r, 1:] == nl).nonzero()
+                if len(ends) == 0:   # the line said once: nothing to copy from
+                    continue
+                period = int(ends[0]) + 1   # the line and its "\n"
+                for t in range(period, x.shape[1]):
+                    logits[r, t, x[r, t + 1 - period]] = 50.0
+        return logits
+
+
+def test_copy_losses_tell_a_copier_from_a_model_that_cannot_copy(small_tokenizer):
+    from gptlab.evals.perplexity import copy_losses
+    v = small_tokenizer.vocab_size
+    copier = copy_losses(_Copier(v, True), small_tokenizer, n=6, seed=1)
+    blind = copy_losses(_Copier(v, False), small_tokenizer, n=6, seed=1)
+    assert blind["first"] == pytest.approx(math.log(v)) and blind["drop"] == pytest.approx(0, abs=1e-6)
+    assert copier["first"] == pytest.approx(math.log(v)) and copier["second"] < 0.01 * math.log(v)
+    assert copier["drop"] > 0.99 * math.log(v)
 
 
 def test_lookup_task_answers_only_from_the_dictionary():

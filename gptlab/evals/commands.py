@@ -214,6 +214,8 @@ def run_eval(args) -> int:
         raise GptlabError("several --rope-scaling values compare side by side only with --passkey")
     if args.text:
         return _run_perplexity(args)
+    if args.copy:
+        return _run_copy(args)
     if not args.out:
         raise GptlabError("--out DIR is required for few-shot evaluation (results.json, results.md, PNG)")
     if args.n < 1:
@@ -278,6 +280,24 @@ def _run_perplexity(args) -> int:
     return 0
 
 
+def _run_copy(args) -> int:
+    from gptlab.evals.perplexity import copy_losses
+    if args.n < 1:
+        raise GptlabError("--n must be at least 1")
+    rows = {}
+    taken: set[str] = set()
+    for run_dir in args.run_dirs:
+        name = _run_name(run_dir, taken)
+        model, tok, _ = _load(run_dir, args.device, args)
+        r = rows[name] = copy_losses(model, tok, n=args.n, seed=args.seed, batch_size=args.batch_size)
+        print(f"{name}: loss per token on a random line said once {r['first']:.3f}, said again "
+              f"{r['second']:.3f}: copying lowers it by {r['drop']:.3f} nats ({r['n']} lines)")
+    if args.out:
+        atomic_write_json(Path(args.out) / "copy.json", {"runs": rows})
+        print(f"wrote {Path(args.out) / 'copy.json'}")
+    return 0
+
+
 # ----- fill ----------------------------------------------------------------------------------------
 def run_fill(args) -> int:
     from gptlab.evals.fill import fill
@@ -326,6 +346,9 @@ def register(sub) -> None:
     p.add_argument("--no-description", action="store_true", help="leave out the task description line")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--text", default=None, metavar="FILE", help="report perplexity and bits per byte of this text file")
+    p.add_argument("--copy", action="store_true",
+                   help="in-context copying: the loss on a random line said a second time against the first "
+                        "(the induction test; --n lines)")
     p.add_argument("--stride", type=int, default=None,
                    help="--text: tokens between sliding windows (default half the context)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

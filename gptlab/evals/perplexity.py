@@ -11,6 +11,8 @@ depend on how the tokenizer cuts the text, so models with different tokenizers c
 from __future__ import annotations
 
 import math
+import random
+import string
 from pathlib import Path
 
 import torch
@@ -114,6 +116,29 @@ def perplexity(model, tokenizer, text: str, stride: int | None = None, batch_siz
     return {"tokens": n_tok, "bytes": n_bytes, "nll_nats": nll, "loss": nll / n_tok,
             "perplexity": math.exp(nll / n_tok), "bits_per_byte": nll / math.log(2) / n_bytes,
             "stride": stride, "block_size": bs}
+
+
+def copy_losses(model, tokenizer, n: int = 40, words: int = 8, seed: int = 0, batch_size: int = 16) -> dict:
+    """In-context copying (the induction test of Olsson et al. 2022): the mean loss per token of a line
+    of ``words`` random letter words said the first time, and said again right after.
+
+    Nothing but the first saying predicts the second, so the drop from ``first`` to ``second`` is what
+    the model's copying (its induction heads) is worth; a model that cannot copy scores the same twice.
+    """
+    rng = random.Random(seed)
+    newline = tokenizer.encode("\n")
+    firsts, seconds = [], []
+    for _ in range(n):
+        line = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
+                        for _ in range(words))
+        ids = tokenizer.encode(line + "\n")
+        firsts.append((newline, ids))
+        seconds.append((newline + ids, ids))
+    scored = score_continuations(model, [c for c, _ in firsts + seconds], [t for _, t in firsts + seconds],
+                                 batch_size)
+    loss = [-lp / k for lp, k in scored]
+    first, second = sum(loss[:n]) / n, sum(loss[n:]) / n
+    return {"first": first, "second": second, "drop": first - second, "n": n, "words": words, "seed": seed}
 
 
 def read_text_file(path: str | Path) -> str:
