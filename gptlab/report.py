@@ -61,7 +61,7 @@ def _samples(sr) -> list[str]:
 
 
 def _headline_exam(sr) -> list[str]:
-    from gptlab.evals.exam import FAMILIES, format_table
+    from gptlab.evals.exam import FAMILIES, format_restated, format_table
     res = _load(sr.d["exam"] / "results.json")
     if not res:
         return []
@@ -71,7 +71,8 @@ def _headline_exam(sr) -> list[str]:
             f"`gptlab exam`: {res['results'][next(iter(res['results']))]['n'] // len(FAMILIES)} questions per family, five families, "
             "wordings the curriculum never uses, greedy (what `gptlab serve` answers at temperature 0). "
             f"Best mean family accuracy {best['mean_family_accuracy']:.1%}, its weakest family "
-            f"{best['min_family_accuracy']:.1%}.", "", format_table(results), "![exam](exam/results.png)", ""]
+            f"{best['min_family_accuracy']:.1%}.", "", format_table(results), format_restated(results),
+            "![exam](exam/results.png)", ""]
 
 
 def _headline_rlhf(sr) -> list[str]:

@@ -71,6 +71,24 @@ def test_summary_and_table():
     assert s["per_family"]["decline"] == 1.0 and s["per_family"]["arithmetic"] == 0.0
     assert s["mean_family_accuracy"] == pytest.approx(0.2) and s["min_family_accuracy"] == 0.0
     assert "| m | 0% | 0% | 0% | 0% | 100% | **20.0%** |" in exam.format_table({"m": s})
+    assert s["restated"] == {"arithmetic": 0.0, "strings": 0.0}
+
+
+def test_restated_counts_replies_that_copy_the_question_whatever_their_answer():
+    from gptlab.data.instruct import restatement
+    items = [{"family": "arithmetic", "answer": "80", "problem": "arith:51 + 29"},
+             {"family": "arithmetic", "answer": "16", "problem": "arith:61 - 45"},
+             {"family": "strings", "answer": "erohs", "problem": "rev:shore"},
+             {"family": "strings", "answer": "1", "problem": "count:b:subject"},
+             {"family": "decline", "answer": "I'm sorry, I can't answer that."}]
+    replies = ["29 + 51 = 70.", "45 - 61 = 16.", "'shore' reversed is 'shore'.", "'supper' has 1 b.", "No."]
+    assert [restatement(i, r) for i, r in zip(items, replies)] == [True, False, True, False, None]
+    assert restatement(items[0], "80") is None   # restates nothing
+    s = exam.summarise(items, replies)
+    assert s["restated"] == {"arithmetic": 0.5, "strings": 0.5}
+    assert s["per_family"]["arithmetic"] == 0.0   # copied right, computed wrong
+    assert exam.format_restated({"m": s}).startswith("Replies that restate") and "arithmetic 50%" in \
+        exam.format_restated({"m": s})
 
 
 def test_roughen_keeps_slots_and_payload():

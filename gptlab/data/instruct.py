@@ -469,19 +469,27 @@ def _about_the_problem(item: dict, text: str) -> bool:
     """A reply that restates its question must restate the one asked: "'supper' contains the letter
     's' 1 time." is no answer to how many b's are in "subject", though its last number is right.
     Needs the item's ``problem`` (the exam's items carry it); a reply that restates nothing passes."""
+    return restatement(item, text) is not False
+
+
+def restatement(item: dict, text: str) -> bool | None:
+    """Whether a reply restates the asked problem right ("59 + 63 = ...", "'shore' reversed ..."):
+    True or False when it restates a sum (arithmetic) or quotes a word (string edits), None when it
+    restates nothing or the item has no ``problem`` to compare with. Echoing the question is copying,
+    so this tells a model that cannot copy from one that copies but cannot compute."""
     problem = item.get("problem", "")
     if item.get("family") == "arithmetic" and problem.startswith("arith:"):
         a, op, b = problem[len("arith:"):].split(" ")
         m = _RESTATED_SUM.search(text)
-        if m:
-            ops = {(a, b), (b, a)} if op == "+" else {(a, b)}
-            return m.group(2) == op and (m.group(1), m.group(3)) in ops
-        return True
+        if m is None:
+            return None
+        ops = {(a, b), (b, a)} if op == "+" else {(a, b)}
+        return m.group(2) == op and (m.group(1), m.group(3)) in ops
     if item.get("family") == "strings" and problem.split(":")[0] in ("rev", "up", "count", "first"):
         word, answer = problem.split(":")[-1].lower(), str(item.get("answer", "")).lower()
         m = _FIRST_QUOTED.search(text)
-        return m is None or m.group(1).lower() in (word, answer)
-    return True
+        return None if m is None else m.group(1).lower() in (word, answer)
+    return None
 
 
 # ----- the command --------------------------------------------------------------------------------------

@@ -147,12 +147,23 @@ def build_exam(n_per_family: int = 40, seed: int = 0) -> list[dict]:
     return [by_family[f][i] for i in range(n_per_family) for f in FAMILIES]
 
 
+RESTATING = ("arithmetic", "strings")   # the families whose replies echo the problem ("59 + 63 = ...")
+
+
 def summarise(items: list[dict], responses: list[str]) -> dict:
-    """{"mean_family_accuracy", "min_family_accuracy", "per_family", "n"} from checked responses."""
+    """{"mean_family_accuracy", "min_family_accuracy", "per_family", "restated", "n"} from checked
+    responses; ``restated``: per RESTATING family, the share of replies that restate the asked problem
+    right (copying works) whether or not the answer is (computing works)."""
+    from gptlab.data.instruct import restatement
     from gptlab.train.heldout import checked_by_family
     per = {f: sum(v) / len(v) for f, v in checked_by_family(items, responses).items()}
+    restated = {}
+    for f in RESTATING:
+        marks = [restatement(it, text) is True for it, text in zip(items, responses) if it["family"] == f]
+        if marks:
+            restated[f] = sum(marks) / len(marks)
     return {"mean_family_accuracy": sum(per.values()) / len(per), "min_family_accuracy": min(per.values()),
-            "per_family": per, "n": len(items)}
+            "per_family": per, "restated": restated, "n": len(items)}
 
 
 def exam_run(run_dir: str | Path, items: list[dict], device: str = "cpu") -> list[str]:
@@ -188,6 +199,14 @@ def format_table(results: dict[str, dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def format_restated(results: dict[str, dict]) -> str:
+    """One line: per model, the share of replies restating the asked sum or word right."""
+    parts = [f"{name} " + ", ".join(f"{f} {100 * v:.0f}%" for f, v in r["restated"].items())
+             for name, r in results.items() if r.get("restated")]
+    return ("Replies that restate the asked sum or word right (copying from the question): "
+            + "; ".join(parts) + ".\n") if parts else ""
+
+
 def run(args) -> int:
     from gptlab.io import atomic_write_json
     if args.n < 1:
@@ -202,7 +221,7 @@ def run(args) -> int:
         results[args.base_url] = {**summarise(items, responses), "responses": responses}
     if not results:
         raise GptlabError("give one or more run folders, or --base-url of a running server")
-    print(format_table(results), end="")
+    print(format_table(results) + format_restated(results), end="")
     if args.out:
         from gptlab.plots import plot_family_bars
         out = Path(args.out)
