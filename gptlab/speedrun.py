@@ -27,10 +27,11 @@ PRESETS = {
     # The whole run on a 2-core CPU in about 15 minutes.
     # One token per character: a word is the same tokens wherever it stands (after a space, in quotes), so
     # echoing it, copying it from a dictionary or spelling it backwards is plain copying. Against a 4096-token
-    # BPE on the same data and seed it copied far more (docs/INSTRUCT.md, "Tokenizer"). Three rows in eight
-    # are copy drills (gptlab/data/copying.py): without them this model never learns to copy at all.
+    # BPE on the same data and seed it copied far more (docs/INSTRUCT.md, "Tokenizer"). Six rows in eleven
+    # are drills (gptlab/data/drills.py): without copy drills this model never learns to copy, and the
+    # sums in the mixed corpus are too few to learn two-digit arithmetic in seven minutes.
     "cpu": dict(arch="fast", preset="tiny", model=["--block-size", "256"], mixture_lines=100_000, per_family=6000,
-                tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2, copy=3), exam_n=40,
+                tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2, copy=3, arithmetic=3), exam_n=40,
                 pretrain=["--max-steps", "1400", "--batch-size", "16", "--time-budget", "405",
                           "--eval-every", "250", "--ckpt-every", "250"],
                 eval=["--shots", "0,1,4", "--n", "60", "--tasks", "icl"],
@@ -51,7 +52,7 @@ PRESETS = {
     # A GPT-2-124M-class model on one GPU.
     "gpu": dict(arch="gpt2", preset="gpt2-124m", model=["--block-size", "512"], mixture_lines=400_000,
                 per_family=12000, tokenizer=["--vocab-size", "16384"],
-                corpus_weights=dict(text=2, mixture=2, transcripts=2, copy=0), exam_n=100,
+                corpus_weights=dict(text=2, mixture=2, transcripts=2, copy=0, arithmetic=0), exam_n=100,
                 pretrain=["--max-steps", "6000", "--batch-size", "64", "--grad-accum", "2", "--lr", "6e-4",
                           "--warmup-steps", "300", "--compile", "--eval-every", "500", "--ckpt-every", "1000",
                           "--time-budget", "2700"],
@@ -70,7 +71,7 @@ PRESETS = {
     "test": dict(arch="fast", preset="tiny", model=["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
                                                     "--block-size", "128"],
                  mixture_lines=3000, per_family=40,
-                 tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=1, transcripts=1, copy=1), exam_n=4,
+                 tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=1, transcripts=1, copy=1, arithmetic=1), exam_n=4,
                  pretrain=["--max-steps", "30", "--batch-size", "8", "--eval-every", "15", "--eval-batches", "2",
                            "--ckpt-every", "10"],
                  eval=["--shots", "0,1", "--n", "6", "--tasks", "add2", "icl_last"],
@@ -153,13 +154,17 @@ class Speedrun:
         w = self.p["corpus_weights"]
         sources = [f"{base}:{w['text']}", f"{self._mixture_path()}:{w['mixture']}",
                    f"{self.instruct / 'transcripts.txt'}:{w['transcripts']}"]
-        if w["copy"]:
-            sources.append(f"{self._copy_path()}:{w['copy']}")
+        sources += [f"{self._drills_path(kind)}:{w[kind]}" for kind in self._drills()]
         return sources
 
-    def _copy_path(self) -> Path:
-        from gptlab.data.copying import copy_drills_path
-        return copy_drills_path(self.d["data"] / "copy")
+    def _drills(self) -> list[str]:
+        """The kinds of drills (gptlab/data/drills.py) this preset pre-trains on."""
+        from gptlab.data.drills import KINDS
+        return [kind for kind in KINDS if self.p["corpus_weights"][kind]]
+
+    def _drills_path(self, kind: str) -> Path:
+        from gptlab.data.drills import drills_path
+        return drills_path(self.d["data"] / "drills", kind)
 
     # ----- stages -------------------------------------------------------------------------------
     def stage_data(self):
@@ -167,9 +172,9 @@ class Speedrun:
         if self.corpus is None:
             _cli(["data", "shakespeare"])
         write_mixture(self.d["data"] / "mixture", seed=0, n_lines=self.p["mixture_lines"])
-        if self.p["corpus_weights"]["copy"]:
-            from gptlab.data.copying import write_copy_drills
-            write_copy_drills(self.d["data"] / "copy")
+        from gptlab.data.drills import write_drills
+        for kind in self._drills():
+            write_drills(self.d["data"] / "drills", kind)
         inst = ["data", "instruct", "--out", str(self.instruct), "--n-per-family", str(self.p["per_family"])]
         if self.corpus is not None:
             inst.append("--no-shakespeare")
@@ -266,7 +271,7 @@ class Speedrun:
         return [
             Stage("data", "corpus, task mixture, instruction curriculum",
                   lambda: (d["data"] / "data.done").is_file()
-                  and (not self.p["corpus_weights"]["copy"] or self._copy_path().is_file()), self.stage_data),
+                  and all(self._drills_path(kind).is_file() for kind in self._drills()), self.stage_data),
             Stage("tokenizer", tok_title, lambda: (d["tokenizer"] / "tokenizer.json").is_file(),
                   self.stage_tokenizer),
             Stage("pretrain", "pre-training (next token)", lambda: self._run_done("pretrain"), self.stage_pretrain),
