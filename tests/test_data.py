@@ -522,9 +522,9 @@ def test_dictionary_entries_tokenize_like_the_query_line():
 
 
 def test_copy_drills_say_each_random_string_twice(tmp_path):
-    from gptlab.data.copying import SEPARATORS, copy_drills_path, write_copy_drills
-    path = write_copy_drills(tmp_path, seed=3, n_lines=400)
-    assert path == copy_drills_path(tmp_path, 3, 400)
+    from gptlab.data.drills import SEPARATORS, drills_path, write_drills
+    path = write_drills(tmp_path, "copy", seed=3, n_lines=400)
+    assert path == drills_path(tmp_path, "copy", 3, 400)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 400 and all(lines)   # one document: no blank lines
     kinds = {"|": 0, **{s: 0 for s in SEPARATORS}}
@@ -536,4 +536,26 @@ def test_copy_drills_say_each_random_string_twice(tmp_path):
     assert kinds["|"] > 120 and all(kinds[s] > 30 for s in SEPARATORS)   # both halves of the mix
     assert any(c.isdigit() for line in lines for c in line)                # numbers get copied too
     assert len(set(lines)) == len(lines)                                   # fresh strings, not a few reused
-    assert write_copy_drills(tmp_path / "again", seed=3, n_lines=400).read_text() == path.read_text()
+    assert write_drills(tmp_path / "again", "copy", seed=3, n_lines=400).read_text() == path.read_text()
+
+
+def test_arithmetic_drills_are_right_and_never_a_held_out_problem(tmp_path):
+    from gptlab.data.instruct import HELDOUT_FRACTION, _bucket
+    from gptlab.data.drills import write_drills
+    lines = write_drills(tmp_path, "arithmetic", seed=1, n_lines=3000).read_text(encoding="utf-8").splitlines()
+    sums, follow = 0, {"Double": 0, "Half": 0}
+    for line in lines:
+        if m := re.fullmatch(r"(\d+) ([-+]) (\d+) = (-?\d+)", line):
+            a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert r == (a + b if op == "+" else a - b) and r >= 0, line
+            if 10 <= a <= 99 and 10 <= b <= 99:
+                sums += 1
+                keys = [f"arith:{a} {op} {b}"] + ([f"arith:{b} {op} {a}"] if op == "+" else [])
+                assert all(_bucket(k) >= HELDOUT_FRACTION for k in keys), line
+        elif m := re.fullmatch(r"Double (\d+) is (\d+)", line):
+            assert int(m[2]) == 2 * int(m[1]); follow["Double"] += 1
+        else:
+            m = re.fullmatch(r"Half of (\d+) is (\d+)", line)
+            assert m and int(m[1]) % 2 == 0 and int(m[2]) * 2 == int(m[1]), line
+            follow["Half"] += 1
+    assert sums > 1500 and min(follow.values()) > 100

@@ -42,11 +42,12 @@ def test_every_stage_leaves_its_output(speedrun_dir):
     assert "![](images/heldout/" in report   # sample pictures, linked relative to the report
     state = json.loads((out / "speedrun.json").read_text())
     assert set(state["stages"]) >= {"data", "pretrain", "sft", "rm", "ppo", "dpo", "compare"}
-    # Pre-training reads the copy drills beside the corpus, the mixture and the transcripts.
-    drills = list((out / "data" / "copy").iterdir())
-    assert len(drills) == 1 and drills[0].stat().st_size > 100_000
+    # Pre-training reads the copy and arithmetic drills beside the corpus, the mixture and the transcripts.
+    drills = sorted((out / "data" / "drills").iterdir())
+    assert [p.name.split("_")[0] for p in drills] == ["arithmetic", "copy"]
+    assert all(p.stat().st_size > 100_000 for p in drills)
     sources = json.loads((out / "pretrain" / "config.json").read_text())["data"]
-    assert f"{drills[0]}:1" in sources and len(sources) == 4
+    assert all(f"{p}:1" in sources for p in drills) and len(sources) == 5
 
 
 def test_rerun_skips_finished_stages_and_redoes_missing_ones(speedrun_dir, capsys):
