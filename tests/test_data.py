@@ -559,3 +559,14 @@ def test_arithmetic_drills_are_right_and_never_a_held_out_problem(tmp_path):
             assert m and int(m[1]) % 2 == 0 and int(m[2]) * 2 == int(m[1]), line
             follow["Half"] += 1
     assert sums > 1500 and min(follow.values()) > 100
+
+
+def test_data_drills_command(tmp_path, capsys):
+    rc, out, _ = cli(capsys, "data", "drills", "--out", tmp_path, "--lines", "50", "--seed", "2")
+    assert rc == 0 and out.count("wrote 50 ") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arithmetic_drills_seed2_lines50.txt",
+                                                          "copy_drills_seed2_lines50.txt"]
+    rc, out, _ = cli(capsys, "data", "drills", "copy", "--out", tmp_path / "c", "--lines", "5")
+    assert rc == 0 and [p.name for p in (tmp_path / "c").iterdir()] == ["copy_drills_seed0_lines5.txt"]
+    assert "--lines" in user_error(capsys, "data", "drills", "--out", tmp_path, "--lines", "0")
+    assert "invalid choice" in user_error(capsys, "data", "drills", "sums", "--out", tmp_path)

@@ -5,6 +5,7 @@ import argparse
 import time
 
 from gptlab.data.mixture import DEFAULT_LINES
+from gptlab.errors import GptlabError
 
 DATA_HELP = ("Corpus: a text file, a .jsonl file with a \"text\" field (or .jsonl.gz / .jsonl.zst), a "
              ".parquet file with a \"text\" column, a folder of any of these (and .txt/.md), "
@@ -40,6 +41,16 @@ def _run_mixture(args) -> int:
     path = mixture.write_mixture(args.out, args.seed, args.lines, mixture.parse_weights(args.weights))
     print(f"wrote {args.lines:,} example lines from {len(mixture.FAMILIES)} task families "
           f"({path.stat().st_size / 1e6:.1f} MB) to {path} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _run_drills(args) -> int:
+    from gptlab.data.drills import KINDS, write_drills
+    if args.lines < 1:
+        raise GptlabError("--lines must be at least 1")
+    for kind in args.kinds or list(KINDS):
+        path = write_drills(args.out, kind, args.seed, args.lines)
+        print(f"wrote {args.lines:,} {kind} drills ({path.stat().st_size / 1e6:.1f} MB) to {path}")
     return 0
 
 
@@ -99,6 +110,20 @@ def register(sub) -> None:
                    "dictionary look-up kind, 'repeat' the copied lines), e.g. lookup=6,en2zh=2,zh2en=2; "
                    "adds _w<hash> to the name")
     m.set_defaults(func=_run_mixture)
+
+    from gptlab.data import drills
+    d = dsub.add_parser("drills", help="generate copy and arithmetic drills (pre-training lines)",
+                        description="Write lines that teach what a small model does not learn from text in "
+                        "minutes: copy drills (a random string said twice) and arithmetic drills (two-digit "
+                        "sums in the replies' form, never a held-out problem). Give the files to `gptlab "
+                        "pretrain --data` beside the corpus with a weight, as the cpu speedrun does.")
+    d.add_argument("kinds", nargs="*", choices=list(drills.KINDS), metavar="KIND",
+                   help=f"which drills: {', '.join(drills.KINDS)} (default both)")
+    d.add_argument("--out", required=True, metavar="DIR", help="folder for <kind>_drills_seed<S>_lines<N>.txt")
+    d.add_argument("--lines", type=int, default=drills.DEFAULT_LINES,
+                   help=f"lines per kind (default {drills.DEFAULT_LINES:,})")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.set_defaults(func=_run_drills)
 
     k = dsub.add_parser("passkey", help="generate passkey-retrieval documents (long-context training)",
                         description="Write JSONL documents of repeated filler with a 5-digit pass key "
