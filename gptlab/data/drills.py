@@ -6,10 +6,10 @@ Answering in a person's own words needs copying: echo "59" and "63" before addin
 word to reverse, carry the last answer into a follow-up. A transformer copies with induction heads
 (a head that finds the earlier occurrence of the current text and reads what came after it), and a
 tiny character-level model pre-trained for the cpu speedrun's seven minutes on Shakespeare, the task
-mixture and the chat transcripts grows none: on a random word sequence said twice, its loss on the
-second saying is no lower than on the first. In these lines the second half can be predicted only by
+mixture and the chat transcripts grows hardly any: on a line of random words said twice, its loss on
+the second saying is 5.78 nats per character against 6.02 on the first. In these lines the second half can be predicted only by
 copying the first, so they force the heads to form; a strong share of the pre-training rows is what it
-takes at that budget (docs/INSTRUCT.md, "Copy drills").
+takes at that budget (docs/INSTRUCT.md, "Drills").
 
 Half the lines are a string of letters and digits (3-24 characters, so numbers get copied too) with
 ``|`` between the two sayings; half are two to five random letter words (2-7 letters each) with
