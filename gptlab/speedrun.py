@@ -32,7 +32,7 @@ PRESETS = {
     # sums in the mixed corpus are too few to learn two-digit arithmetic in seven minutes.
     "cpu": dict(arch="fast", preset="tiny", model=["--block-size", "256"], mixture_lines=100_000, per_family=6000,
                 tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2, copy=3, arithmetic=3), exam_n=40,
-                pretrain=["--max-steps", "1400", "--batch-size", "16", "--time-budget", "385",
+                pretrain=["--max-steps", "1400", "--batch-size", "16", "--time-budget", "400",
                           "--eval-every", "250", "--ckpt-every", "250"],
                 eval=["--shots", "0,1,4", "--n", "60", "--tasks", "icl"],
                 sft=["--max-steps", "600", "--batch-size", "16", "--lr", "1e-3", "--time-budget", "170",
@@ -47,7 +47,7 @@ PRESETS = {
                      "--eval-max-items", "120", "--ckpt-every", "75"],
                 compare_n=400, max_new_tokens=48,
                 images=["--n", "4000"], vision=[],   # --vision: the stage's own defaults (docs/VISION.md)
-                seconds=dict(data=20, tokenizer=2, pretrain=395, eval_pretrain=25, sft=175, label=60, rm=80,
+                seconds=dict(data=20, tokenizer=2, pretrain=410, eval_pretrain=25, sft=175, label=60, rm=30,
                              ppo=100, dpo=55, compare=60, exam=20, vision=480, eval_vision=120, report=10)),
     # A GPT-2-124M-class model on one GPU.
     "gpu": dict(arch="gpt2", preset="gpt2-124m", model=["--block-size", "512"], mixture_lines=400_000,

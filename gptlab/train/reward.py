@@ -22,6 +22,7 @@ InstructGPT's head, one score at the end-of-turn token (gptlab.model.heads.Scala
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -175,6 +176,9 @@ def labeler_agreement(rankings, scorer) -> dict[str, tuple[float, int]]:
     return {k: (right[k] / total[k], total[k]) for k in sorted(total, key=lambda k: (k != "all", -total[k]))}
 
 
+MAX_DEMOS = 2000   # demonstrations scored for the bias (a seeded sample when --demos has more)
+
+
 def demonstration_pairs(path: str | Path | None, rankings) -> tuple[list, list[str], str]:
     """(prompts, responses, what) whose mean score the bias sets to 0: --demos conversations (the last
     assistant turn of each, after the messages before it), else each ranking's best response."""
@@ -190,7 +194,11 @@ def demonstration_pairs(path: str | Path | None, rankings) -> tuple[list, list[s
             responses.append(msgs[last]["content"])
         if not prompts:
             raise GptlabError(f"--demos {path}: no conversation ends a user turn with an assistant answer")
-        return prompts, responses, f"{len(prompts)} demonstrations from {path}"
+        n = len(prompts)
+        if n > MAX_DEMOS:   # a mean: a fixed sample estimates it, at a fraction of the forward passes
+            keep = sorted(random.Random(0).sample(range(n), MAX_DEMOS))
+            prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
+        return prompts, responses, f"{len(prompts)} of the {n} demonstrations in {path}"
     return ([r.prompt for r in rankings], [r.responses[r.ranking[0]] for r in rankings],
             f"the top-ranked responses of {len(rankings)} training prompts")
 
@@ -333,7 +341,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--demos", default=None,
                    help="conversations whose final assistant answers should score 0 on average "
-                   "(default: the top-ranked responses of the training data)")
+                   "(default: the top-ranked responses of the training data); a seeded sample of 2,000 when "
+                   "there are more")
     p.add_argument("--reads", choices=READS, default="response_tokens",
                    help="response_tokens: the head scores every token of the response and the scores are summed, "
                    "so a shared prefix cancels out of every pair and the verdict is learnt where two responses "
