@@ -548,10 +548,9 @@ def test_arithmetic_drills_are_right_and_never_a_held_out_problem(tmp_path):
         if m := re.fullmatch(r"(\d+) ([-+]) (\d+) = (-?\d+)", line):
             a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
             assert r == (a + b if op == "+" else a - b) and r >= 0, line
-            if 10 <= a <= 99 and 10 <= b <= 99:
-                sums += 1
-                keys = [f"arith:{a} {op} {b}"] + ([f"arith:{b} {op} {a}"] if op == "+" else [])
-                assert all(_bucket(k) >= HELDOUT_FRACTION for k in keys), line
+            keys = [f"arith:{a} {op} {b}"] + ([f"arith:{b} {op} {a}"] if op == "+" else [])
+            assert all(_bucket(k) >= HELDOUT_FRACTION for k in keys), line   # follow-ups too
+            sums += 10 <= a <= 99 and 10 <= b <= 99
         elif m := re.fullmatch(r"Double (\d+) is (\d+)", line):
             assert int(m[2]) == 2 * int(m[1]); follow["Double"] += 1
         else:
@@ -569,4 +568,4 @@ def test_data_drills_command(tmp_path, capsys):
     rc, out, _ = cli(capsys, "data", "drills", "copy", "--out", tmp_path / "c", "--lines", "5")
     assert rc == 0 and [p.name for p in (tmp_path / "c").iterdir()] == ["copy_drills_seed0_lines5.txt"]
     assert "--lines" in user_error(capsys, "data", "drills", "--out", tmp_path, "--lines", "0")
-    assert "invalid choice" in user_error(capsys, "data", "drills", "sums", "--out", tmp_path)
+    assert "unknown drills 'sums'" in user_error(capsys, "data", "drills", "sums", "--out", tmp_path)

@@ -60,12 +60,15 @@ def arithmetic_line(rng: random.Random) -> str:
                 a, b = b, a
             if not _held_out(a, op, b):
                 return f"{a} {op} {b} = {a + b if op == '+' else a - b}"
-    r, c = rng.randint(0, 198), rng.randint(1, 30)
-    kind = rng.choice(("add", "sub", "double", "half"))
-    if kind == "sub" and c > r:
-        kind = "add"
-    if kind == "half" and r % 2:
-        kind = "double"
+    while True:   # a follow-up may look like a held-out problem ("73 - 30"): draw again
+        r, c = rng.randint(0, 198), rng.randint(1, 30)
+        kind = rng.choice(("add", "sub", "double", "half"))
+        if kind == "sub" and c > r:
+            kind = "add"
+        if kind == "half" and r % 2:
+            kind = "double"
+        if kind in ("double", "half") or not _held_out(r, "+" if kind == "add" else "-", c):
+            break
     return {"add": f"{r} + {c} = {r + c}", "sub": f"{r} - {c} = {r - c}",
             "double": f"Double {r} is {2 * r}", "half": f"Half of {r} is {r // 2}"}[kind]
 
