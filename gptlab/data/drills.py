@@ -18,9 +18,9 @@ Half the lines are a string of letters and digits (3-24 characters, so numbers g
 **Arithmetic drills** are sums in the form every arithmetic reply takes, ``59 + 63 = 122``: two-digit
 additions and subtractions (never one of the curriculum's held-out problems, in either order, so the
 exam's questions stay unseen) and the follow-ups of a multi-turn chat on such a result
-(``122 + 7 = 129``, ``Double 61 is 122``, ``Half of 84 is 42``). Pre-trained on nothing but these lines,
-the 4 x 128 model does 90% of unseen two-digit sums after 500 steps; spread through the mixed corpus
-the same problems appear too rarely to be learnt in the speedrun's budget.
+(``122 + 7 = 129``, ``Double 61 is 122``, ``Half of 84 is 42``). A small model learns such sums
+suddenly, after it has seen a few thousand; spread through the mixed corpus they are too rare for
+that to happen in the speedrun's budget.
 """
 from __future__ import annotations
 
