@@ -28,7 +28,7 @@ PRESETS = {
     # One token per character: a word is the same tokens wherever it stands (after a space, in quotes), so
     # echoing it, copying it from a dictionary or spelling it backwards is plain copying. Against a 4096-token
     # BPE on the same data and seed it copied far more (docs/INSTRUCT.md, "Tokenizer"). Six rows in eleven
-    # are drills (gptlab/data/drills.py): without copy drills this model never learns to copy, and the
+    # are drills (gptlab/data/drills.py): without copy drills this model hardly copies at all, and the
     # sums in the mixed corpus are too few to learn two-digit arithmetic in seven minutes.
     "cpu": dict(arch="fast", preset="tiny", model=["--block-size", "256"], mixture_lines=100_000, per_family=6000,
                 tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2, copy=3, arithmetic=3), exam_n=40,
