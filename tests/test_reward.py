@@ -78,6 +78,20 @@ def test_demonstrations_score_mean_zero_after_bias(small_tokenizer):
     assert all(math.isclose(a, b - mean, abs_tol=1e-5) for a, b in zip(after, before))   # a pure shift
 
 
+def test_demonstrations_beyond_the_cap_are_a_fixed_sample(tmp_path):
+    from gptlab.train.reward import MAX_DEMOS, demonstration_pairs
+    n = MAX_DEMOS + 50
+    path = tmp_path / "demos.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                       {"role": "assistant", "content": f"a{i}"}]})
+                               for i in range(n)) + "\n", encoding="utf-8")
+    prompts, responses, what = demonstration_pairs(path, [])
+    assert len(prompts) == len(responses) == MAX_DEMOS and f"of the {n} demonstrations" in what
+    # each kept answer stays with its own prompt, none twice, and the same ones every time
+    assert all(p[-1]["content"][1:] == r[1:] for p, r in zip(prompts, responses))
+    assert len(set(responses)) == MAX_DEMOS and demonstration_pairs(path, [])[1] == responses
+
+
 def test_score_responses_one_prompt_or_many(small_tokenizer):
     tok = small_tokenizer
     rm = _tiny_rm(tok)

@@ -7,9 +7,9 @@ word to reverse, carry the last answer into a follow-up. A transformer copies wi
 (a head that finds the earlier occurrence of the current text and reads what came after it), and a
 tiny character-level model pre-trained for the cpu speedrun's seven minutes on Shakespeare, the task
 mixture and the chat transcripts grows hardly any: on a line of random words said twice, its loss on
-the second saying is 5.78 nats per character against 6.02 on the first. In these lines the second half can be predicted only by
-copying the first, so they force the heads to form; a strong share of the pre-training rows is what it
-takes at that budget (docs/INSTRUCT.md, "Drills").
+the second saying is 5.78 nats per character against 6.02 on the first. In these lines the second
+half can be predicted only by copying the first, so they force the heads to form; a strong share of
+the pre-training rows is what it takes at that budget (docs/INSTRUCT.md, "Drills").
 
 Half the lines are a string of letters and digits (3-24 characters, so numbers get copied too) with
 ``|`` between the two sayings; half are two to five random letter words (2-7 letters each) with
@@ -46,9 +46,10 @@ def copy_line(rng: random.Random) -> str:
 
 
 def _held_out(a: int, op: str, b: int) -> bool:
-    from gptlab.data.instruct import HELDOUT_FRACTION, _bucket
+    """The sum is a held-out problem of the curriculum, in either order for "+"."""
+    from gptlab.data.instruct import held_out
     keys = [f"arith:{a} {op} {b}"] + ([f"arith:{b} {op} {a}"] if op == "+" else [])
-    return any(_bucket(k) < HELDOUT_FRACTION for k in keys)
+    return any(held_out(k) for k in keys)
 
 
 def arithmetic_line(rng: random.Random) -> str:

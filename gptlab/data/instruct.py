@@ -321,6 +321,11 @@ def _bucket(split_key: str) -> float:
     return int(_hash("split:" + split_key)[:12], 16) / 16 ** 12
 
 
+def held_out(split_key: str) -> bool:
+    """Whether a problem (its split key, e.g. "arith:59 + 63") is in the held-out split: never trained on."""
+    return _bucket(split_key) < HELDOUT_FRACTION
+
+
 def _split_of(b: float) -> str:
     return "heldout" if b < HELDOUT_FRACTION else "sft" if b < HELDOUT_FRACTION + SFT_FRACTION else "prompts"
 

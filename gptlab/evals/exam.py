@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from gptlab.data.instruct import DECLINE_ANSWER, HELDOUT_FRACTION, _bucket
+from gptlab.data.instruct import DECLINE_ANSWER, held_out
 from gptlab.errors import GptlabError
 
 FAMILIES = ("arithmetic", "strings", "translate", "multiturn", "decline")
@@ -64,16 +64,12 @@ _DECLINE = ("How many hairs are on my head?", "What is the name of the person st
 _QUOTES = ("'{}'", '"{}"', "{}")
 
 
-def _heldout(split_key: str) -> bool:
-    return _bucket(split_key) < HELDOUT_FRACTION
-
-
 def _two_digit(rng, op: str) -> tuple[int, int, int]:
     while True:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         if op == "-" and a < b:
             a, b = b, a
-        if _heldout(f"arith:{a} {op} {b}"):
+        if held_out(f"arith:{a} {op} {b}"):
             return a, b, a + b if op == "+" else a - b
 
 
@@ -82,7 +78,7 @@ def _word(rng, words: list[str], key) -> tuple[str, str]:
     while True:
         w = rng.choice(words)
         c = rng.choice(w)
-        if _heldout(key(w, c)):
+        if held_out(key(w, c)):
             return w, c
 
 

@@ -341,8 +341,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--demos", default=None,
                    help="conversations whose final assistant answers should score 0 on average "
-                   "(default: the top-ranked responses of the training data); a seeded sample of 2,000 when "
-                   "there are more")
+                   "(default: the top-ranked responses of the training data); a seeded sample of "
+                   f"{MAX_DEMOS:,} when there are more")
     p.add_argument("--reads", choices=READS, default="response_tokens",
                    help="response_tokens: the head scores every token of the response and the scores are summed, "
                    "so a shared prefix cancels out of every pair and the verdict is learnt where two responses "
