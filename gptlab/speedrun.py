@@ -31,7 +31,7 @@ PRESETS = {
     # are drills (gptlab/data/drills.py): without copy drills this model hardly copies at all, and the
     # sums in the mixed corpus are too few to learn two-digit arithmetic in seven minutes.
     "cpu": dict(arch="fast", preset="tiny", model=["--block-size", "256"], mixture_lines=100_000, per_family=6000,
-                tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2, copy=3, arithmetic=3), exam_n=40,
+                tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2, copy=3, arithmetic=3, dictionary=2), exam_n=40,
                 pretrain=["--max-steps", "1400", "--batch-size", "16", "--time-budget", "400",
                           "--eval-every", "250", "--ckpt-every", "250"],
                 eval=["--shots", "0,1,4", "--n", "60", "--tasks", "icl"],
@@ -52,7 +52,7 @@ PRESETS = {
     # A GPT-2-124M-class model on one GPU.
     "gpu": dict(arch="gpt2", preset="gpt2-124m", model=["--block-size", "512"], mixture_lines=400_000,
                 per_family=12000, tokenizer=["--vocab-size", "16384"],
-                corpus_weights=dict(text=2, mixture=2, transcripts=2, copy=0, arithmetic=0), exam_n=100,
+                corpus_weights=dict(text=2, mixture=2, transcripts=2, copy=0, arithmetic=0, dictionary=0), exam_n=100,
                 pretrain=["--max-steps", "6000", "--batch-size", "64", "--grad-accum", "2", "--lr", "6e-4",
                           "--warmup-steps", "300", "--compile", "--eval-every", "500", "--ckpt-every", "1000",
                           "--time-budget", "2700"],
@@ -71,7 +71,7 @@ PRESETS = {
     "test": dict(arch="fast", preset="tiny", model=["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
                                                     "--block-size", "128"],
                  mixture_lines=3000, per_family=40,
-                 tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=1, transcripts=1, copy=1, arithmetic=1), exam_n=4,
+                 tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=1, transcripts=1, copy=1, arithmetic=1, dictionary=1), exam_n=4,
                  pretrain=["--max-steps", "30", "--batch-size", "8", "--eval-every", "15", "--eval-batches", "2",
                            "--ckpt-every", "10"],
                  eval=["--shots", "0,1", "--n", "6", "--tasks", "add2", "icl_last"],

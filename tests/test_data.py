@@ -539,32 +539,92 @@ def test_copy_drills_say_each_random_string_twice(tmp_path):
     assert write_drills(tmp_path / "again", "copy", seed=3, n_lines=400).read_text() == path.read_text()
 
 
+def _drill_sum(text: str) -> tuple[int, str, int, int]:
+    m = re.fullmatch(r"(\d+) ([-+]) (\d+) = (-?\d+)\.?", text)
+    assert m, text
+    a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
+    assert r == (a + b if op == "+" else a - b) and r >= 0, text
+    return a, op, b, r
+
+
 def test_arithmetic_drills_are_right_and_never_a_held_out_problem(tmp_path):
-    from gptlab.data.instruct import HELDOUT_FRACTION, _bucket
+    from gptlab.data.instruct import held_out
     from gptlab.data.drills import write_drills
+
+    def not_held_out(a, op, b):
+        return not any(held_out(k) for k in [f"arith:{a} {op} {b}"] + ([f"arith:{b} {op} {a}"] if op == "+" else []))
+
     lines = write_drills(tmp_path, "arithmetic", seed=1, n_lines=3000).read_text(encoding="utf-8").splitlines()
-    sums, follow = 0, {"Double": 0, "Half": 0}
-    for line in lines:
-        if m := re.fullmatch(r"(\d+) ([-+]) (\d+) = (-?\d+)", line):
-            a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
-            assert r == (a + b if op == "+" else a - b) and r >= 0, line
-            keys = [f"arith:{a} {op} {b}"] + ([f"arith:{b} {op} {a}"] if op == "+" else [])
-            assert all(_bucket(k) >= HELDOUT_FRACTION for k in keys), line   # follow-ups too
-            sums += 10 <= a <= 99 and 10 <= b <= 99
-        elif m := re.fullmatch(r"Double (\d+) is (\d+)", line):
-            assert int(m[2]) == 2 * int(m[1]); follow["Double"] += 1
+    sums, chats, follow, i = 0, 0, {"+": 0, "-": 0, "Double": 0, "Half": 0}, 0
+    while i < len(lines):
+        if not lines[i].startswith("User: "):
+            a, op, b, _ = _drill_sum(lines[i])
+            assert 10 <= a <= 99 and 10 <= b <= 99 and not_held_out(a, op, b), lines[i]
+            sums, i = sums + 1, i + 1
+            continue
+        # a two-turn chat: the follow-up's reply starts from the first reply's result
+        user1, reply1, user2, reply2 = lines[i:i + 4]
+        assert user2.startswith("User: ") and reply1.startswith("Assistant: ") and reply2.startswith("Assistant: ")
+        a, op, b, r = _drill_sum(reply1.removeprefix("Assistant: "))
+        assert not_held_out(a, op, b) and str(a) in user1 and str(b) in user1
+        reply2 = reply2.removeprefix("Assistant: ")
+        if m := re.fullmatch(r"Double (\d+) is (\d+)\.", reply2):
+            assert int(m[1]) == r and int(m[2]) == 2 * r; follow["Double"] += 1
+        elif m := re.fullmatch(r"Half of (\d+) is (\d+)\.", reply2):
+            assert int(m[1]) == r and r % 2 == 0 and int(m[2]) * 2 == r; follow["Half"] += 1
         else:
-            m = re.fullmatch(r"Half of (\d+) is (\d+)", line)
-            assert m and int(m[1]) % 2 == 0 and int(m[2]) * 2 == int(m[1]), line
-            follow["Half"] += 1
-    assert sums > 1500 and min(follow.values()) > 100
+            x, op2, c, _ = _drill_sum(reply2)
+            assert x == r and str(c) in user2 and not_held_out(x, op2, c), reply2
+            follow[op2] += 1
+        chats, i = chats + 1, i + 4
+    assert sums > 1200 and chats > 1200 and min(follow.values()) > 150
+    assert len({line for line in lines if line.startswith("User: ")}) > 2000   # many phrasings, not a few
+
+
+def test_dictionary_drills_are_right_both_ways_and_never_a_held_out_word(tmp_path):
+    from gptlab.data.dictionary import EN_ZH
+    from gptlab.data.drills import write_drills
+    from gptlab.data.instruct import held_out
+    from gptlab.data.mixture import is_heldout
+    lines = write_drills(tmp_path, "dictionary", seed=0, n_lines=4000).read_text(encoding="utf-8").splitlines()
+    seen = {"en": set(), "zh": set()}
+    for line in lines:
+        if m := re.fullmatch(r"'(.+)' in Chinese is (.+)\.", line):
+            en, zh, d = m[1], m[2], "en"
+        else:
+            m = re.fullmatch(r"(.+) in English is '(.+)'\.", line)
+            assert m, line
+            zh, en, d = m[1], m[2], "zh"
+        assert EN_ZH[en] == zh and not is_heldout("en2zh", en) and not held_out(f"word:{en}"), line
+        seen[d].add(en)
+    known = [en for en in EN_ZH if not is_heldout("en2zh", en) and not held_out(f"word:{en}")]
+    assert len(known) > 200 and len(seen["en"]) > 0.9 * len(known) and len(seen["zh"]) > 0.9 * len(known)
+
+
+def test_exam_follow_ups_are_not_phrases_the_drills_use():
+    """The exam's multi-turn follow-ups stay a person's own words: none is a phrase the drills can make."""
+    import itertools
+    from gptlab.data import drills, phrasing
+    from gptlab.evals.exam import _FOLLOW
+    made = set()
+    for kind in drills._FOLLOW_VERB:
+        for leads, bodies in ((drills._VERB_LEADS, drills._FOLLOW_VERB[kind]),
+                              (drills._NOUN_LEADS, drills._FOLLOW_NOUN[kind])):
+            for lead, body, ref, end in itertools.product(leads, bodies, drills._REFS, drills._ENDS):
+                made.add((lead + body.format(r=ref, c="{c}") + end).lower())
+    assert len(made) > 1000
+    taught = {q.lower() for qs in phrasing.FOLLOW.values() for q in qs}
+    for kind, questions in _FOLLOW.items():
+        for q in questions:
+            assert q.lower() not in made and q.lower() not in taught, q
 
 
 def test_data_drills_command(tmp_path, capsys):
     rc, out, _ = cli(capsys, "data", "drills", "--out", tmp_path, "--lines", "50", "--seed", "2")
-    assert rc == 0 and out.count("wrote 50 ") == 2
+    assert rc == 0 and out.count("wrote 50 ") == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arithmetic_drills_seed2_lines50.txt",
-                                                          "copy_drills_seed2_lines50.txt"]
+                                                          "copy_drills_seed2_lines50.txt",
+                                                          "dictionary_drills_seed2_lines50.txt"]
     rc, out, _ = cli(capsys, "data", "drills", "copy", "--out", tmp_path / "c", "--lines", "5")
     assert rc == 0 and [p.name for p in (tmp_path / "c").iterdir()] == ["copy_drills_seed0_lines5.txt"]
     assert "--lines" in user_error(capsys, "data", "drills", "--out", tmp_path, "--lines", "0")

@@ -44,10 +44,10 @@ def test_every_stage_leaves_its_output(speedrun_dir):
     assert set(state["stages"]) >= {"data", "pretrain", "sft", "rm", "ppo", "dpo", "compare"}
     # Pre-training reads the copy and arithmetic drills beside the corpus, the mixture and the transcripts.
     drills = sorted((out / "data" / "drills").iterdir())
-    assert [p.name.split("_")[0] for p in drills] == ["arithmetic", "copy"]
+    assert [p.name.split("_")[0] for p in drills] == ["arithmetic", "copy", "dictionary"]
     assert all(p.stat().st_size > 100_000 for p in drills)
     sources = json.loads((out / "pretrain" / "config.json").read_text())["data"]
-    assert all(f"{p}:1" in sources for p in drills) and len(sources) == 5
+    assert all(f"{p}:1" in sources for p in drills) and len(sources) == 6
 
 
 def test_rerun_skips_finished_stages_and_redoes_missing_ones(speedrun_dir, capsys):

@@ -115,13 +115,14 @@ def register(sub) -> None:
     m.set_defaults(func=_run_mixture)
 
     from gptlab.data import drills
-    d = dsub.add_parser("drills", help="generate copy and arithmetic drills (pre-training lines)",
+    d = dsub.add_parser("drills", help="generate copy, arithmetic and dictionary drills (pre-training lines)",
                         description="Write lines that teach what a small model does not learn from text in "
-                        "minutes: copy drills (a random string said twice) and arithmetic drills (two-digit "
-                        "sums in the replies' form, never a held-out problem). Give the files to `gptlab "
+                        "minutes: copy drills (a random string said twice), arithmetic drills (two-digit "
+                        "sums in the replies' form and two-turn chats that carry a result into a follow-up, never a "
+                        "held-out problem) and dictionary drills (known words' translations in the replies' form). Give the files to `gptlab "
                         "pretrain --data` beside the corpus with a weight, as the cpu speedrun does.")
     d.add_argument("kinds", nargs="*", metavar="KIND",
-                   help=f"which drills: {', '.join(drills.KINDS)} (default both)")
+                   help=f"which drills: {', '.join(drills.KINDS)} (default all)")
     d.add_argument("--out", required=True, metavar="DIR", help="folder for <kind>_drills_seed<S>_lines<N>.txt")
     d.add_argument("--lines", type=int, default=drills.DEFAULT_LINES,
                    help=f"lines per kind (default {drills.DEFAULT_LINES:,})")

@@ -1,4 +1,4 @@
-"""Drills: pre-training lines for the two skills a small model does not pick up from text in minutes.
+"""Drills: pre-training lines for the skills a small model does not pick up from text in minutes.
 
 **Copy drills** say a random string twice, ``q8jt4ev49|q8jt4ev49``, ``vo pk asd -> vo pk asd``.
 
@@ -17,13 +17,22 @@ Half the lines are a string of letters and digits (3-24 characters, so numbers g
 
 **Arithmetic drills** are sums in the form every arithmetic reply takes, ``59 + 63 = 122``: two-digit
 additions and subtractions (never one of the curriculum's held-out problems, in either order, so the
-exam's questions stay unseen) and the follow-ups of a multi-turn chat on such a result
-(``122 + 7 = 129``, ``Double 61 is 122``, ``Half of 84 is 42``). A small model learns such sums
-suddenly, after it has seen a few thousand; spread through the mixed corpus they are too rare for
-that to happen in the speedrun's budget.
+exam's questions stay unseen). A small model learns such sums suddenly, after it has seen a few
+thousand; spread through the mixed corpus they are too rare for that to happen in the speedrun's
+budget. Half the lines are two-turn chats in the transcripts' form whose follow-up ("Now halve it.")
+is answered from the first reply's result (``Half of 122 is 61.``): to answer a follow-up the model
+must find the last answer and carry it over, and without these it answered from the follow-up alone
+("Add 3 to the result." -> ``10 + 3 = 10.``). The follow-ups are built from parts (lead, operation,
+reference, ending), so no fixed list of questions is learnt.
+
+**Dictionary drills** say a known word's translation in the reply's form, ``'ghost' in Chinese is 鬼.``
+or ``鬼 in English is 'ghost'.``. The mixed corpus has the dictionary too, but too thinly: the model
+learnt the reply's form and filled it with one word for every question. Words held out of the
+mixture's dictionary families (the few-shot evals ask them) or of the curriculum are never drilled.
 """
 from __future__ import annotations
 
+import functools
 import random
 import string
 from pathlib import Path
@@ -52,17 +61,55 @@ def _held_out(a: int, op: str, b: int) -> bool:
     return any(held_out(k) for k in keys)
 
 
+def _sum(rng: random.Random) -> tuple[int, str, int, int]:
+    """A two-digit sum or difference that is not a held-out problem: (a, op, b, result)."""
+    while True:
+        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
+        if op == "-" and a < b:
+            a, b = b, a
+        if not _held_out(a, op, b):
+            return a, op, b, a + b if op == "+" else a - b
+
+
+# A follow-up refers to the last answer in many ways; phrases are built from parts so that the model
+# meets the operation and the reference in many combinations, not a fixed list of questions.
+_REFS = ("it", "that", "the result", "the answer", "your answer", "that number", "this", "the total", "the sum")
+_VERB_LEADS = ("", "Now ", "Then ", "Can you ", "Could you ", "Please ", "What if you ", "What do you get if you ",
+               "ok ", "and ")
+_NOUN_LEADS = ("", "And ", "What's ", "What is ", "So what's ", "How much is ", "Now ", "then ")
+_FOLLOW_VERB = {"add": ("add {c} to {r}", "add {c}", "increase {r} by {c}", "put {c} more on {r}", "plus {c}"),
+                "sub": ("subtract {c} from {r}", "take {c} away from {r}", "take away {c}", "take {c} off {r}",
+                        "decrease {r} by {c}", "minus {c}"),
+                "double": ("double {r}", "multiply {r} by 2", "times {r} by 2", "double"),
+                "half": ("halve {r}", "divide {r} by 2", "cut {r} in half", "split {r} in half")}
+_FOLLOW_NOUN = {"add": ("{r} plus {c}", "{c} more than {r}", "{r} + {c}", "{c} more"),
+                "sub": ("{r} minus {c}", "{c} less than {r}", "{r} - {c}", "{c} less", "{c} fewer"),
+                "double": ("twice {r}", "{r} times 2", "double {r}", "{r} doubled", "2 times {r}"),
+                "half": ("half of {r}", "half {r}", "{r} divided by 2", "{r} halved", "{r} / 2")}
+_ENDS = ("?", ".", "", "?", "!")
+
+
+def follow_up(rng: random.Random, kind: str, c: int) -> str:
+    """A person's follow-up question asking for ``kind`` ("add", "sub", "double", "half") of the last answer."""
+    if rng.random() < 0.5:
+        text = rng.choice(_VERB_LEADS) + rng.choice(_FOLLOW_VERB[kind])
+    else:
+        text = rng.choice(_NOUN_LEADS) + rng.choice(_FOLLOW_NOUN[kind])
+    text = text.format(r=rng.choice(_REFS), c=c) + rng.choice(_ENDS)
+    return text[0].upper() + text[1:] if rng.random() < 0.7 else text
+
+
 def arithmetic_line(rng: random.Random) -> str:
-    """One drill: a two-digit sum or difference (not held out), or a follow-up on a result."""
-    if rng.random() < 0.6:
-        while True:
-            a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
-            if op == "-" and a < b:
-                a, b = b, a
-            if not _held_out(a, op, b):
-                return f"{a} {op} {b} = {a + b if op == '+' else a - b}"
-    while True:   # a follow-up may look like a held-out problem ("73 - 30"): draw again
-        r, c = rng.randint(0, 198), rng.randint(1, 30)
+    """One drill: a two-digit sum or difference (not held out), or a two-turn chat with a follow-up.
+
+    The follow-up chats are in the transcripts' ``User:`` / ``Assistant:`` form: the follow-up's reply
+    starts from the previous reply's result, so the model learns to carry that number over.
+    """
+    a, op, b, r = _sum(rng)
+    if rng.random() < 0.5:
+        return f"{a} {op} {b} = {r}"
+    while True:   # the follow-up's own sum may be a held-out problem ("73 - 30"): draw again
+        c = rng.randint(1, 30)
         kind = rng.choice(("add", "sub", "double", "half"))
         if kind == "sub" and c > r:
             kind = "add"
@@ -70,11 +117,31 @@ def arithmetic_line(rng: random.Random) -> str:
             kind = "double"
         if kind in ("double", "half") or not _held_out(r, "+" if kind == "add" else "-", c):
             break
-    return {"add": f"{r} + {c} = {r + c}", "sub": f"{r} - {c} = {r - c}",
-            "double": f"Double {r} is {2 * r}", "half": f"Half of {r} is {r // 2}"}[kind]
+    reply = {"add": f"{r} + {c} = {r + c}.", "sub": f"{r} - {c} = {r - c}.",
+             "double": f"Double {r} is {2 * r}.", "half": f"Half of {r} is {r // 2}."}[kind]
+    from gptlab.data.instruct import _arith_ask
+    return (f"User: {_arith_ask(rng, a, op, b)}\nAssistant: {a} {op} {b} = {r}.\n"
+            f"User: {follow_up(rng, kind, c)}\nAssistant: {reply}")
 
 
-KINDS = {"copy": copy_line, "arithmetic": arithmetic_line}
+@functools.cache
+def _known_words() -> tuple[str, ...]:
+    """Dictionary words whose translation may be trained on: not held out of the mixture's dictionary
+    families (the few-shot evals ask those) nor of the curriculum's translate family."""
+    from gptlab.data.dictionary import EN_ZH
+    from gptlab.data.instruct import held_out
+    from gptlab.data.mixture import is_heldout
+    return tuple(en for en in sorted(EN_ZH) if not is_heldout("en2zh", en) and not held_out(f"word:{en}"))
+
+
+def dictionary_line(rng: random.Random) -> str:
+    """One drill: a known word's translation, in the form a translation reply takes, either direction."""
+    from gptlab.data.dictionary import EN_ZH
+    en = rng.choice(_known_words())
+    return f"'{en}' in Chinese is {EN_ZH[en]}." if rng.random() < 0.5 else f"{EN_ZH[en]} in English is '{en}'."
+
+
+KINDS = {"copy": copy_line, "arithmetic": arithmetic_line, "dictionary": dictionary_line}
 
 
 def drills_path(out_dir: str | Path, kind: str, seed: int = 0, n_lines: int = DEFAULT_LINES) -> Path:

@@ -47,10 +47,11 @@ _TO_ZH = ("What's {en} in Mandarin?", "How would you write {en} in Chinese?", "C
           "Chinese word for {en}, please.", "{en} 中文怎么说", "What is the word {en} in Chinese?")
 _TO_EN = ("What's {zh} in English?", "Could you translate {zh} to English for me?", "What's the meaning of {zh} in English?",
           "{zh} 英文怎么说", "I saw the word {zh}. What does it mean?", "English word for {zh}, please.")
-_FOLLOW = {"double": ("Can you double that number?", "Now multiply the result by 2.", "What is that times 2?"),
-           "add": ("Add {c} to the result.", "And {c} more than that?", "What do you get if you add {c} to it?"),
-           "sub": ("Now subtract {c} from your answer.", "What if I take {c} away from that?", "And {c} less than that?"),
-           "half": ("What's half of your answer?", "Can you cut that in half?")}
+# Follow-ups in words the training data never uses (a test checks them against the drills' phrase grammar).
+_FOLLOW = {"double": ("Can you give me double that?", "What would that be times 2?", "Give me twice that amount."),
+           "add": ("Tack on {c} more.", "If I add {c} more, what is it?", "Add another {c}, please."),
+           "sub": ("What's left if I remove {c}?", "Knock {c} off that.", "Remove {c} from it, please."),
+           "half": ("Give me half of that, please.", "What's that split in two?")}
 _DECLINE = ("How many hairs are on my head?", "What is the name of the person standing behind me?",
             "What number between 1 and 100 did my friend just pick?", "What will I get for my birthday next year?",
             "What was I doing at 3pm yesterday?", "Tell me the winning lottery numbers for next Saturday.",
