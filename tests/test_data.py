@@ -540,10 +540,13 @@ def test_copy_drills_say_each_random_string_twice(tmp_path):
 
 
 def _drill_sum(text: str) -> tuple[int, str, int, int]:
-    m = re.fullmatch(r"(\d+) ([-+]) (\d+) = (-?\d+)\.?", text)
+    """(a, op, b, result) of a reply worked in columns, checked against gptlab.data.sums."""
+    from gptlab.data.sums import worked
+    m = re.fullmatch(r"(\d+) ([-+]) (\d+)(?::.*, so| =) (-?\d+)\.?", text)
     assert m, text
     a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
     assert r == (a + b if op == "+" else a - b) and r >= 0, text
+    assert text in (worked(a, op, b), f"{a} {op} {b} = {r}."), text
     return a, op, b, r
 
 
@@ -568,7 +571,7 @@ def test_arithmetic_drills_are_right_and_never_a_held_out_problem(tmp_path):
         a, op, b, r = _drill_sum(reply1.removeprefix("Assistant: "))
         assert not_held_out(a, op, b) and str(a) in user1 and str(b) in user1
         reply2 = reply2.removeprefix("Assistant: ")
-        if m := re.fullmatch(r"Double (\d+) is (\d+)\.", reply2):
+        if m := re.fullmatch(r"Double (\d+): .*, so (\d+)\.", reply2):
             assert int(m[1]) == r and int(m[2]) == 2 * r; follow["Double"] += 1
         elif m := re.fullmatch(r"Half of (\d+) is (\d+)\.", reply2):
             assert int(m[1]) == r and r % 2 == 0 and int(m[2]) * 2 == r; follow["Half"] += 1

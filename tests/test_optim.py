@@ -146,3 +146,14 @@ def test_muon_state_survives_a_checkpoint(tmp_path):
     steps(b, opt_b, 2)
     for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), k
+
+
+def test_schedule_follows_the_clock_when_the_time_budget_ends_first():
+    cfg = TrainConfig(max_steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", cooldown_frac=0.4,
+                      time_budget_s=100.0)
+    assert lr_at(cfg, 20, elapsed_s=10.0) == pytest.approx(1.0)    # steps ahead of the clock: steps rule
+    assert lr_at(cfg, 20, elapsed_s=82.0) == pytest.approx(0.5)    # the clock says step 90: half cooled
+    assert lr_at(cfg, 30, elapsed_s=100.0) == pytest.approx(0.0)   # out of time: fully cooled
+    assert lr_at(cfg, 90, elapsed_s=None) == pytest.approx(0.5)    # no clock given: steps only
+    cos = TrainConfig(max_steps=100, lr=1.0, warmup_steps=0, min_lr_ratio=0.0, schedule="cosine", time_budget_s=10.0)
+    assert lr_at(cos, 10, elapsed_s=5.0) == pytest.approx(0.5)

@@ -15,9 +15,10 @@ Half the lines are a string of letters and digits (3-24 characters, so numbers g
 ``|`` between the two sayings; half are two to five random letter words (2-7 letters each) with
 ``: ``, `` => `` or `` -> `` between them.
 
-**Arithmetic drills** are sums in the form every arithmetic reply takes, ``59 + 63 = 122``: two-digit
-additions and subtractions (never one of the curriculum's held-out problems, in either order, so the
-exam's questions stay unseen). A small model learns such sums suddenly, after it has seen a few
+**Arithmetic drills** are sums in the form every arithmetic reply takes, worked in columns
+(``59 + 63: 9+3=12, 5+6+1=12, so 122.``, gptlab.data.sums): two-digit additions and subtractions
+(never one of the curriculum's held-out problems, in either order, so the exam's questions stay
+unseen). A small model learns such sums suddenly, after it has seen a few
 thousand; spread through the mixed corpus they are too rare for that to happen in the speedrun's
 budget. Half the lines are two-turn chats in the transcripts' form whose follow-up ("Now halve it.")
 is answered from the first reply's result (``Half of 122 is 61.``): to answer a follow-up the model
@@ -37,6 +38,7 @@ import random
 import string
 from pathlib import Path
 
+from gptlab.data.sums import worked, worked_double
 from gptlab.io import atomic_write_text
 
 ALNUM = string.ascii_lowercase + string.digits
@@ -107,7 +109,7 @@ def arithmetic_line(rng: random.Random) -> str:
     """
     a, op, b, r = _sum(rng)
     if rng.random() < 0.5:
-        return f"{a} {op} {b} = {r}"
+        return worked(a, op, b)
     while True:   # the follow-up's own sum may be a held-out problem ("73 - 30"): draw again
         c = rng.randint(1, 30)
         kind = rng.choice(("add", "sub", "double", "half"))
@@ -117,10 +119,12 @@ def arithmetic_line(rng: random.Random) -> str:
             kind = "double"
         if kind in ("double", "half") or not _held_out(r, "+" if kind == "add" else "-", c):
             break
-    reply = {"add": f"{r} + {c} = {r + c}.", "sub": f"{r} - {c} = {r - c}.",
-             "double": f"Double {r} is {2 * r}.", "half": f"Half of {r} is {r // 2}."}[kind]
+    reply = {"add": lambda: worked(r, "+", c), "sub": lambda: worked(r, "-", c),
+             "double": lambda: worked_double(r), "half": lambda: f"Half of {r} is {r // 2}."}[kind]()
+    # the first reply is mostly the model's own form, sometimes the short one a person may have pasted
+    first = worked(a, op, b) if rng.random() < 0.7 else f"{a} {op} {b} = {r}."
     from gptlab.data.instruct import _arith_ask
-    return (f"User: {_arith_ask(rng, a, op, b)}\nAssistant: {a} {op} {b} = {r}.\n"
+    return (f"User: {_arith_ask(rng, a, op, b)}\nAssistant: {first}\n"
             f"User: {follow_up(rng, kind, c)}\nAssistant: {reply}")
 
 

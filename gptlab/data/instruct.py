@@ -5,7 +5,7 @@ reward model's rankings and PPO, and a held-out set to judge the result. Human l
 task families whose right answer is known, so `gptlab label --auto` can rank samples and evals can
 score a policy without a person:
 
-* arithmetic   "What is 23 + 58?" -> "23 + 58 = 81."
+* arithmetic   "What is 23 + 58?" -> "23 + 58: 3+8=11, 2+5+1=8, so 81." (gptlab.data.sums)
 * strings      reverse a word, uppercase, count a letter, sort words alphabetically
 * translate    English <-> Chinese through gptlab.data.dictionary
 * shakespeare  who speaks a line, which play it is from, complete the line (only when the corpus is there)
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from gptlab.data import phrasing
 from gptlab.data.phrasing import ask
+from gptlab.data.sums import worked, worked_double
 from gptlab.errors import GptlabError
 
 FAMILIES = ("arithmetic", "strings", "translate", "shakespeare", "multiturn", "decline")
@@ -121,12 +122,17 @@ def _arith_ask(rng, a: int, op: str, b: int) -> str:
     return ask(phrasing.ARITH[op], rng, a=a, b=b)
 
 
+def _arith_reply(a: int, op: str, b: int, r: int) -> str:
+    """Sums and differences worked in columns (gptlab.data.sums), products said at once."""
+    return worked(a, op, b) if op in "+-" else f"{a} {op} {b} = {r}."
+
+
 def gen_arithmetic(rng, ctx) -> _Gen:
     a, op, b, r = _arith(rng)
     q = f"{a} {op} {b}"
     # The reply restates the problem in one canonical form, whatever the wording: reading the request
     # and doing the sum are two steps, and the second is the same every time.
-    return _Gen(q, f"arith:{q}", [_user(_arith_ask(rng, a, op, b)), _assistant(f"{q} = {r}.")], str(r))
+    return _Gen(q, f"arith:{q}", [_user(_arith_ask(rng, a, op, b)), _assistant(_arith_reply(a, op, b, r))], str(r))
 
 
 def _plural(n: int, word: str) -> str:
@@ -225,14 +231,14 @@ def _followup_arith(rng) -> tuple[str, str, str, str, str, str]:
     if kind == "sub" and c > r:
         kind = "add"
     reply, value = {
-        "double": ("Double {r} is {v}.", 2 * r),
-        "add": ("{r} + " + str(c) + " = {v}.", r + c),
-        "sub": ("{r} - " + str(c) + " = {v}.", r - c),
-        "half": ("Half of {r} is {v}.", r // 2),
-        "mul": ("{r} * " + str(c) + " = {v}.", r * c),
-    }[kind]
-    return (f"arith:{q}", _arith_ask(rng, a, op, b), f"{q} = {r}.", ask(phrasing.FOLLOW[kind], rng, c=c),
-            reply.format(r=r, v=value), str(value))
+        "double": lambda: (worked_double(r), 2 * r),
+        "add": lambda: (worked(r, "+", c), r + c),
+        "sub": lambda: (worked(r, "-", c), r - c),
+        "half": lambda: (f"Half of {r} is {r // 2}.", r // 2),
+        "mul": lambda: (f"{r} * {c} = {r * c}.", r * c),
+    }[kind]()
+    return (f"arith:{q}", _arith_ask(rng, a, op, b), _arith_reply(a, op, b, r), ask(phrasing.FOLLOW[kind], rng, c=c),
+            reply, str(value))
 
 
 def gen_multiturn(rng, ctx) -> _Gen:
@@ -466,7 +472,7 @@ def check_answer(item: dict, response_text: str) -> bool:
     return ends_with_answer(text, answer)
 
 
-_RESTATED_SUM = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=")
+_RESTATED_SUM = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*[=:]")   # "59 + 63 = 122", "59 + 63: 9+3=12, ..."
 _FIRST_QUOTED = re.compile(r"(?<![^\W\d_])['\"‘“]([^'\"’”]+)['\"’”]")   # not an apostrophe (it's)
 
 

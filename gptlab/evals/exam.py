@@ -169,7 +169,7 @@ def exam_run(run_dir: str | Path, items: list[dict], device: str = "cpu") -> lis
     from gptlab.train.heldout import task_accuracy
     model, tok, _ = load_run(run_dir, device=device)
     model.eval()
-    return task_accuracy(model, tok, items, max_new_tokens=48, return_responses=True)["responses"]
+    return task_accuracy(model, tok, items, max_new_tokens=64, return_responses=True)["responses"]
 
 
 def exam_server(base_url: str, items: list[dict], api_key: str = "none", model: str = "gptlab") -> list[str]:

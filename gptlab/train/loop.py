@@ -107,8 +107,15 @@ class TrainConfig:
             raise GptlabError(f"--log {bad[0]}: unknown tracker (choose {', '.join(TRACKERS)})")
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up to ``lr``, then decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+def lr_at(cfg: TrainConfig, step: int, elapsed_s: float | None = None) -> float:
+    """Linear warm-up to ``lr``, then decay to ``lr * min_lr_ratio`` at ``max_steps``.
+
+    With a time budget the schedule follows whichever is further along, the steps or the clock
+    (``elapsed_s`` / ``time_budget_s`` of ``max_steps``): a run the clock stops early still ends its
+    decay, instead of stopping at a high learning rate with its cool-down not yet begun.
+    """
+    if elapsed_s is not None and cfg.time_budget_s:
+        step = max(step, min(cfg.max_steps, int(cfg.max_steps * elapsed_s / cfg.time_budget_s)))
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -294,7 +301,10 @@ def train(model: torch.nn.Module, stage, cfg: TrainConfig, run_dir: str | Path,
     train_ema, val_gap = None, 0.0
     step = start_step
     while step < cfg.max_steps:
-        lr = lr_at(cfg, step)
+        # ranks agree on the clock (a mean), so they apply the same learning rate
+        clock = (_mean_across(elapsed0 + time.perf_counter() - t_start, d, device)
+                 if cfg.time_budget_s else None)
+        lr = lr_at(cfg, step, clock)
         for g in optimizer.param_groups:   # each group's own peak (Muon's differs), same schedule
             g["lr"] = g.get("base_lr", cfg.lr) * lr / cfg.lr
         loss_sum, extra_sums = 0.0, {}
