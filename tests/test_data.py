@@ -559,6 +559,7 @@ def test_arithmetic_drills_are_right_and_never_a_held_out_problem(tmp_path):
 
     lines = write_drills(tmp_path, "arithmetic", seed=1, n_lines=3000).read_text(encoding="utf-8").splitlines()
     sums, chats, follow, i = 0, 0, {"+": 0, "-": 0, "Double": 0, "Half": 0}, 0
+    forms = {"own": 0, "plain": 0, "other": 0}   # the earlier reply's form
     while i < len(lines):
         if not lines[i].startswith("User: "):
             a, op, b, _ = _drill_sum(lines[i])
@@ -568,8 +569,17 @@ def test_arithmetic_drills_are_right_and_never_a_held_out_problem(tmp_path):
         # a two-turn chat: the follow-up's reply starts from the first reply's result
         user1, reply1, user2, reply2 = lines[i:i + 4]
         assert user2.startswith("User: ") and reply1.startswith("Assistant: ") and reply2.startswith("Assistant: ")
-        a, op, b, r = _drill_sum(reply1.removeprefix("Assistant: "))
-        assert not_held_out(a, op, b) and str(a) in user1 and str(b) in user1
+        reply1 = reply1.removeprefix("Assistant: ")
+        if ": " in reply1 or " = " in reply1:
+            forms["own" if ": " in reply1 else "plain"] += 1
+            a, op, b, r = _drill_sum(reply1)
+        else:   # a short form ("That's 122."): the problem is the question's two numbers
+            forms["other"] += 1
+            x, y = map(int, re.findall(r"\d+", user1.removeprefix("User: "))[:2])
+            r = int(re.findall(r"\d+", reply1)[-1])
+            a, op, b = (x, "+", y) if r == x + y else (max(x, y), "-", min(x, y))
+            assert r == (a + b if op == "+" else a - b), (user1, reply1)
+        assert not_held_out(a, op, b) and str(a) in user1 and str(b) in user1, (user1, reply1)
         reply2 = reply2.removeprefix("Assistant: ")
         if m := re.fullmatch(r"Double (\d+): .*, so (\d+)\.", reply2):
             assert int(m[1]) == r and int(m[2]) == 2 * r; follow["Double"] += 1
@@ -581,6 +591,7 @@ def test_arithmetic_drills_are_right_and_never_a_held_out_problem(tmp_path):
             follow[op2] += 1
         chats, i = chats + 1, i + 4
     assert sums > 1200 and chats > 1200 and min(follow.values()) > 150
+    assert min(forms.values()) > 0.2 * chats
     assert len({line for line in lines if line.startswith("User: ")}) > 2000   # many phrasings, not a few
 
 

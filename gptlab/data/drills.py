@@ -9,7 +9,7 @@ tiny character-level model pre-trained for the cpu speedrun's seven minutes on S
 mixture and the chat transcripts grows hardly any: on a line of random words said twice, its loss on
 the second saying is 5.78 nats per character against 6.02 on the first. In these lines the second
 half can be predicted only by copying the first, so they force the heads to form; a strong share of
-the pre-training rows is what it takes at that budget (docs/INSTRUCT.md, "Drills").
+the pre-training rows is what it takes at that budget (docs/INSTRUCT.md, "Drills and worked sums").
 
 Half the lines are a string of letters and digits (3-24 characters, so numbers get copied too) with
 ``|`` between the two sayings; half are two to five random letter words (2-7 letters each) with
@@ -24,7 +24,8 @@ budget. Half the lines are two-turn chats in the transcripts' form whose follow-
 is answered from the first reply's result (``Half of 122 is 61.``): to answer a follow-up the model
 must find the last answer and carry it over, and without these it answered from the follow-up alone
 ("Add 3 to the result." -> ``10 + 3 = 10.``). The follow-ups are built from parts (lead, operation,
-reference, ending), so no fixed list of questions is learnt.
+reference, ending), so no fixed list of questions is learnt, and the earlier reply is in the model's
+own form or in others (``59 + 63 = 122.``, ``That's 122.``), as a client's history may be.
 
 **Dictionary drills** say a known word's translation in the reply's form, ``'ghost' in Chinese is 鬼.``
 or ``鬼 in English is 'ghost'.``. The mixed corpus has the dictionary too, but too thinly: the model
@@ -89,6 +90,8 @@ _FOLLOW_NOUN = {"add": ("{r} plus {c}", "{c} more than {r}", "{r} + {c}", "{c} m
                 "double": ("twice {r}", "{r} times 2", "double {r}", "{r} doubled", "2 times {r}"),
                 "half": ("half of {r}", "half {r}", "{r} divided by 2", "{r} halved", "{r} / 2")}
 _ENDS = ("?", ".", "", "?", "!")
+_EARLIER = ("{r}.", "{r}", "The answer is {r}.", "That's {r}.", "{a} {op} {b} is {r}.", "It is {r}.", "= {r}",
+            "{a}{op}{b}={r}", "You get {r}.", "The result is {r}.")
 
 
 def follow_up(rng: random.Random, kind: str, c: int) -> str:
@@ -121,8 +124,11 @@ def arithmetic_line(rng: random.Random) -> str:
             break
     reply = {"add": lambda: worked(r, "+", c), "sub": lambda: worked(r, "-", c),
              "double": lambda: worked_double(r), "half": lambda: f"Half of {r} is {r // 2}."}[kind]()
-    # the first reply is mostly the model's own form, sometimes the short one a person may have pasted
-    first = worked(a, op, b) if rng.random() < 0.7 else f"{a} {op} {b} = {r}."
+    # The earlier reply may be in any words (a client can send its own history): the model must find the
+    # result wherever it stands, not only after its own "so".
+    roll = rng.random()
+    first = (worked(a, op, b) if roll < 0.4 else f"{a} {op} {b} = {r}." if roll < 0.7
+             else rng.choice(_EARLIER).format(a=a, op=op, b=b, r=r))
     from gptlab.data.instruct import _arith_ask
     return (f"User: {_arith_ask(rng, a, op, b)}\nAssistant: {first}\n"
             f"User: {follow_up(rng, kind, c)}\nAssistant: {reply}")
