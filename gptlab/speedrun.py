@@ -27,11 +27,13 @@ PRESETS = {
     # The whole run on a 2-core CPU in about 15 minutes.
     # One token per character: a word is the same tokens wherever it stands (after a space, in quotes), so
     # echoing it, copying it from a dictionary or spelling it backwards is plain copying. Against a 4096-token
-    # BPE on the same data and seed it copied far more (docs/INSTRUCT.md, "Tokenizer"). Six rows in eleven
-    # are drills (gptlab/data/drills.py): without copy drills this model hardly copies at all, and the
-    # sums in the mixed corpus are too few to learn two-digit arithmetic in seven minutes.
+    # BPE on the same data and seed it copied far more (docs/INSTRUCT.md, "Tokenizer"). Eight rows in
+    # thirteen are drills (gptlab/data/drills.py): without copy drills this model hardly copies at all, the
+    # sums in the mixed corpus are too few to learn two-digit arithmetic in seven minutes, and the
+    # dictionary too thin to learn its words.
     "cpu": dict(arch="fast", preset="tiny", model=["--block-size", "256"], mixture_lines=100_000, per_family=6000,
-                tokenizer=["--kind", "char"], corpus_weights=dict(text=1, mixture=2, transcripts=2, copy=3, arithmetic=3, dictionary=2), exam_n=40,
+                tokenizer=["--kind", "char"], exam_n=40,
+                corpus_weights=dict(text=1, mixture=2, transcripts=2, copy=3, arithmetic=3, dictionary=2),
                 pretrain=["--max-steps", "1400", "--batch-size", "16", "--time-budget", "400",
                           "--eval-every", "250", "--ckpt-every", "250"],
                 eval=["--shots", "0,1,4", "--n", "60", "--tasks", "icl"],

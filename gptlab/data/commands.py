@@ -117,10 +117,11 @@ def register(sub) -> None:
     from gptlab.data import drills
     d = dsub.add_parser("drills", help="generate copy, arithmetic and dictionary drills (pre-training lines)",
                         description="Write lines that teach what a small model does not learn from text in "
-                        "minutes: copy drills (a random string said twice), arithmetic drills (two-digit "
-                        "sums in the replies' form and two-turn chats that carry a result into a follow-up, never a "
-                        "held-out problem) and dictionary drills (known words' translations in the replies' form). Give the files to `gptlab "
-                        "pretrain --data` beside the corpus with a weight, as the cpu speedrun does.")
+                        "minutes: copy drills (a random string said twice), arithmetic drills (two-digit sums "
+                        "worked in columns, and two-turn chats that carry a result into a follow-up; never a "
+                        "held-out problem) and dictionary drills (known words' translations in the replies' "
+                        "form). Give the files to `gptlab pretrain --data` beside the corpus with a weight, as "
+                        "the cpu speedrun does.")
     d.add_argument("kinds", nargs="*", metavar="KIND",
                    help=f"which drills: {', '.join(drills.KINDS)} (default all)")
     d.add_argument("--out", required=True, metavar="DIR", help="folder for <kind>_drills_seed<S>_lines<N>.txt")

@@ -15,14 +15,13 @@ Half the lines are a string of letters and digits (3-24 characters, so numbers g
 ``|`` between the two sayings; half are two to five random letter words (2-7 letters each) with
 ``: ``, `` => `` or `` -> `` between them.
 
-**Arithmetic drills** are sums in the form every arithmetic reply takes, worked in columns
-(``59 + 63: 9+3=12, 5+6+1=12, so 122.``, gptlab.data.sums): two-digit additions and subtractions
-(never one of the curriculum's held-out problems, in either order, so the exam's questions stay
-unseen). A small model learns such sums suddenly, after it has seen a few
-thousand; spread through the mixed corpus they are too rare for that to happen in the speedrun's
-budget. Half the lines are two-turn chats in the transcripts' form whose follow-up ("Now halve it.")
-is answered from the first reply's result (``Half of 122 is 61.``): to answer a follow-up the model
-must find the last answer and carry it over, and without these it answered from the follow-up alone
+**Arithmetic drills** are two-digit additions and subtractions in the form every arithmetic reply
+takes, worked in columns (``59 + 63: 9+3=12, 5+6+1=12, so 122.``, gptlab.data.sums), never one of
+the curriculum's held-out problems, in either order, so the exam's questions stay unseen. Spread
+through the mixed corpus, sums are too rare to be learnt in the speedrun's budget. Half the lines
+are two-turn chats in the transcripts' form whose follow-up ("Now halve it.") is answered from the
+first reply's result (``Half of 122 is 61.``): to answer a follow-up the model must find the last
+answer and carry it over, and without these it answered from the follow-up alone
 ("Add 3 to the result." -> ``10 + 3 = 10.``). The follow-ups are built from parts (lead, operation,
 reference, ending), so no fixed list of questions is learnt, and the earlier reply is in the model's
 own form or in others (``59 + 63 = 122.``, ``That's 122.``), as a client's history may be.
