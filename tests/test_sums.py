@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from gptlab.data.sums import columns, worked, worked_double
+from gptlab.data.sums import columns, follow_up_reply, worked, worked_double
 
 
 def test_examples_read_as_documented():
@@ -11,6 +11,10 @@ def test_examples_read_as_documented():
     assert worked(85, "-", 27) == "85 - 27: 15-7=8, 8-1-2=5, so 58."
     assert worked(156, "+", 7) == "156 + 7: 6+7=13, 5+0+1=6, 1+0=1, so 163."
     assert worked_double(156) == "Double 156: 6+6=12, 5+5+1=11, 1+1+1=3, so 312."
+    assert follow_up_reply("double", 156, 0) == (worked_double(156), 312)
+    assert follow_up_reply("sub", 163, 7) == ("163 - 7: 13-7=6, 6-1-0=5, 1-0=1, so 156.", 156)
+    assert follow_up_reply("half", 156, 0) == ("Half of 156 is 78.", 78)
+    assert follow_up_reply("mul", 12, 3) == ("12 * 3 = 36.", 36)
 
 
 @pytest.mark.parametrize("op", "+-")

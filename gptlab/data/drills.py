@@ -38,7 +38,7 @@ import random
 import string
 from pathlib import Path
 
-from gptlab.data.sums import worked, worked_double
+from gptlab.data.sums import follow_up_reply, worked
 from gptlab.io import atomic_write_text
 
 ALNUM = string.ascii_lowercase + string.digits
@@ -121,8 +121,7 @@ def arithmetic_line(rng: random.Random) -> str:
             kind = "double"
         if kind in ("double", "half") or not _held_out(r, "+" if kind == "add" else "-", c):
             break
-    reply = {"add": lambda: worked(r, "+", c), "sub": lambda: worked(r, "-", c),
-             "double": lambda: worked_double(r), "half": lambda: f"Half of {r} is {r // 2}."}[kind]()
+    reply, _ = follow_up_reply(kind, r, c)
     # The earlier reply may be in any words (a client can send its own history): the model must find the
     # result wherever it stands, not only after its own "so".
     roll = rng.random()
@@ -134,20 +133,20 @@ def arithmetic_line(rng: random.Random) -> str:
 
 
 @functools.cache
-def _known_words() -> tuple[str, ...]:
+def _known_words() -> tuple[tuple[str, str], ...]:
     """Dictionary words whose translation may be trained on: not held out of the mixture's dictionary
     families (the few-shot evals ask those) nor of the curriculum's translate family."""
     from gptlab.data.dictionary import EN_ZH
     from gptlab.data.instruct import held_out
     from gptlab.data.mixture import is_heldout
-    return tuple(en for en in sorted(EN_ZH) if not is_heldout("en2zh", en) and not held_out(f"word:{en}"))
+    return tuple((en, EN_ZH[en]) for en in sorted(EN_ZH)
+                 if not is_heldout("en2zh", en) and not held_out(f"word:{en}"))
 
 
 def dictionary_line(rng: random.Random) -> str:
     """One drill: a known word's translation, in the form a translation reply takes, either direction."""
-    from gptlab.data.dictionary import EN_ZH
-    en = rng.choice(_known_words())
-    return f"'{en}' in Chinese is {EN_ZH[en]}." if rng.random() < 0.5 else f"{EN_ZH[en]} in English is '{en}'."
+    en, zh = rng.choice(_known_words())
+    return f"'{en}' in Chinese is {zh}." if rng.random() < 0.5 else f"{zh} in English is '{en}'."
 
 
 KINDS = {"copy": copy_line, "arithmetic": arithmetic_line, "dictionary": dictionary_line}

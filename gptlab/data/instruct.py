@@ -26,7 +26,7 @@ from pathlib import Path
 
 from gptlab.data import phrasing
 from gptlab.data.phrasing import ask
-from gptlab.data.sums import worked, worked_double
+from gptlab.data.sums import follow_up_reply, worked
 from gptlab.errors import GptlabError
 
 FAMILIES = ("arithmetic", "strings", "translate", "shakespeare", "multiturn", "decline")
@@ -230,13 +230,7 @@ def _followup_arith(rng) -> tuple[str, str, str, str, str, str]:
     c = rng.randint(2, 5) if kind == "mul" else rng.randint(1, 30)
     if kind == "sub" and c > r:
         kind = "add"
-    reply, value = {
-        "double": lambda: (worked_double(r), 2 * r),
-        "add": lambda: (worked(r, "+", c), r + c),
-        "sub": lambda: (worked(r, "-", c), r - c),
-        "half": lambda: (f"Half of {r} is {r // 2}.", r // 2),
-        "mul": lambda: (f"{r} * {c} = {r * c}.", r * c),
-    }[kind]()
+    reply, value = follow_up_reply(kind, r, c)
     return (f"arith:{q}", _arith_ask(rng, a, op, b), _arith_reply(a, op, b, r), ask(phrasing.FOLLOW[kind], rng, c=c),
             reply, str(value))
 

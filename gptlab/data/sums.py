@@ -46,3 +46,19 @@ def worked(a: int, op: str, b: int) -> str:
 def worked_double(r: int) -> str:
     """The reply to doubling ``r``, as ``r + r`` in columns: "Double 156: 6+6=12, ..., so 312."."""
     return f"Double {r}: {columns(r, '+', r)}, so {2 * r}."
+
+
+def follow_up_reply(kind: str, r: int, c: int) -> tuple[str, int]:
+    """(reply, value) of a follow-up on the result ``r``: "add" / "sub" ``c`` worked in columns, "double"
+    as ``r + r``, "half" and "mul" (times ``c``) said at once."""
+    if kind == "add":
+        return worked(r, "+", c), r + c
+    if kind == "sub":
+        return worked(r, "-", c), r - c
+    if kind == "double":
+        return worked_double(r), 2 * r
+    if kind == "half":
+        return f"Half of {r} is {r // 2}.", r // 2
+    if kind == "mul":
+        return f"{r} * {c} = {r * c}.", r * c
+    raise ValueError(f"follow_up_reply: unknown kind {kind!r}")
